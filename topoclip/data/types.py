@@ -1,0 +1,296 @@
+"""Dataset types shared by the embedded data, the real-data loaders and the evaluation code.
+
+- pair sets (training): ``ds[i] -> (image FloatTensor[3,H,W], caption str)``
+- ``ClassificationSet``: ``ds[i] -> (image, label int)`` plus ``name``, ``classnames``, ``templates``
+- ``RetrievalSet``: ``ds[i] -> image`` plus ``name``, ``captions``, ``caption_to_image``
+
+Images come out normalised and of fixed size. The ``Tensor*`` classes keep images in memory
+as uint8 (4x smaller than float) and normalise on access.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from collections.abc import Callable, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from topoclip.data.transforms import CLIP_MEAN, CLIP_STD, CorruptImageError, check_mean_std, load_image, normalize_uint8
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# Abstract types
+# ---------------------------------------------------------------------------------------------
+class PairDataset(Dataset):
+    """Training pairs: ``ds[i] -> (image FloatTensor[3,H,W], caption str)``."""
+
+    def __len__(self) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def _check_str_list(values: Sequence[str], field: str, owner: str) -> list[str]:
+    if isinstance(values, str) or not isinstance(values, Sequence):
+        raise ValueError(f"{owner}.{field} must be a list of strings, got {type(values).__name__}")
+    values = list(values)
+    if not values:
+        raise ValueError(f"{owner}.{field} must not be empty")
+    for v in values:
+        if not isinstance(v, str) or not v.strip():
+            raise ValueError(f"{owner}.{field} must hold non-empty strings, got {v!r}")
+    return values
+
+
+class ClassificationSet(Dataset):
+    """Zero-shot classification set: ``ds[i] -> (image FloatTensor[3,H,W], label int)``.
+
+    ``classnames[label]`` names the class; every template holds one ``{}`` for the class name.
+    """
+
+    def __init__(self, name: str, classnames: Sequence[str], templates: Sequence[str]) -> None:
+        owner = type(self).__name__
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{owner}.name must be a non-empty string, got {name!r}")
+        self.name = name
+        self.classnames = _check_str_list(classnames, "classnames", owner)
+        if len(set(self.classnames)) != len(self.classnames):
+            dupes = sorted(k for k, c in Counter(self.classnames).items() if c > 1)
+            raise ValueError(f"{owner}.classnames has duplicates: {dupes}")
+        self.templates = _check_str_list(templates, "templates", owner)
+        for t in self.templates:
+            # str.format would also accept "{0}" or "{name}"; insisting on "{}" keeps every
+            # consumer's template.format(classname) call valid.
+            if "{}" not in t:
+                raise ValueError(f"{owner}.templates: each template needs a '{{}}' for the class name, got {t!r}")
+
+    def __len__(self) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class RetrievalSet(Dataset):
+    """Retrieval set: ``ds[i] -> image``; ``captions[j]`` describes image ``caption_to_image[j]``."""
+
+    def __init__(self, name: str, captions: Sequence[str], caption_to_image: torch.Tensor, num_images: int) -> None:
+        owner = type(self).__name__
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{owner}.name must be a non-empty string, got {name!r}")
+        self.name = name
+        self.captions = _check_str_list(captions, "captions", owner)
+        c2i = torch.as_tensor(caption_to_image)
+        if c2i.dtype.is_floating_point or c2i.dtype == torch.bool or c2i.dim() != 1:
+            raise ValueError(f"{owner}.caption_to_image must be a 1-d integer tensor, got {c2i.dtype} {tuple(c2i.shape)}")
+        if c2i.numel() != len(self.captions):
+            raise ValueError(
+                f"{owner}.caption_to_image has {c2i.numel()} entries for {len(self.captions)} captions"
+            )
+        if c2i.numel() and (int(c2i.min()) < 0 or int(c2i.max()) >= num_images):
+            raise ValueError(f"{owner}.caption_to_image has indices outside [0, {num_images})")
+        self.caption_to_image = c2i.to(torch.long)
+
+    def __len__(self) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------------------------
+# In-memory implementations
+# ---------------------------------------------------------------------------------------------
+def _check_images(images: torch.Tensor, owner: str) -> torch.Tensor:
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"{owner}.images must be a tensor [N, 3, H, W], got {shape}")
+    if images.dtype != torch.uint8 and not images.dtype.is_floating_point:
+        raise ValueError(f"{owner}.images must be uint8 (normalised on access) or float (used as is), got {images.dtype}")
+    return images
+
+
+class _TensorImages:
+    """uint8 images normalised on access; float images are taken as already normalised."""
+
+    def _init_images(self, images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> None:
+        owner = type(self).__name__
+        self.images = _check_images(images, owner)
+        check_mean_std(mean, std, owner)
+        self.mean = tuple(float(v) for v in mean)
+        self.std = tuple(float(v) for v in std)
+
+    def _image(self, index) -> torch.Tensor:
+        x = self.images[index]
+        return normalize_uint8(x, self.mean, self.std) if x.dtype == torch.uint8 else x
+
+
+class TensorPairSet(PairDataset, _TensorImages):
+    """Pairs held in memory: images ``[N,3,H,W]`` (uint8 or float) and ``N`` captions."""
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        captions: Sequence[str],
+        mean: Sequence[float] = CLIP_MEAN,
+        std: Sequence[float] = CLIP_STD,
+    ) -> None:
+        self._init_images(images, mean, std)
+        self.captions = list(captions)
+        if len(self.captions) != self.images.shape[0]:
+            raise ValueError(f"TensorPairSet: {self.images.shape[0]} images but {len(self.captions)} captions")
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        return self._image(index), self.captions[index]
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, str]]:
+        # DataLoader calls this for a whole batch: one vectorised normalisation instead of
+        # batch_size small ones.
+        images = self._image(torch.as_tensor(indices, dtype=torch.long))
+        return [(img, self.captions[i]) for img, i in zip(images.unbind(0), indices)]
+
+
+class TensorClassificationSet(ClassificationSet, _TensorImages):
+    """Classification set held in memory: images ``[N,3,H,W]`` and integer ``labels`` ``[N]``."""
+
+    def __init__(
+        self,
+        name: str,
+        images: torch.Tensor,
+        labels: torch.Tensor | Sequence[int],
+        classnames: Sequence[str],
+        templates: Sequence[str],
+        mean: Sequence[float] = CLIP_MEAN,
+        std: Sequence[float] = CLIP_STD,
+    ) -> None:
+        super().__init__(name, classnames, templates)
+        self._init_images(images, mean, std)
+        labels = torch.as_tensor(labels)
+        if labels.dim() != 1 or labels.numel() != self.images.shape[0] or labels.dtype.is_floating_point:
+            raise ValueError(f"{name}: labels must be {self.images.shape[0]} integers, got {labels.dtype} {tuple(labels.shape)}")
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= len(self.classnames)):
+            raise ValueError(f"{name}: labels must lie in [0, {len(self.classnames)})")
+        self.labels = labels.to(torch.long)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self._image(index), int(self.labels[index])
+
+
+class TensorRetrievalSet(RetrievalSet, _TensorImages):
+    """Retrieval set held in memory: images ``[N,3,H,W]``, captions and ``caption_to_image``."""
+
+    def __init__(
+        self,
+        name: str,
+        images: torch.Tensor,
+        captions: Sequence[str],
+        caption_to_image: torch.Tensor | Sequence[int],
+        mean: Sequence[float] = CLIP_MEAN,
+        std: Sequence[float] = CLIP_STD,
+    ) -> None:
+        self._init_images(images, mean, std)
+        super().__init__(name, captions, torch.as_tensor(caption_to_image), num_images=self.images.shape[0])
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self._image(index)
+
+
+# ---------------------------------------------------------------------------------------------
+# Skip bookkeeping for file-backed sets
+# ---------------------------------------------------------------------------------------------
+class SkipStats:
+    """Counts of skipped items by reason ("missing", "corrupt", "empty_caption", ...).
+
+    Each skip is logged at DEBUG with the file; ``summarize`` logs one WARNING with the counts.
+    """
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.counts: Counter[str] = Counter()
+
+    def skip(self, reason: str, item: str, detail: str = "") -> None:
+        self.counts[reason] += 1
+        logger.debug("%s: skipped %s (%s)%s", self.source, item, reason, f": {detail}" if detail else "")
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.counts)
+
+    def summarize(self, kept: int, kept_what: str = "items") -> None:
+        if self.counts:
+            parts = ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in sorted(self.counts.items()))
+            logger.warning("%s: skipped %s; kept %d %s", self.source, parts, kept, kept_what)
+
+    def __repr__(self) -> str:
+        return f"SkipStats({self.source!r}, {dict(self.counts)})"
+
+
+class LazyImageFiles:
+    """Mixin for sets whose images are decoded on access.
+
+    A file that turns out unreadable on access (corrupt, or deleted since construction) is
+    skipped by moving on to the next readable item, so a long training run does not die on one
+    bad file; it is counted in ``skip_stats`` and remembered so it is not retried. With
+    ``strict`` it raises ValueError naming the file instead. Counts made inside DataLoader
+    worker processes stay in those processes.
+    """
+
+    def _init_files(
+        self,
+        source: str,
+        paths: Sequence[str],
+        transform: Callable,
+        strict: bool,
+        skip_stats: SkipStats,
+    ) -> None:
+        self._source = source
+        self._paths = list(paths)
+        self.transform = transform
+        self.strict = strict
+        self.skip_stats = skip_stats
+        self._bad: set[int] = set()
+
+    def _load_first_readable(self, index: int) -> tuple[int, torch.Tensor]:
+        n = len(self._paths)
+        if not -n <= index < n:
+            raise IndexError(f"{self._source}: index {index} out of range for {n} items")
+        index %= n
+        for step in range(n):
+            j = (index + step) % n
+            if j in self._bad:
+                continue
+            path = self._paths[j]
+            try:
+                image = load_image(path)
+            except (CorruptImageError, FileNotFoundError) as err:
+                if self.strict:
+                    raise ValueError(f"{self._source}: unreadable image {path!r}: {err}") from err
+                reason = "missing" if isinstance(err, FileNotFoundError) else "corrupt"
+                if not self._bad:
+                    logger.warning(
+                        "%s: unreadable image %s (%s); skipping it and any further ones (counts in .skip_stats)",
+                        self._source, path, reason,
+                    )
+                self._bad.add(j)
+                self.skip_stats.skip(reason, os.fspath(path), str(err))
+                continue
+            return j, self.transform(image)
+        raise RuntimeError(f"{self._source}: none of the {n} images is readable")

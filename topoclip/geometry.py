@@ -1,0 +1,456 @@
+"""Embedding topologies: where image and text points live and how they are compared.
+
+This is the only module that knows what a distance is. Every other part of topoclip
+(losses, mixup, zero-shot, retrieval, metrics) asks a :class:`Topology` instead of assuming
+cosine similarity.
+
+Four topologies, one interface:
+
+==================  =========================================  =====================
+name                similarity(u, v)                           range
+==================  =========================================  =====================
+sphere              u . v on S^(d-1)                           [-1, 1]
+euclidean           -||u - v||_2 on R^d                        (-inf, 0]
+oblique-inner       sum_k u_k . v_k on Ob(n, m) = (S^(n-1))^m  [-m, m]
+oblique-geodesic    -sqrt(sum_k arccos^2(u_k . v_k)) on Ob     [-pi*sqrt(m), 0]
+==================  =========================================  =====================
+
+Points are accepted in a flat layout ``[b, d]`` (single token; oblique reshapes into m blocks
+of n) or a block layout ``[b, m, n]`` (multi-token); ``project`` keeps the layout it is given.
+Half-precision inputs are computed and returned in float32: norms, arccos and the
+log-sum-exp downstream are where fp16/bf16 lose the digits that matter.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Topology",
+    "Sphere",
+    "Euclidean",
+    "Oblique",
+    "topology",
+    "register_topology",
+    "available_topologies",
+]
+
+# Below this norm a block is treated as zero: it has no direction to normalise.
+_ZERO_NORM = 1e-12
+
+
+def _compute_dtype(x: Tensor) -> Tensor:
+    """Promote half precision to float32; keep float32/float64 as they are."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return x.float()
+    if not x.is_floating_point():
+        raise TypeError(f"expected a floating point tensor, got {x.dtype}")
+    return x
+
+
+class _GeodesicFromCosines(torch.autograd.Function):
+    """D = sqrt(sum_k arccos(c_k)^2) over the last (block) axis of a tensor of cosines.
+
+    Autograd through ``arccos`` and ``sqrt`` multiplies an infinite derivative
+    (1/sin(theta) at theta = 0, 1/D at D = 0) by a zero one and yields NaN; clamping the cosine
+    instead yields a zero gradient for near-duplicates. The derivative of the composite is
+    finite, so it is written out:
+
+        dD/dc_k = -(theta_k / D) / sin(theta_k) = -(1/D) * (theta_k / sin(theta_k))
+
+    theta/sin(theta) -> 1 as theta -> 0 (evaluated with ``sinc``, exact at 0). At D = 0 (all
+    blocks identical) the distance has a cone-shaped minimum; we return the zero subgradient.
+    Near theta = pi the geodesic is not differentiable (every direction shortens it); the
+    factor is capped so the gradient stays finite.
+    """
+
+    # sin(theta) floor near the antipode: caps theta/sin(theta) at about pi / 1e-3.
+    _SIN_FLOOR = 1e-3
+
+    @staticmethod
+    def forward(ctx, cosines: Tensor) -> Tensor:  # type: ignore[override]
+        theta = torch.arccos(cosines.clamp(-1.0, 1.0))
+        dist = torch.linalg.vector_norm(theta, dim=-1)
+        ctx.save_for_backward(theta, dist)
+        return dist
+
+    @staticmethod
+    def backward(ctx, grad_dist: Tensor) -> Tensor:  # type: ignore[override]
+        theta, dist = ctx.saved_tensors
+        # theta / sin(theta) = 1 / sinc(theta / pi); exact and smooth at theta = 0.
+        theta_over_sin = 1.0 / torch.sinc(theta / math.pi).clamp_min(
+            _GeodesicFromCosines._SIN_FLOOR / math.pi
+        )
+        inv_dist = torch.where(dist > 0, 1.0 / dist.clamp_min(torch.finfo(dist.dtype).tiny), 0.0)
+        return -(grad_dist * inv_dist).unsqueeze(-1) * theta_over_sin
+
+
+class _SafeSqrt(torch.autograd.Function):
+    """sqrt with derivative 1/(2 sqrt(x)) for x > 0 and the zero subgradient at x = 0.
+
+    Used for the Euclidean distance computed from squared norms: at u = v the distance has a
+    cone-shaped minimum, and torch's sqrt backward would give inf * 0 = NaN there.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+        y = x.clamp_min(0.0).sqrt()
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor) -> Tensor:  # type: ignore[override]
+        (y,) = ctx.saved_tensors
+        return torch.where(y > 0, grad_y / (2.0 * y).clamp_min(torch.finfo(y.dtype).tiny), 0.0)
+
+
+def _broadcast_t(t: Tensor | float, like: Tensor, batch_ndim: int) -> Tensor:
+    """Turn t (scalar or [b]) into a tensor that broadcasts against ``like``'s batch axes."""
+    t = torch.as_tensor(t, dtype=like.dtype, device=like.device)
+    if t.ndim == 0:
+        return t
+    if t.ndim != 1 or t.shape[0] != like.shape[0]:
+        raise ValueError(
+            f"interpolation weight t must be a scalar or have shape [{like.shape[0]}], "
+            f"got {tuple(t.shape)}"
+        )
+    return t.view(-1, *([1] * (like.ndim - 1)))
+
+
+def _fallback_tangent(a: Tensor) -> Tensor:
+    """A unit vector orthogonal to each unit vector a (last axis).
+
+    Slerp between antipodal points has no unique great circle; any one will do, but it must be
+    deterministic and finite. We take the coordinate axis where |a| is smallest (never parallel
+    to a) and remove its component along a.
+    """
+    axis = a.abs().argmin(dim=-1, keepdim=True)
+    e = torch.zeros_like(a).scatter_(-1, axis, 1.0)
+    w = e - (a * e).sum(-1, keepdim=True) * a
+    return w / torch.linalg.vector_norm(w, dim=-1, keepdim=True).clamp_min(_ZERO_NORM)
+
+
+def _slerp_last_axis(a: Tensor, b: Tensor, t: Tensor) -> Tensor:
+    """Geodesic between unit vectors a and b along the last axis: t=0 -> a, t=1 -> b.
+
+    Written as  cos(t theta) a + sin(t theta) w,  w the unit tangent at a towards b, with
+    theta = atan2(||b - (a.b) a||, a.b) (accurate at both ends, unlike arccos). Two branches
+    keep every step finite:
+      * theta < pi/2: sin(t theta)/sin(theta) = t * sinc(t theta)/sinc(theta), exact and smooth
+        as theta -> 0 where the path becomes linear interpolation;
+      * theta >= pi/2: the tangent is normalised directly; at the antipode (tangent = 0) a
+        deterministic orthogonal direction is used.
+    """
+    cos = (a * b).sum(-1, keepdim=True)
+    tangent = b - cos * a
+    sin = torch.linalg.vector_norm(tangent, dim=-1, keepdim=True)
+    theta = torch.atan2(sin, cos)
+    t_theta = t * theta
+
+    # Near branch (theta < pi/2): clamp theta so the unused branch never divides by sinc(pi).
+    theta_near = theta.clamp(max=math.pi / 2)
+    near_coef = t * torch.sinc(t * theta_near / math.pi) / torch.sinc(theta_near / math.pi)
+    near = near_coef * tangent
+
+    # Far branch (theta >= pi/2): unit tangent, or the fallback at the antipode.
+    degenerate = sin <= 1e-6
+    unit_tangent = torch.where(degenerate, _fallback_tangent(a), tangent / sin.clamp_min(1e-6))
+    far = torch.sin(t_theta) * unit_tangent
+
+    return torch.cos(t_theta) * a + torch.where(theta < math.pi / 2, near, far)
+
+
+class Topology:
+    """An embedding space and its (negative) distance.
+
+    Subclasses implement :meth:`project`, :meth:`_similarity`, :meth:`_paired` and
+    :meth:`_interpolate` on inputs already in the compute dtype and in a canonical layout.
+    """
+
+    name: str = "topology"
+
+    def __init__(self, dim: int, num_blocks: int = 1):
+        if not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"{self.name}: dim must be a positive integer, got {dim!r}")
+        if not isinstance(num_blocks, int) or num_blocks < 1:
+            raise ValueError(f"{self.name}: m (number of blocks) must be >= 1, got {num_blocks!r}")
+        if dim % num_blocks:
+            raise ValueError(f"{self.name}: dim {dim} is not divisible by m={num_blocks}")
+        self.dim = dim
+        self.num_blocks = num_blocks
+        self.block_dim = dim // num_blocks
+
+    # ----------------------------------------------------------------- layout helpers
+    def _flat(self, x: Tensor, what: str = "input") -> Tensor:
+        """[..., d] or [..., m, n] -> [..., d] (a view when possible)."""
+        if x.shape[-1] == self.dim:
+            return x
+        if x.ndim >= 2 and x.shape[-2] * x.shape[-1] == self.dim:
+            return x.reshape(*x.shape[:-2], self.dim)
+        raise ValueError(
+            f"{self.name}: {what} has shape {tuple(x.shape)}; expected [..., {self.dim}] or "
+            f"[..., {self.num_blocks}, {self.block_dim}] (dim = n*m = {self.dim})"
+        )
+
+    def blocks(self, x: Tensor) -> Tensor:
+        """View points as [..., m, n] (one row per unit sphere / token)."""
+        flat = self._flat(x)
+        return flat.reshape(*flat.shape[:-1], self.num_blocks, self.block_dim)
+
+    def _pair_2d(self, u: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        u = _compute_dtype(self._flat(u, "u"))
+        v = _compute_dtype(self._flat(v, "v"))
+        if u.ndim != 2 or v.ndim != 2:
+            raise ValueError(
+                f"{self.name}: similarity expects collections of points [b, d] or [b, m, n], "
+                f"got u {tuple(u.shape)} and v {tuple(v.shape)}"
+            )
+        dtype = torch.promote_types(u.dtype, v.dtype)
+        return u.to(dtype), v.to(dtype)
+
+    # ----------------------------------------------------------------- public API
+    def project(self, x: Tensor) -> Tensor:
+        """Map Euclidean features onto the manifold, keeping the input's layout."""
+        raise NotImplementedError
+
+    def similarity(self, u: Tensor, v: Tensor) -> Tensor:
+        """All-pairs similarity, ``[b_u, b_v]``; higher means closer (= -distance)."""
+        u, v = self._pair_2d(u, v)
+        return self._similarity(u, v)
+
+    def paired_similarity(self, u: Tensor, v: Tensor) -> Tensor:
+        """Similarity of row i of u with row i of v, ``[b]``."""
+        u, v = self._pair_2d(u, v)
+        if u.shape[0] != v.shape[0]:
+            raise ValueError(
+                f"{self.name}: paired_similarity needs equally many points, got {u.shape[0]} "
+                f"and {v.shape[0]}"
+            )
+        return self._paired(u, v)
+
+    def scaled_similarity(self, u: Tensor, v: Tensor, scale: Tensor) -> Tensor:
+        """``scale * similarity(u, v)``; inner-product topologies fold the scale into u.
+
+        Folding saves one pass over the b x b matrix forward and backward, and gives the
+        scale's gradient in O(b d) instead of O(b^2).
+        """
+        return scale * self.similarity(u, v)
+
+    def interpolate(self, a: Tensor, b: Tensor, t: Tensor | float) -> Tensor:
+        """Point at fraction t along the geodesic from a (t=0) to b (t=1); t scalar or [b]."""
+        if a.shape != b.shape:
+            raise ValueError(f"{self.name}: interpolate needs equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
+        out_shape = a.shape
+        a = _compute_dtype(self._flat(a, "a"))
+        b = _compute_dtype(self._flat(b, "b"))
+        dtype = torch.promote_types(a.dtype, b.dtype)
+        a, b = a.to(dtype), b.to(dtype)
+        t = _broadcast_t(t, a, 1)
+        return self._interpolate(a, b, t).reshape(out_shape)
+
+    @property
+    def similarity_range(self) -> tuple[float, float]:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, dim={self.dim}, m={self.num_blocks}, n={self.block_dim})"
+
+    # ----------------------------------------------------------------- to implement
+    def _similarity(self, u: Tensor, v: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _paired(self, u: Tensor, v: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _interpolate(self, a: Tensor, b: Tensor, t: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+class Euclidean(Topology):
+    """R^d with similarity -||u - v||_2.
+
+    The b_u x b_v distance matrix is built from ||u||^2 + ||v||^2 - 2 u.v: one GEMM and
+    O(b_u b_v) memory (differences u_i - v_j would need O(b_u b_v d)).
+    """
+
+    name = "euclidean"
+
+    def project(self, x: Tensor) -> Tensor:
+        x = _compute_dtype(x)
+        self._flat(x)  # validates the shape
+        return x
+
+    def _similarity(self, u: Tensor, v: Tensor) -> Tensor:
+        sq = (u * u).sum(-1, keepdim=True) + (v * v).sum(-1).unsqueeze(0) - 2.0 * (u @ v.T)
+        return -_SafeSqrt.apply(sq)
+
+    def _paired(self, u: Tensor, v: Tensor) -> Tensor:
+        # Differences are exact here (O(b d) memory is fine for pairs); the safe sqrt keeps the
+        # gradient finite at u = v.
+        diff = u - v
+        return -_SafeSqrt.apply((diff * diff).sum(-1))
+
+    def _interpolate(self, a: Tensor, b: Tensor, t: Tensor) -> Tensor:
+        return a + t * (b - a)
+
+    @property
+    def similarity_range(self) -> tuple[float, float]:
+        return (-math.inf, 0.0)
+
+
+class Oblique(Topology):
+    """Ob(n, m): m unit spheres S^(n-1), one per block of n coordinates (or per [CLS] token).
+
+    ``distance="inner"`` scores by sum_k u_k . v_k = tr(u^T v), a single GEMM on the flattened
+    points, range [-m, m]. ``distance="geodesic"`` scores by minus the product-manifold geodesic
+    distance sqrt(sum_k arccos^2(u_k . v_k)), range [-pi sqrt(m), 0]; it needs the m per-block
+    cosine matrices, O(b_u b_v m) memory.
+    """
+
+    def __init__(self, n: int, m: int, distance: str = "inner"):
+        if distance not in ("inner", "geodesic"):
+            raise ValueError(f"oblique distance must be 'inner' or 'geodesic', got {distance!r}")
+        self.distance = distance
+        self.name = f"oblique-{distance}"
+        if not isinstance(n, int) or n < 2:
+            raise ValueError(f"{self.name}: n (block dimension) must be an integer >= 2, got {n!r}")
+        if not isinstance(m, int) or m < 1:
+            raise ValueError(f"{self.name}: m (number of blocks) must be an integer >= 1, got {m!r}")
+        super().__init__(n * m, m)
+
+    def project(self, x: Tensor) -> Tensor:
+        x = _compute_dtype(x)
+        blocks = self.blocks(x)
+        norm = torch.linalg.vector_norm(blocks, dim=-1, keepdim=True)
+        unit = blocks / norm.clamp_min(_ZERO_NORM)
+        # A zero block has no direction; map it to a fixed point so the output stays on the
+        # manifold (a zero vector would make arccos/slerp meaningless downstream).
+        default = torch.full_like(blocks, 1.0 / math.sqrt(self.block_dim))
+        unit = torch.where(norm > _ZERO_NORM, unit, default)
+        return unit.reshape(x.shape)
+
+    def scaled_similarity(self, u: Tensor, v: Tensor, scale: Tensor) -> Tensor:
+        if self.distance == "geodesic":
+            return super().scaled_similarity(u, v, scale)
+        u, v = self._pair_2d(u, v)
+        return (scale.to(u.dtype) * u) @ v.T
+
+    def _block_cosines(self, u: Tensor, v: Tensor) -> Tensor:
+        """[b_u, b_v, m] cosines of every pair of blocks (one batched GEMM over the m blocks)."""
+        ub = u.reshape(u.shape[0], self.num_blocks, self.block_dim).transpose(0, 1)
+        vb = v.reshape(v.shape[0], self.num_blocks, self.block_dim).transpose(0, 1)
+        return torch.bmm(ub, vb.transpose(1, 2)).permute(1, 2, 0)
+
+    def _similarity(self, u: Tensor, v: Tensor) -> Tensor:
+        if self.distance == "inner":
+            return u @ v.T
+        return -_GeodesicFromCosines.apply(self._block_cosines(u, v))
+
+    def _paired(self, u: Tensor, v: Tensor) -> Tensor:
+        if self.distance == "inner":
+            return (u * v).sum(-1)
+        # Pairs can afford the O(b d) differences, which give the angle to full precision
+        # (from a cosine, fp32 resolves angles near 0 only to ~sqrt(eps) = 3e-4); every norm
+        # here has the zero subgradient at 0, so coincident and antipodal blocks stay finite.
+        ub, vb = self.blocks(u), self.blocks(v)
+        diff = torch.linalg.vector_norm(ub - vb, dim=-1)
+        total = torch.linalg.vector_norm(ub + vb, dim=-1)
+        return -torch.linalg.vector_norm(2.0 * torch.atan2(diff, total), dim=-1)
+
+    def _interpolate(self, a: Tensor, b: Tensor, t: Tensor) -> Tensor:
+        # The geodesic of a product manifold is the product of the factors' geodesics: slerp
+        # each unit block with the same t.
+        t = t.unsqueeze(-1) if t.ndim else t
+        return _slerp_last_axis(self.blocks(a), self.blocks(b), t).reshape(a.shape)
+
+    @property
+    def similarity_range(self) -> tuple[float, float]:
+        if self.distance == "inner":
+            return (-float(self.num_blocks), float(self.num_blocks))
+        return (-math.pi * math.sqrt(self.num_blocks), 0.0)
+
+    def __repr__(self) -> str:
+        return f"Oblique(n={self.block_dim}, m={self.num_blocks}, distance={self.distance!r})"
+
+
+class Sphere(Oblique):
+    """The unit sphere S^(d-1) with cosine similarity: Ob(d, 1) with the inner product."""
+
+    def __init__(self, dim: int):
+        if not isinstance(dim, int) or dim < 2:
+            raise ValueError(f"sphere: dim must be an integer >= 2, got {dim!r}")
+        super().__init__(dim, 1, "inner")
+        self.name = "sphere"
+
+    def __repr__(self) -> str:
+        return f"Sphere(dim={self.dim})"
+
+
+# ------------------------------------------------------------------------- registry
+
+def _build_sphere(dim: int) -> Topology:
+    return Sphere(dim)
+
+
+def _build_euclidean(dim: int) -> Topology:
+    return Euclidean(dim)
+
+
+def _oblique_builder(distance: str) -> Callable[..., Topology]:
+    def build(n: int | None = None, m: int | None = None, dim: int | None = None) -> Topology:
+        name = f"oblique-{distance}"
+        if m is None:
+            raise ValueError(f"{name}: m (number of unit spheres) is required")
+        if n is None:
+            if dim is None:
+                raise ValueError(f"{name}: give n (block dimension), or dim divisible by m")
+            if not isinstance(m, int) or m < 1:
+                raise ValueError(f"{name}: m must be an integer >= 1, got {m!r}")
+            if dim % m:
+                raise ValueError(f"{name}: dim={dim} is not divisible by m={m}")
+            n = dim // m
+        elif dim is not None and n * m != dim:
+            raise ValueError(f"{name}: n*m = {n}*{m} = {n * m} does not equal dim={dim}")
+        return Oblique(n, m, distance)
+
+    return build
+
+
+_REGISTRY: dict[str, Callable[..., Topology]] = {
+    "sphere": _build_sphere,
+    "euclidean": _build_euclidean,
+    "oblique-inner": _oblique_builder("inner"),
+    "oblique-geodesic": _oblique_builder("geodesic"),
+}
+
+
+def register_topology(name: str, builder: Callable[..., Topology]) -> None:
+    """Make ``topology(name, **kw)`` build a user-defined topology."""
+    if name in _REGISTRY:
+        raise ValueError(f"topology {name!r} is already registered")
+    _REGISTRY[name] = builder
+
+
+def available_topologies() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def topology(name: str, **kwargs) -> Topology:
+    """Build a topology by name: ``topology("oblique-inner", n=64, m=8)``.
+
+    sphere / euclidean take ``dim``; oblique-* take ``n`` and ``m`` (or ``dim`` and ``m``).
+    """
+    try:
+        builder = _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown topology {name!r}; available: {', '.join(available_topologies())}"
+        ) from None
+    try:
+        return builder(**kwargs)
+    except TypeError as err:  # unexpected keyword: name the topology and what it takes
+        raise ValueError(f"topology {name!r}: {err}") from None

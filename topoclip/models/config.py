@@ -1,0 +1,234 @@
+"""Model configuration: image tower, text tower, temperature and the number k of [CLS] tokens.
+
+Plain dataclasses, validated on construction so that a bad config fails before any work. Errors
+name the field by its path in an experiment config (``model.text.depth``), because that is what
+the user has to edit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import timm
+
+__all__ = [
+    "DEFAULT_IMAGE_MODEL",
+    "ImageTowerConfig",
+    "LogitScaleConfig",
+    "ModelConfig",
+    "TextTowerConfig",
+]
+
+# Registered with timm by topoclip.models.towers: a ViT sized for the embedded 32x32 data.
+DEFAULT_IMAGE_MODEL = "topoclip_vit_tiny"
+
+# timm.create_model arguments the image tower sets itself; taking them from timm_kwargs would
+# silently fight the tower (or download weights).
+_RESERVED_TIMM_KWARGS = {
+    "pretrained": "the project never downloads weights",
+    "pretrained_cfg": "the project never downloads weights",
+    "pretrained_cfg_overlay": "the project never downloads weights",
+    "num_classes": "the tower always drops the classifier",
+    "class_token": "set by model.num_tokens",
+    "reg_tokens": "set by model.num_tokens",
+    "global_pool": "the tower reads the [CLS] tokens itself",
+    "img_size": "use model.image.img_size",
+    "patch_size": "use model.image.patch_size",
+    "depth": "use model.image.depth",
+    "embed_dim": "use model.image.width",
+    "num_heads": "use model.image.heads",
+    "mlp_ratio": "use model.image.mlp_ratio",
+}
+
+
+def _int(value: Any, name: str, minimum: int = 1) -> None:
+    # bool is an int subclass; `depth: true` in YAML is a mistake, not 1.
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _positive(value: Any, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+
+
+@dataclass
+class ImageTowerConfig:
+    """A timm image model, named as in timm's registry and built with random weights.
+
+    The size fields apply to timm VisionTransformers only and override the named model's own
+    values; None keeps them. The default model ``topoclip_vit_tiny`` is a ViT for 32x32 images
+    with 4x4 patches, depth 4, width 128, 4 heads, MLP ratio 4. ``timm_kwargs`` go to
+    ``timm.create_model`` unchanged (e.g. ``drop_path_rate``).
+    """
+
+    name: str = DEFAULT_IMAGE_MODEL
+    img_size: int | None = None
+    patch_size: int | None = None
+    depth: int | None = None
+    width: int | None = None
+    heads: int | None = None
+    mlp_ratio: float | None = None
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        p = "model.image"
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"{p}.name must be a timm model name, got {self.name!r}")
+        if not timm.is_model(self.name):
+            raise ValueError(f"{p}.name: {self.name!r} is not a timm model (see timm.list_models())")
+        for attr in ("img_size", "patch_size", "depth", "width", "heads"):
+            if getattr(self, attr) is not None:
+                _int(getattr(self, attr), f"{p}.{attr}")
+        if self.mlp_ratio is not None:
+            _positive(self.mlp_ratio, f"{p}.mlp_ratio")
+        if self.img_size is not None and self.patch_size is not None and self.img_size % self.patch_size:
+            raise ValueError(
+                f"{p}.patch_size={self.patch_size} must divide {p}.img_size={self.img_size}"
+            )
+        if self.width is not None and self.heads is not None and self.width % self.heads:
+            raise ValueError(f"{p}.heads={self.heads} must divide {p}.width={self.width}")
+        if not isinstance(self.timm_kwargs, dict):
+            raise ValueError(f"{p}.timm_kwargs must be a mapping, got {type(self.timm_kwargs).__name__}")
+        for key in self.timm_kwargs:
+            if key in _RESERVED_TIMM_KWARGS:
+                raise ValueError(f"{p}.timm_kwargs.{key} is not allowed: {_RESERVED_TIMM_KWARGS[key]}")
+
+    def vit_overrides(self) -> dict[str, Any]:
+        """The size fields that are set, under timm's VisionTransformer argument names."""
+        timm_names = {
+            "img_size": "img_size",
+            "patch_size": "patch_size",
+            "depth": "depth",
+            "width": "embed_dim",
+            "heads": "num_heads",
+            "mlp_ratio": "mlp_ratio",
+        }
+        return {timm_names[a]: getattr(self, a) for a in timm_names if getattr(self, a) is not None}
+
+
+@dataclass
+class TextTowerConfig:
+    """A BERT encoder built from scratch (HF transformers), sized for CPU by default.
+
+    ``context_length`` is the tokenizer's padded length L. The tower inserts k-1 extra [CLS]
+    tokens, so it needs L + k - 1 positions; ``max_positions`` None means exactly that.
+    """
+
+    width: int = 128
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    context_length: int = 32
+    max_positions: int | None = None
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        p = "model.text"
+        for attr in ("width", "depth", "heads"):
+            _int(getattr(self, attr), f"{p}.{attr}")
+        _int(self.context_length, f"{p}.context_length", minimum=2)
+        if self.max_positions is not None:
+            _int(self.max_positions, f"{p}.max_positions", minimum=2)
+        if self.width % self.heads:
+            raise ValueError(f"{p}.heads={self.heads} must divide {p}.width={self.width}")
+        _positive(self.mlp_ratio, f"{p}.mlp_ratio")
+        if round(self.mlp_ratio * self.width) < 1:
+            raise ValueError(f"{p}.mlp_ratio={self.mlp_ratio} gives an empty MLP at width {self.width}")
+        d = self.dropout
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= d < 1.0:
+            raise ValueError(f"{p}.dropout must be in [0, 1), got {d!r}")
+
+    def positions_needed(self, num_tokens: int) -> int:
+        return self.context_length + num_tokens - 1
+
+    def resolved_max_positions(self, num_tokens: int) -> int:
+        return self.max_positions if self.max_positions is not None else self.positions_needed(num_tokens)
+
+
+@dataclass
+class LogitScaleConfig:
+    """The temperature as a multiplier: initial value, trainable or fixed, upper bound."""
+
+    init: float = 1 / 0.07
+    learnable: bool = True
+    max: float | None = 100.0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        p = "model.logit_scale"
+        _positive(self.init, f"{p}.init")
+        if not isinstance(self.learnable, bool):
+            raise ValueError(f"{p}.learnable must be true or false, got {self.learnable!r}")
+        if self.max is not None:
+            _positive(self.max, f"{p}.max")
+            if self.init > self.max:
+                raise ValueError(f"{p}.init={self.init} exceeds {p}.max={self.max}")
+
+
+@dataclass
+class ModelConfig:
+    """Both towers, the temperature, and k = ``num_tokens`` [CLS] tokens per tower.
+
+    One k for both towers because the similarity pairs image token i with text token i.
+    k = 1 is the single-token model (any topology); k > 1 is the multi-token oblique model and
+    must equal the topology's m (checked by ``build_model``, which sees the topology).
+    """
+
+    num_tokens: int = 1
+    image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
+    text: TextTowerConfig = field(default_factory=TextTowerConfig)
+    logit_scale: LogitScaleConfig = field(default_factory=LogitScaleConfig)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        _int(self.num_tokens, "model.num_tokens")
+        for attr, cls in (("image", ImageTowerConfig), ("text", TextTowerConfig), ("logit_scale", LogitScaleConfig)):
+            if not isinstance(getattr(self, attr), cls):
+                raise ValueError(f"model.{attr} must be a {cls.__name__}, got {type(getattr(self, attr)).__name__}")
+            getattr(self, attr).validate()
+        need = self.text.positions_needed(self.num_tokens)
+        if self.text.max_positions is not None and self.text.max_positions < need:
+            raise ValueError(
+                f"model.text.max_positions={self.text.max_positions} is too small: the text tower sees "
+                f"model.text.context_length + model.num_tokens - 1 = {need} positions"
+            )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> "ModelConfig":
+        """Build from a nested mapping (e.g. parsed YAML); unknown keys are errors."""
+        return _from_dict(cls, data or {}, "model")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_NESTED = {"image": ImageTowerConfig, "text": TextTowerConfig, "logit_scale": LogitScaleConfig}
+
+
+def _from_dict(cls: type, data: Any, path: str) -> Any:
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must be a mapping, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            raise ValueError(f"{path}.{key} is not a known field (known: {', '.join(sorted(known))})")
+    kwargs = dict(data)
+    if cls is ModelConfig:
+        for key, sub in _NESTED.items():
+            if key in kwargs and not isinstance(kwargs[key], sub):
+                kwargs[key] = _from_dict(sub, kwargs[key], f"{path}.{key}")
+    return cls(**kwargs)

@@ -1,0 +1,62 @@
+"""The softmax temperature, as a multiplier on similarities ("logit scale").
+
+Stored as log(scale) so that gradient steps are multiplicative and the scale stays positive.
+The seeds read it as the factor that stretches the similarity range: [-1, 1] on the sphere
+becomes [-scale, scale]. A maximum (CLIP's 100; 100/16 for a 16-token oblique model) keeps
+the logits finite in low precision.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["LogitScale"]
+
+
+class LogitScale(nn.Module):
+    """``scale = exp(log_scale)``, clamped to ``max``.
+
+    Args:
+        init: initial scale (CLIP: 1/0.07; the seed's ablations use e^0, e^2.64, e^5.31).
+        learnable: whether ``log_scale`` is a trainable parameter or a fixed buffer.
+        max: upper bound of the scale (None for no bound).
+    """
+
+    def __init__(self, init: float = 1 / 0.07, learnable: bool = True, max: float | None = 100.0):
+        super().__init__()
+        if not (isinstance(init, (int, float)) and math.isfinite(init) and init > 0):
+            raise ValueError(f"LogitScale: init must be a positive finite number, got {init!r}")
+        if max is not None and not (math.isfinite(max) and max > 0):
+            raise ValueError(f"LogitScale: max must be a positive finite number or None, got {max!r}")
+        if max is not None and init > max:
+            raise ValueError(f"LogitScale: init={init} exceeds max={max}")
+        self.learnable = bool(learnable)
+        self.max = None if max is None else float(max)
+        value = torch.tensor(math.log(init), dtype=torch.float32)
+        if self.learnable:
+            self.log_scale = nn.Parameter(value)
+        else:
+            self.register_buffer("log_scale", value)
+
+    def forward(self) -> Tensor:
+        scale = self.log_scale.float().exp()
+        if self.max is not None:
+            scale = scale.clamp(max=self.max)
+        return scale
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        """Pull the parameter back to [.., log(max)] after an optimizer step (as CLIP does), so
+        that it does not drift above the bound where the clamp in forward blocks its gradient."""
+        if self.max is not None:
+            self.log_scale.clamp_(max=math.log(self.max))
+
+    @property
+    def value(self) -> float:
+        return float(self.forward().detach())
+
+    def extra_repr(self) -> str:
+        return f"value={self.value:.4g}, learnable={self.learnable}, max={self.max}"

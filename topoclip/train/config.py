@@ -1,0 +1,319 @@
+"""Experiment configuration: nested dataclasses loaded from YAML plus ``key=value`` overrides.
+
+Everything is validated when the config is built, before any data is generated or a model is
+created; a problem raises ``ValueError`` whose message starts with the dotted field name
+(``optim.lr: must be > 0, got -0.1``).
+
+    cfg = load_config("configs/default.yaml", ["optim.lr=1e-3", "topology.name=sphere"])
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+import topoclip
+from topoclip.data.shapes import ShapesConfig
+from topoclip.models.config import ModelConfig
+
+from .dataclass_io import apply_overrides, from_dict, to_dict
+
+__all__ = [
+    "DataConfig",
+    "TopologyConfig",
+    "OptimConfig",
+    "ScheduleConfig",
+    "TrainConfig",
+    "EvalConfig",
+    "OutputConfig",
+    "LoggingConfig",
+    "ExperimentConfig",
+    "load_config",
+    "config_from_dict",
+    "save_config",
+    "run_config_path",
+    "default_config_path",
+]
+
+DEFAULT_CONFIG = Path("configs") / "default.yaml"
+RUN_CONFIG_FILE = "config.yaml"
+DEFAULT_DIM = 128
+DEFAULT_BLOCKS = 8
+
+
+def _positive(value: float, name: str) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name}: must be > 0, got {value!r}")
+
+
+def _non_negative(value: float, name: str) -> None:
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name}: must be >= 0, got {value!r}")
+
+
+@dataclass
+class DataConfig:
+    """Training and evaluation data: the embedded captioned shapes, and the tokenizer.
+
+    ``tokenizer`` None trains a WordPiece tokenizer of ``vocab_size`` on the training
+    captions; a path loads a saved one (or any Hugging Face tokenizer directory). Its context
+    length is ``model.text.context_length``.
+    """
+
+    source: Literal["shapes"] = "shapes"
+    shapes: ShapesConfig = field(default_factory=ShapesConfig)
+    tokenizer: Optional[str] = None
+    vocab_size: int = 1000
+
+    def __post_init__(self):
+        if self.vocab_size < 6:
+            raise ValueError(f"data.vocab_size: must be > 5 (the special tokens), got {self.vocab_size}")
+        if self.tokenizer is not None and not Path(self.tokenizer).is_dir():
+            raise ValueError(f"data.tokenizer: no tokenizer directory at {self.tokenizer}")
+
+
+@dataclass
+class TopologyConfig:
+    """The embedding space: ``name`` and its size.
+
+    Unset sizes follow the seed's rule of keeping the embedding dimension fixed: ``dim``
+    defaults to 128, an oblique topology's ``m`` to 8 and ``n`` to dim / m. sphere and
+    euclidean take ``dim`` only.
+    """
+
+    name: str = "oblique-inner"
+    dim: Optional[int] = None
+    n: Optional[int] = None
+    m: Optional[int] = None
+
+    def __post_init__(self):
+        known = topoclip.available_topologies()
+        if self.name not in known:
+            raise ValueError(f"topology.name: unknown topology {self.name!r} (known: {', '.join(known)})")
+        for key in ("dim", "n", "m"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ValueError(f"topology.{key}: must be >= 1, got {value}")
+        if not self.name.startswith("oblique"):
+            for key in ("n", "m"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"topology.{key}: {self.name} has no blocks; set topology.dim only")
+            self.dim = DEFAULT_DIM if self.dim is None else self.dim
+            return
+        if self.m is None:
+            self.m = DEFAULT_BLOCKS
+        if self.n is None:
+            dim = DEFAULT_DIM if self.dim is None else self.dim
+            if dim % self.m:
+                raise ValueError(f"topology.dim: {dim} is not divisible by topology.m={self.m}")
+            self.n = dim // self.m
+        if self.dim is None:
+            self.dim = self.n * self.m
+        if self.n * self.m != self.dim:
+            raise ValueError(f"topology.dim: n*m = {self.n}*{self.m} = {self.n * self.m} does not equal dim={self.dim}")
+
+    def build(self) -> topoclip.Topology:
+        if self.name.startswith("oblique"):
+            return topoclip.topology(self.name, n=self.n, m=self.m)
+        return topoclip.topology(self.name, dim=self.dim)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW; weight decay applies to weight matrices only (see ``optim.param_groups``)."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup_steps: int = 30
+    grad_clip: Optional[float] = 1.0
+
+    def __post_init__(self):
+        _positive(self.lr, "optim.lr")
+        _non_negative(self.weight_decay, "optim.weight_decay")
+        for i, beta in enumerate(self.betas):
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"optim.betas[{i}]: must lie in [0, 1), got {beta}")
+        _positive(self.eps, "optim.eps")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps: must be >= 0, got {self.warmup_steps}")
+        if self.grad_clip is not None:
+            _non_negative(self.grad_clip, "optim.grad_clip")
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule after the linear warm-up."""
+
+    name: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = 0.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"schedule.min_lr_ratio: must lie in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass
+class TrainConfig:
+    """Length, batch, seed, device and checkpointing of a run. Give ``steps`` or ``epochs``."""
+
+    steps: Optional[int] = 300
+    epochs: Optional[int] = None
+    batch_size: int = 256
+    seed: int = 0
+    device: str = "auto"
+    num_workers: int = 0
+    threads: Optional[int] = None
+    checkpoint_every: int = 100
+    keep_last: int = 2
+    resume: bool = False
+
+    def __post_init__(self):
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError("train.steps: give exactly one of train.steps and train.epochs (set the other to null)")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"train.steps: must be >= 1, got {self.steps}")
+        if self.epochs is not None and self.epochs < 1:
+            raise ValueError(f"train.epochs: must be >= 1, got {self.epochs}")
+        if self.batch_size < 2:
+            raise ValueError(f"train.batch_size: must be >= 2 (a contrastive batch needs negatives), got {self.batch_size}")
+        if self.device != "auto":
+            try:
+                import torch
+
+                torch.device(self.device)
+            except (RuntimeError, ValueError):
+                raise ValueError(f"train.device: not a device: {self.device!r} (use auto, cpu, cuda, cuda:1, ...)") from None
+        if self.num_workers < 0:
+            raise ValueError(f"train.num_workers: must be >= 0, got {self.num_workers}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"train.threads: must be >= 1, got {self.threads}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"train.checkpoint_every: must be >= 0 (0 = only at the end), got {self.checkpoint_every}")
+        if self.keep_last < 1:
+            raise ValueError(f"train.keep_last: must be >= 1, got {self.keep_last}")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation after training: zero-shot on every task and retrieval on the test set."""
+
+    enabled: bool = True
+    zeroshot: bool = True
+    retrieval: bool = True
+    batch_size: int = 512
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"eval.batch_size: must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class OutputConfig:
+    """Runs go to ``dir/name``; an existing non-empty run dir gets a ``-1``, ``-2`` suffix
+    unless the run resumes."""
+
+    dir: str = "runs"
+    name: Optional[str] = None
+
+    def __post_init__(self):
+        if not self.dir:
+            raise ValueError("output.dir: must not be empty")
+        if self.name is not None and (not self.name or os.sep in self.name or self.name in (".", "..")):
+            raise ValueError(f"output.name: must be a plain directory name, got {self.name!r}")
+
+
+@dataclass
+class LoggingConfig:
+    progress: bool = True
+    jsonl: bool = True
+    tensorboard: bool = True
+
+
+@dataclass
+class ExperimentConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    topology: TopologyConfig = field(default_factory=TopologyConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self):
+        image_size = self.model.image.img_size
+        if image_size is not None and image_size != self.data.shapes.image_size:
+            raise ValueError(
+                f"model.image.img_size: {image_size} differs from data.shapes.image_size={self.data.shapes.image_size}"
+            )
+        # The model's [CLS] token count must fit the topology.
+        k = self.model.num_tokens
+        m = self.topology.m
+        if k > 1:
+            if not self.topology.name.startswith("oblique"):
+                raise ValueError(
+                    f"model.num_tokens: {k} [CLS] tokens need an oblique topology (one sphere per token), "
+                    f"but topology.name is {self.topology.name}"
+                )
+            if k != m:
+                raise ValueError(f"model.num_tokens: multi-token models need num_tokens == topology.m, got {k} != {m}")
+        if self.optim.warmup_steps and self.train.steps is not None and self.optim.warmup_steps > self.train.steps:
+            raise ValueError(
+                f"optim.warmup_steps: {self.optim.warmup_steps} is longer than the run (train.steps={self.train.steps})"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+def config_from_dict(data: dict[str, Any] | None, overrides: list[str] = ()) -> ExperimentConfig:
+    """Build and validate a config from a nested dict plus ``key=value`` overrides."""
+    return from_dict(ExperimentConfig, apply_overrides(data or {}, list(overrides)))
+
+
+def default_config_path() -> Path:
+    """``configs/default.yaml`` of the working directory, else of the source checkout."""
+    if DEFAULT_CONFIG.is_file():
+        return DEFAULT_CONFIG
+    return Path(topoclip.__file__).resolve().parent.parent / DEFAULT_CONFIG
+
+
+def run_config_path(run_dir: str | os.PathLike) -> Path:
+    """Where a run keeps the config it was started with."""
+    path = Path(run_dir) / RUN_CONFIG_FILE
+    if not path.is_file():
+        raise ValueError(f"resume: {run_dir} is not a run directory (no {RUN_CONFIG_FILE})")
+    return path
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> ExperimentConfig:
+    """Read a YAML config (default ``configs/default.yaml``), apply overrides, validate.
+
+    The run name defaults to the config file's stem, so ``configs/sphere.yaml`` runs in
+    ``runs/sphere``.
+    """
+    path = Path(path) if path is not None else default_config_path()
+    if not path.is_file():
+        raise ValueError(f"config: file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"config: {path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config: {path} must hold a mapping of sections, got {type(data).__name__}")
+    data.setdefault("output", {})
+    if isinstance(data["output"], dict):
+        data["output"].setdefault("name", path.stem)
+    return config_from_dict(data, overrides)
+
+
+def save_config(config: ExperimentConfig, path: str | os.PathLike) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
