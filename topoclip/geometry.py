@@ -52,41 +52,81 @@ def _compute_dtype(x: Tensor) -> Tensor:
     return x
 
 
-class _GeodesicFromCosines(torch.autograd.Function):
-    """D = sqrt(sum_k arccos(c_k)^2) over the last (block) axis of a tensor of cosines.
+# sin(theta) floor near the antipode, where the geodesic is not differentiable (every
+# direction shortens it): caps theta/sin(theta) at about pi/1e-3 so gradients stay finite.
+_SIN_FLOOR = 1e-3
 
-    Autograd through ``arccos`` and ``sqrt`` multiplies an infinite derivative
-    (1/sin(theta) at theta = 0, 1/D at D = 0) by a zero one and yields NaN; clamping the cosine
-    instead yields a zero gradient for near-duplicates. The derivative of the composite is
-    finite, so it is written out:
 
-        dD/dc_k = -(theta_k / D) / sin(theta_k) = -(1/D) * (theta_k / sin(theta_k))
+def _theta_over_sin(theta: Tensor) -> Tensor:
+    """theta / sin(theta) = 1 / sinc(theta/pi): exact and smooth at theta = 0 (value 1)."""
+    return torch.sinc(theta / math.pi).clamp_min_(_SIN_FLOOR / math.pi).reciprocal_()
 
-    theta/sin(theta) -> 1 as theta -> 0 (evaluated with ``sinc``, exact at 0). At D = 0 (all
-    blocks identical) the distance has a cone-shaped minimum; we return the zero subgradient.
-    Near theta = pi the geodesic is not differentiable (every direction shortens it); the
-    factor is capped so the gradient stays finite.
+
+def _inverse_or_zero(x: Tensor) -> Tensor:
+    """1/x where x > 0, else 0: the zero subgradient of a distance at coincident points."""
+    return torch.where(x > 0, x.clamp_min(torch.finfo(x.dtype).tiny).reciprocal(), 0.0)
+
+
+class _GeodesicSimilarity(torch.autograd.Function):
+    """S = -sqrt(sum_k arccos^2(u_k v_k^T)) for block-major points u [m, b_u, n], v [m, b_v, n].
+
+    Autograd through arccos and sqrt multiplies an infinite derivative (1/sin(theta) at
+    theta = 0, 1/D at D = 0) by a zero one and gives NaN; clamping the cosine instead gives a
+    zero gradient for near-duplicates. The composite's derivative is finite, so it is written
+    out:   dS/dc_k = (1/D) * theta_k / sin(theta_k),   theta/sin(theta) -> 1 as theta -> 0.
+    At D = 0 (all blocks coincide) the cone-shaped maximum gets the zero subgradient.
+
+    Memory: the m cosine matrices are never held at once. The forward accumulates
+    sum_k theta_k^2 block by block; the backward recomputes each block's cosines (one more
+    GEMM-equivalent) instead of saving m b_u x b_v matrices: O(b_u b_v) rather than O(b^2 m).
     """
 
-    # sin(theta) floor near the antipode: caps theta/sin(theta) at about pi / 1e-3.
-    _SIN_FLOOR = 1e-3
+    @staticmethod
+    def forward(ctx, u: Tensor, v: Tensor) -> Tensor:  # type: ignore[override]
+        acc = torch.zeros(u.shape[1], v.shape[1], dtype=u.dtype, device=u.device)
+        for k in range(u.shape[0]):
+            theta = torch.mm(u[k], v[k].T).clamp_(-1.0, 1.0).arccos_()
+            acc.addcmul_(theta, theta)
+        dist = acc.sqrt_()
+        ctx.save_for_backward(u, v, dist)
+        return dist.neg()
 
     @staticmethod
-    def forward(ctx, cosines: Tensor) -> Tensor:  # type: ignore[override]
-        theta = torch.arccos(cosines.clamp(-1.0, 1.0))
-        dist = torch.linalg.vector_norm(theta, dim=-1)
-        ctx.save_for_backward(theta, dist)
-        return dist
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        u, v, dist = ctx.saved_tensors
+        weight = grad * _inverse_or_zero(dist)
+        grad_u = torch.empty_like(u)
+        grad_v = torch.empty_like(v)
+        for k in range(u.shape[0]):
+            theta = torch.mm(u[k], v[k].T).clamp_(-1.0, 1.0).arccos_()
+            g = _theta_over_sin(theta).mul_(weight)
+            torch.mm(g, v[k], out=grad_u[k])
+            torch.mm(g.T, u[k], out=grad_v[k])
+        return grad_u, grad_v
+
+
+class _EuclideanSimilarity(torch.autograd.Function):
+    """S = -||u_i - v_j|| from ||u||^2 + ||v||^2 - 2 u.v: one GEMM, one b_u x b_v buffer.
+
+    Backward:  dS_ij/du_i = (v_j - u_i)/D_ij  =>  grad_u = W v - u * rowsum(W),
+               grad_v = W^T u - v * colsum(W),  W = grad / D  (0 where D = 0: the cone's
+               zero subgradient; autograd through sqrt would give NaN there).
+    """
 
     @staticmethod
-    def backward(ctx, grad_dist: Tensor) -> Tensor:  # type: ignore[override]
-        theta, dist = ctx.saved_tensors
-        # theta / sin(theta) = 1 / sinc(theta / pi); exact and smooth at theta = 0.
-        theta_over_sin = 1.0 / torch.sinc(theta / math.pi).clamp_min(
-            _GeodesicFromCosines._SIN_FLOOR / math.pi
-        )
-        inv_dist = torch.where(dist > 0, 1.0 / dist.clamp_min(torch.finfo(dist.dtype).tiny), 0.0)
-        return -(grad_dist * inv_dist).unsqueeze(-1) * theta_over_sin
+    def forward(ctx, u: Tensor, v: Tensor) -> Tensor:  # type: ignore[override]
+        sq = (u * u).sum(-1, keepdim=True) + (v * v).sum(-1).unsqueeze(0)
+        dist = torch.addmm(sq, u, v.T, beta=1.0, alpha=-2.0).clamp_min_(0.0).sqrt_()
+        ctx.save_for_backward(u, v, dist)
+        return dist.neg()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        u, v, dist = ctx.saved_tensors
+        w = grad * _inverse_or_zero(dist)
+        grad_u = torch.addcmul(w @ v, u, w.sum(1, keepdim=True), value=-1.0)
+        grad_v = torch.addcmul(w.T @ u, v, w.sum(0).unsqueeze(1), value=-1.0)
+        return grad_u, grad_v
 
 
 class _SafeSqrt(torch.autograd.Function):
@@ -172,6 +212,9 @@ class Topology:
     """
 
     name: str = "topology"
+    # True when similarity(u, v) is the plain dot product of the flattened points, so that
+    # losses may fuse it with their own GEMMs.
+    inner_product: bool = False
 
     def __init__(self, dim: int, num_blocks: int = 1):
         if not isinstance(dim, int) or dim < 1:
@@ -285,8 +328,7 @@ class Euclidean(Topology):
         return x
 
     def _similarity(self, u: Tensor, v: Tensor) -> Tensor:
-        sq = (u * u).sum(-1, keepdim=True) + (v * v).sum(-1).unsqueeze(0) - 2.0 * (u @ v.T)
-        return -_SafeSqrt.apply(sq)
+        return _EuclideanSimilarity.apply(u, v)
 
     def _paired(self, u: Tensor, v: Tensor) -> Tensor:
         # Differences are exact here (O(b d) memory is fine for pairs); the safe sqrt keeps the
@@ -316,6 +358,7 @@ class Oblique(Topology):
             raise ValueError(f"oblique distance must be 'inner' or 'geodesic', got {distance!r}")
         self.distance = distance
         self.name = f"oblique-{distance}"
+        self.inner_product = distance == "inner"
         if not isinstance(n, int) or n < 2:
             raise ValueError(f"{self.name}: n (block dimension) must be an integer >= 2, got {n!r}")
         if not isinstance(m, int) or m < 1:
@@ -339,16 +382,14 @@ class Oblique(Topology):
         u, v = self._pair_2d(u, v)
         return (scale.to(u.dtype) * u) @ v.T
 
-    def _block_cosines(self, u: Tensor, v: Tensor) -> Tensor:
-        """[b_u, b_v, m] cosines of every pair of blocks (one batched GEMM over the m blocks)."""
-        ub = u.reshape(u.shape[0], self.num_blocks, self.block_dim).transpose(0, 1)
-        vb = v.reshape(v.shape[0], self.num_blocks, self.block_dim).transpose(0, 1)
-        return torch.bmm(ub, vb.transpose(1, 2)).permute(1, 2, 0)
+    def _block_major(self, x: Tensor) -> Tensor:
+        """[b, d] -> [m, b, n] contiguous, so each block's cosines are one plain GEMM."""
+        return x.reshape(x.shape[0], self.num_blocks, self.block_dim).transpose(0, 1).contiguous()
 
     def _similarity(self, u: Tensor, v: Tensor) -> Tensor:
         if self.distance == "inner":
             return u @ v.T
-        return -_GeodesicFromCosines.apply(self._block_cosines(u, v))
+        return _GeodesicSimilarity.apply(self._block_major(u), self._block_major(v))
 
     def _paired(self, u: Tensor, v: Tensor) -> Tensor:
         if self.distance == "inner":

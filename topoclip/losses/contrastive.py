@@ -25,29 +25,105 @@ from ..geometry import Topology
 __all__ = ["ContrastiveLoss", "symmetric_cross_entropy", "gather_features"]
 
 
+# Row blocks of about 2**20 logits (4 MiB in fp32): the temporaries of each block stay in
+# cache, so every b x b pass reads the big matrix once instead of allocating b x b temporaries.
+_BLOCK_ELEMENTS = 1 << 20
+
+
+def _row_blocks(rows: int, cols: int):
+    step = max(1, _BLOCK_ELEMENTS // max(cols, 1))
+    for start in range(0, rows, step):
+        yield start, min(rows, start + step)
+
+
+def _row_and_column_lse(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """Row-wise and column-wise log-sum-exp in one blocked pass (running max for columns)."""
+    rows, cols = logits.shape
+    lse_rows = torch.empty(rows, dtype=logits.dtype, device=logits.device)
+    col_max = torch.full((cols,), -torch.inf, dtype=logits.dtype, device=logits.device)
+    col_sum = torch.zeros(cols, dtype=logits.dtype, device=logits.device)
+    for i, j in _row_blocks(rows, cols):
+        blk = logits[i:j]
+        lse_rows[i:j] = torch.logsumexp(blk, dim=1)
+        new_max = torch.maximum(col_max, blk.amax(dim=0))
+        # exp(-inf - -inf) would be NaN on the first block; col_sum is 0 there anyway.
+        col_sum.mul_(torch.exp(torch.where(torch.isinf(col_max), 0.0, col_max - new_max)))
+        col_sum.add_(torch.exp(blk - new_max).sum(dim=0))
+        col_max = new_max
+    return lse_rows, col_sum.log_().add_(col_max)
+
+
+def _softmax_sum_block(logits_blk: Tensor, lse_rows_blk: Tensor, lse_cols: Tensor, first_row: int) -> Tensor:
+    """softmax_rows + softmax_cols - 2 I for a block of rows: the loss gradient times 2b."""
+    p = torch.sub(logits_blk, lse_rows_blk.unsqueeze(1)).exp_()
+    p.add_(torch.sub(logits_blk, lse_cols.unsqueeze(0)).exp_())
+    p[:, first_row:first_row + p.shape[0]].diagonal().sub_(2.0)
+    return p
+
+
+def _symmetric_loss(logits: Tensor, lse_rows: Tensor, lse_cols: Tensor) -> Tensor:
+    return 0.5 * (lse_rows.mean() + lse_cols.mean()) - logits.diagonal().mean()
+
+
 class _SymmetricCrossEntropy(torch.autograd.Function):
     """mean over i of [lse_j(L_ij) + lse_j(L_ji)] / 2 - L_ii, for a square logits matrix L.
 
-    The gradient is  (softmax_rows(L) + softmax_cols(L) - 2 I) / (2 b); it is written straight
-    into one freshly allocated b x b buffer from the saved row and column log-sum-exps.
+    The gradient  (softmax_rows(L) + softmax_cols(L) - 2 I) / (2 b)  is written block by
+    block into one b x b buffer from the saved row and column log-sum-exps.
     """
 
     @staticmethod
     def forward(ctx, logits: Tensor) -> Tensor:  # type: ignore[override]
-        lse_rows = torch.logsumexp(logits, dim=1)
-        lse_cols = torch.logsumexp(logits, dim=0)
-        loss = 0.5 * (lse_rows.mean() + lse_cols.mean()) - logits.diagonal().mean()
+        lse_rows, lse_cols = _row_and_column_lse(logits)
         ctx.save_for_backward(logits, lse_rows, lse_cols)
-        return loss
+        return _symmetric_loss(logits, lse_rows, lse_cols)
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor) -> Tensor:  # type: ignore[override]
         logits, lse_rows, lse_cols = ctx.saved_tensors
-        b = logits.shape[0]
-        grad = torch.sub(logits, lse_rows.unsqueeze(1)).exp_()
-        grad.add_(torch.sub(logits, lse_cols.unsqueeze(0)).exp_())
-        grad.diagonal().sub_(2.0)
-        return grad.mul_(grad_loss / (2 * b))
+        coef = grad_loss / (2 * logits.shape[0])
+        grad = torch.empty_like(logits)
+        for i, j in _row_blocks(*logits.shape):
+            grad[i:j] = _softmax_sum_block(logits[i:j], lse_rows[i:j], lse_cols, i).mul_(coef)
+        return grad
+
+
+class _InnerProductInfoNCE(torch.autograd.Function):
+    """The symmetric loss of logits = scale * u v^T, fused with its GEMMs.
+
+    For inner-product topologies (sphere, oblique-inner) the backward never materialises the
+    b x b gradient: each block of rows of it is formed in cache and immediately consumed by
+    the two GEMMs (grad_u = G v, grad_v += G^T u). Total work is the three-GEMM floor plus
+    two cache-resident passes; memory is the saved logits plus one block.
+    """
+
+    @staticmethod
+    def forward(ctx, u: Tensor, v: Tensor, scale: Tensor) -> Tensor:  # type: ignore[override]
+        logits = (u * scale) @ v.T
+        lse_rows, lse_cols = _row_and_column_lse(logits)
+        ctx.save_for_backward(u, v, scale, logits, lse_rows, lse_cols)
+        # The logits are returned too (without gradient) so that diagnostics need no recompute.
+        ctx.mark_non_differentiable(logits)
+        return _symmetric_loss(logits, lse_rows, lse_cols), logits
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor, _grad_logits: Tensor | None = None):  # type: ignore[override]
+        u, v, scale, logits, lse_rows, lse_cols = ctx.saved_tensors
+        coef = grad_loss / (2 * logits.shape[0])
+        grad_u = torch.empty_like(u)
+        grad_v = torch.zeros_like(v)
+        p_dot_logits = torch.zeros((), dtype=logits.dtype, device=logits.device)
+        for i, j in _row_blocks(*logits.shape):
+            p = _softmax_sum_block(logits[i:j], lse_rows[i:j], lse_cols, i)
+            p_dot_logits += torch.vdot(p.reshape(-1), logits[i:j].reshape(-1))
+            torch.mm(p, v, out=grad_u[i:j])
+            grad_v.addmm_(p.T, u[i:j])
+        # d loss / d logits = coef * p;  logits = scale * S  =>  d/dS = coef * scale * p and
+        # d/dscale = sum(coef * p * S) = coef * sum(p * logits) / scale.
+        grad_u.mul_(coef * scale)
+        grad_v.mul_(coef * scale)
+        grad_scale = coef * p_dot_logits / scale
+        return grad_u, grad_v, grad_scale.reshape(scale.shape)
 
 
 def symmetric_cross_entropy(logits: Tensor) -> Tensor:
@@ -147,8 +223,12 @@ class ContrastiveLoss(nn.Module):
                 return loss
             return loss, _details_rectangular(logits_i2t, logits_t2i, labels, scale)
 
-        logits = topo.scaled_similarity(u_all, v_all, scale)
-        loss = symmetric_cross_entropy(logits)
+        if topo.inner_product:
+            u_flat, v_flat = topo._pair_2d(u_all, v_all)
+            loss, logits = _InnerProductInfoNCE.apply(u_flat, v_flat, scale.to(u_flat.dtype))
+        else:
+            logits = topo.scaled_similarity(u_all, v_all, scale)
+            loss = symmetric_cross_entropy(logits)
         if not return_details:
             return loss
         return loss, _details_square(logits, scale)
