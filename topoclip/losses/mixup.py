@@ -1,0 +1,191 @@
+"""Geodesic multi-modal mixup losses (m²-Mix, V-Mix, L-Mix, VL-Mix, m³-Mix) on any topology.
+
+Hard negatives are made by walking along the geodesic between embeddings, through the
+topology's ``interpolate``: slerp on the sphere, per-block slerp on the oblique manifold,
+linear interpolation in Euclidean space. Notation follows the formulas in the project notes:
+v image points, t text points, J the reversed batch (partner of i is N-1-i), and
+
+    m_lam(a, b) = a sin(lam θ)/sin θ + b sin((1-lam) θ)/sin θ  =  interpolate(a, b, 1 - lam)
+
+(weight lam on a), with lam ~ Beta(alpha, alpha), one draw per batch. ``interpolate`` is
+finite at θ = 0 (identical pairs, repeated class-name prompts, the middle row of an odd batch
+paired with itself) and θ = π, and computes half-precision inputs in fp32.
+
+Every loss here averages its two directions (image->text and text->image) like the CLIP loss.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..geometry import Topology
+from .contrastive import ContrastiveLoss
+
+__all__ = [
+    "geodesic_mix",
+    "m2_mix_loss",
+    "v_mix_loss",
+    "l_mix_loss",
+    "vl_mix_loss",
+    "MixupWeights",
+    "M3MixLoss",
+]
+
+
+def geodesic_mix(topology: Topology, a: Tensor, b: Tensor, lam: float | Tensor) -> Tensor:
+    """m_lam(a, b): the point on the geodesic with weight lam on a (lam=1 -> a, lam=0 -> b)."""
+    return topology.interpolate(a, b, 1.0 - lam)
+
+
+def _reversed(x: Tensor) -> Tensor:
+    return torch.flip(x, dims=[0])
+
+
+def _with_diagonal(matrix: Tensor, diagonal: Tensor) -> Tensor:
+    """Copy of a square matrix whose diagonal is replaced (out of place: autograd-safe)."""
+    eye = torch.eye(matrix.shape[0], dtype=torch.bool, device=matrix.device)
+    return torch.where(eye, diagonal.unsqueeze(1).expand_as(matrix), matrix)
+
+
+def _labels(n: int, device) -> Tensor:
+    return torch.arange(n, device=device)
+
+
+def m2_mix_loss(topology: Topology, v: Tensor, t: Tensor, scale: Tensor | float, lam: float) -> Tensor:
+    """m²-Mix: the negatives of each anchor are replaced by mixed points m_j = m_lam(v_j, t_j).
+
+    Row i (image anchor): positive <v_i, t_i>, negatives <v_i, m_j> for j != i; likewise for the
+    text anchor t_i. ``scale`` is this term's own logit scale (the "high temperature variant":
+    1/0.07 while the CLIP term runs at 1/0.01 during fine-tuning).
+    """
+    mixed = geodesic_mix(topology, v, t, lam)
+    positive = scale * topology.paired_similarity(v, t)
+    logits_v = _with_diagonal(scale * topology.similarity(v, mixed), positive)
+    logits_t = _with_diagonal(scale * topology.similarity(t, mixed), positive)
+    labels = _labels(v.shape[0], positive.device)
+    return 0.5 * (F.cross_entropy(logits_v, labels) + F.cross_entropy(logits_t, labels))
+
+
+def _soft_targets(n: int, lam: float, device, dtype) -> Tensor:
+    """lam at j = i and 1 - lam at j = J(i); rows sum to 1 (the middle row of an odd batch,
+    its own partner, gets lam + 1 - lam = 1 on the diagonal)."""
+    eye = torch.eye(n, device=device, dtype=dtype)
+    return lam * eye + (1.0 - lam) * _reversed(eye)
+
+
+def _soft_symmetric_ce(logits: Tensor, targets: Tensor) -> Tensor:
+    # J is an involution, so the target matrix is symmetric and serves both directions.
+    return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
+
+
+def v_mix_loss(topology: Topology, v: Tensor, t: Tensor, scale: Tensor | float, lam: float) -> Tensor:
+    """V-Mix: images mixed with the reversed batch, ṽ_i = m_lam(v_i, v_J(i)); logits <ṽ_i, t_j>,
+    soft targets lam at j = i and 1 - lam at j = J(i)."""
+    mixed = geodesic_mix(topology, v, _reversed(v), lam)
+    logits = scale * topology.similarity(mixed, t)
+    return _soft_symmetric_ce(logits, _soft_targets(v.shape[0], lam, logits.device, logits.dtype))
+
+
+def l_mix_loss(topology: Topology, v: Tensor, t: Tensor, scale: Tensor | float, lam: float) -> Tensor:
+    """L-Mix: the same on the text side, t̃_i = m_lam(t_i, t_J(i)); logits <v_i, t̃_j>."""
+    mixed = geodesic_mix(topology, t, _reversed(t), lam)
+    logits = scale * topology.similarity(v, mixed)
+    return _soft_symmetric_ce(logits, _soft_targets(v.shape[0], lam, logits.device, logits.dtype))
+
+
+def vl_mix_loss(topology: Topology, v: Tensor, t: Tensor, scale: Tensor | float, lam: float) -> Tensor:
+    """VL-Mix: both sides mixed with one lam; (ṽ_i, t̃_i) is the positive, the negatives keep
+    the original similarities <v_i, t_j> (hard targets on the diagonal)."""
+    v_mixed = geodesic_mix(topology, v, _reversed(v), lam)
+    t_mixed = geodesic_mix(topology, t, _reversed(t), lam)
+    logits = _with_diagonal(scale * topology.similarity(v, t), scale * topology.paired_similarity(v_mixed, t_mixed))
+    labels = _labels(v.shape[0], logits.device)
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+
+
+@dataclass
+class MixupWeights:
+    """Weights and Beta(alpha, alpha) parameters of the m³-Mix terms (a weight 0 disables one).
+
+    Defaults are the middle of the public scripts' ranges: w_m2 in {0.001..0.05}, w_V = w_L =
+    0.05, w_VL in {0.05, 0.1, 0.2}; alpha 0.2-0.5 (V/L, m2), 0.5-1.0 (VL).
+    """
+
+    m2: float = 0.01
+    v: float = 0.05
+    l: float = 0.05
+    vl: float = 0.1
+    alpha_m2: float = 0.3
+    alpha_uni: float = 0.3
+    alpha_vl: float = 0.7
+    m2_scale: float = 1 / 0.07
+    decay: bool = False  # multiply the mixup weights by 1/(epoch+1)
+
+    def __post_init__(self) -> None:
+        for name in ("m2", "v", "l", "vl"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"mixup.{name}: weight must be >= 0, got {getattr(self, name)}")
+        for name in ("alpha_m2", "alpha_uni", "alpha_vl", "m2_scale"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"mixup.{name}: must be a positive number, got {value}")
+
+
+class M3MixLoss(nn.Module):
+    """L = L_CLIP + w_m2 L_m2 + w_V L_V + w_L L_L + w_VL L_VL, each over the given topology.
+
+    One lam per term per batch, drawn from a seeded numpy generator (its state is part of
+    ``state_dict`` so resumed runs draw the same sequence). ``forward`` returns the total and,
+    with ``return_details``, the individual terms and the lam values used.
+    """
+
+    def __init__(self, topology: Topology, weights: MixupWeights | None = None, seed: int = 0):
+        super().__init__()
+        self.topology = topology
+        self.weights = weights or MixupWeights()
+        self.clip_loss = ContrastiveLoss(topology)
+        self.rng = np.random.default_rng(seed)
+
+    def _draw(self, alpha: float) -> float:
+        return float(self.rng.beta(alpha, alpha))
+
+    def forward(self, v: Tensor, t: Tensor, scale: Tensor | float, epoch: int = 0, return_details: bool = False):
+        w = self.weights
+        decay = 1.0 / (epoch + 1) if w.decay else 1.0
+        terms: dict[str, Tensor] = {"clip": self.clip_loss(v, t, scale)}
+        lams: dict[str, float] = {}
+        if w.m2 > 0:
+            lams["m2"] = self._draw(w.alpha_m2)
+            terms["m2"] = m2_mix_loss(self.topology, v, t, w.m2_scale, lams["m2"])
+        if w.v > 0:
+            lams["v"] = self._draw(w.alpha_uni)
+            terms["v"] = v_mix_loss(self.topology, v, t, scale, lams["v"])
+        if w.l > 0:
+            lams["l"] = self._draw(w.alpha_uni)
+            terms["l"] = l_mix_loss(self.topology, v, t, scale, lams["l"])
+        if w.vl > 0:
+            lams["vl"] = self._draw(w.alpha_vl)
+            terms["vl"] = vl_mix_loss(self.topology, v, t, scale, lams["vl"])
+        total = terms["clip"]
+        for name, value in terms.items():
+            if name != "clip":
+                total = total + decay * getattr(w, name) * value
+        if not return_details:
+            return total
+        details = {f"loss_{k}": float(val.detach()) for k, val in terms.items()}
+        details.update({f"lam_{k}": val for k, val in lams.items()})
+        return total, details
+
+    # The generator's state travels with checkpoints (JSON-safe: bit_generator.state is a dict
+    # of ints and strings).
+    def get_extra_state(self):
+        return {"rng": self.rng.bit_generator.state}
+
+    def set_extra_state(self, state) -> None:
+        self.rng.bit_generator.state = state["rng"]
