@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ..geometry import Topology
 
-__all__ = ["ContrastiveLoss", "symmetric_cross_entropy", "gather_features"]
+__all__ = ["ContrastiveLoss", "symmetric_cross_entropy", "gather_features", "exact_positives"]
 
 
 # Row blocks of about 2**20 logits (4 MiB in fp32): the temporaries of each block stay in
@@ -133,6 +133,21 @@ def symmetric_cross_entropy(logits: Tensor) -> Tensor:
     return _SymmetricCrossEntropy.apply(logits)
 
 
+def exact_positives(topology: Topology, logits: Tensor, u: Tensor, v: Tensor, scale: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """Overwrite logits[rows, cols] (the positive pairs) with scale * paired_similarity(u, v).
+
+    The all-pairs Euclidean and geodesic similarities are built from a GEMM and lose digits
+    near coincident points (fp32 resolves a distance of ~0 only to ~sqrt(eps) |u|); the paired
+    form is exact there, and positives are exactly where points coincide. Every loss path
+    (plain, tiled, local) takes its positives this way, so they agree to rounding.
+    Inner-product topologies are exact already and are left alone.
+    """
+    if topology.inner_product:
+        return logits
+    positive = scale * topology.paired_similarity(u, v)
+    return logits.index_put_((rows, cols), positive.to(logits.dtype))
+
+
 def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -187,18 +202,37 @@ class ContrastiveLoss(nn.Module):
         local_loss: in distributed runs, compute only the local rows (b_local x B logits per
             rank) instead of the full B x B matrix on every rank.
         gather_with_grad: in distributed runs, let gradients flow through the gather.
+        tile_threshold: from this global batch size on, use the exact tiled loss
+            (``topoclip.losses.tiled``: O(b d + tile^2) memory instead of O(b^2), about 1/3
+            more arithmetic). None: never tile; 0: always tile.
+        tile_size: tile edge for the tiled loss.
 
     Call as ``loss_fn(u, v, scale)`` with u, v manifold points ``[b, d]`` or ``[b, m, n]`` and
     ``scale`` the logit scale (a 0-dim tensor, e.g. ``LogitScale()()``).
     ``return_details=True`` also returns a dict of floats: mean positive / negative
-    similarity (unscaled) and in-batch retrieval accuracy, averaged over both directions.
+    similarity (unscaled) and in-batch retrieval accuracy, averaged over both directions
+    (the tiled loss reports the positive similarity only: the others would need the matrix).
     """
 
-    def __init__(self, topology: Topology, local_loss: bool = False, gather_with_grad: bool = True):
+    def __init__(
+        self,
+        topology: Topology,
+        local_loss: bool = False,
+        gather_with_grad: bool = True,
+        tile_threshold: int | None = 16384,
+        tile_size: int = 1024,
+    ):
         super().__init__()
+        if tile_size < 1:
+            raise ValueError(f"ContrastiveLoss: tile_size must be >= 1, got {tile_size}")
         self.topology = topology
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
+        self.tile_threshold = tile_threshold
+        self.tile_size = tile_size
+
+    def _tiled(self, global_batch: int) -> bool:
+        return self.tile_threshold is not None and global_batch >= self.tile_threshold
 
     def forward(self, u: Tensor, v: Tensor, scale: Tensor | float, return_details: bool = False):
         if u.shape[0] != v.shape[0]:
@@ -213,11 +247,15 @@ class ContrastiveLoss(nn.Module):
         else:
             u_all, v_all = u, v
 
+        if self._tiled(u_all.shape[0]):
+            return self._tiled_forward(u, v, u_all, v_all, scale, rank, world, return_details)
+
         if world > 1 and self.local_loss:
             b = u.shape[0]
             labels = torch.arange(b, device=u.device) + rank * b
-            logits_i2t = topo.scaled_similarity(u, v_all, scale)
-            logits_t2i = topo.scaled_similarity(v, u_all, scale)
+            rows = torch.arange(b, device=u.device)
+            logits_i2t = exact_positives(topo, topo.scaled_similarity(u, v_all, scale), u, v, scale, rows, labels)
+            logits_t2i = exact_positives(topo, topo.scaled_similarity(v, u_all, scale), v, u, scale, rows, labels)
             loss = 0.5 * (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels))
             if not return_details:
                 return loss
@@ -227,11 +265,30 @@ class ContrastiveLoss(nn.Module):
             u_flat, v_flat = topo._pair_2d(u_all, v_all)
             loss, logits = _InnerProductInfoNCE.apply(u_flat, v_flat, scale.to(u_flat.dtype))
         else:
-            logits = topo.scaled_similarity(u_all, v_all, scale)
+            diag = torch.arange(u_all.shape[0], device=u.device)
+            logits = exact_positives(topo, topo.scaled_similarity(u_all, v_all, scale), u_all, v_all, scale, diag, diag)
             loss = symmetric_cross_entropy(logits)
         if not return_details:
             return loss
         return loss, _details_square(logits, scale)
+
+    def _tiled_forward(self, u, v, u_all, v_all, scale, rank, world, return_details):
+        from .tiled import tiled_contrastive_loss, tiled_cross_entropy
+
+        topo, tile = self.topology, self.tile_size
+        if world > 1 and self.local_loss:
+            labels = torch.arange(u.shape[0], device=u.device) + rank * u.shape[0]
+            loss = 0.5 * (
+                tiled_cross_entropy(topo, u, v_all, labels, scale, tile)
+                + tiled_cross_entropy(topo, v, u_all, labels, scale, tile)
+            )
+        else:
+            loss = tiled_contrastive_loss(topo, u_all, v_all, scale, tile)
+        if not return_details:
+            return loss
+        with torch.no_grad():
+            pos = topo.paired_similarity(u, v).mean()
+        return loss, {"pos_sim": float(pos)}
 
 
 @torch.no_grad()
