@@ -14,6 +14,9 @@ from typing import Any
 
 import timm
 
+# Registers the default image model (DEFAULT_IMAGE_MODEL) with timm before any name is checked.
+from . import towers as _towers  # noqa: F401
+
 __all__ = [
     "DEFAULT_IMAGE_MODEL",
     "ImageTowerConfig",

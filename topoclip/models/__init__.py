@@ -1,0 +1,19 @@
+"""Dual encoders with k [CLS] tokens per tower, mapped onto a topology."""
+
+from .towers import ImageTower, TextTower  # first: registers the default timm image model
+from .config import DEFAULT_IMAGE_MODEL, ImageTowerConfig, LogitScaleConfig, ModelConfig, TextTowerConfig
+from .dual_encoder import DualEncoder, TokenProjection, build_model, check_tokens_fit_topology
+
+__all__ = [
+    "DEFAULT_IMAGE_MODEL",
+    "DualEncoder",
+    "ImageTower",
+    "ImageTowerConfig",
+    "LogitScaleConfig",
+    "ModelConfig",
+    "TextTower",
+    "TextTowerConfig",
+    "TokenProjection",
+    "build_model",
+    "check_tokens_fit_topology",
+]

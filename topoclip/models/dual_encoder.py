@@ -1,0 +1,109 @@
+"""DualEncoder: two towers, a projection per tower, the topology's project, and the temperature.
+
+Multi-token (k = m > 1): each [CLS] token's width -> n by one linear head shared over the
+tokens (the seed's Figure 2), then ``topology.project`` on ``[b, m, n]``: one unit sphere per
+token. Single-token (k = 1): the token -> d = n*m by a linear head, then ``topology.project`` on
+``[b, d]`` (the oblique topology splits it into m blocks of n). Points leave flat, ``[b, d]``.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from ..geometry import Topology
+from ..temperature import LogitScale
+from .config import ModelConfig
+from .towers import ImageTower, TextTower
+
+__all__ = ["DualEncoder", "TokenProjection", "build_model", "check_tokens_fit_topology"]
+
+
+def check_tokens_fit_topology(num_tokens: int, topology: Topology) -> None:
+    """k = 1 works with every topology; k > 1 needs one unit sphere per token (k = m)."""
+    if num_tokens != 1 and num_tokens != topology.num_blocks:
+        raise ValueError(
+            f"model.num_tokens={num_tokens} must be 1 (single-token) or equal the topology's m="
+            f"{topology.num_blocks} (multi-token: one sphere per [CLS] token) for {topology!r}"
+        )
+
+
+class TokenProjection(nn.Module):
+    """``[b, k, width]`` token features -> flat manifold points ``[b, d]``."""
+
+    def __init__(self, width: int, num_tokens: int, topology: Topology):
+        super().__init__()
+        check_tokens_fit_topology(num_tokens, topology)
+        self.num_tokens = num_tokens
+        self.topology = topology
+        out = topology.block_dim if num_tokens > 1 else topology.dim
+        # No bias: a constant offset before normalisation only shifts every point alike.
+        self.linear = nn.Linear(width, out, bias=False)
+        # Gaussian with std = 1/sqrt(fan_in), the seed's "Kaiming" init (§4.1).
+        nn.init.normal_(self.linear.weight, std=width ** -0.5)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        if tokens.ndim != 3 or tokens.shape[1] != self.num_tokens:
+            raise ValueError(f"expected token features [b, {self.num_tokens}, width], got {tuple(tokens.shape)}")
+        x = self.linear(tokens if self.num_tokens > 1 else tokens[:, 0])
+        return self.topology.project(x).reshape(tokens.shape[0], self.topology.dim)
+
+
+class DualEncoder(nn.Module):
+    """Image and text towers mapped to points of one topology, plus the logit scale.
+
+    Attributes: ``image`` / ``text`` (towers), ``image_proj`` / ``text_proj``, ``topology``,
+    ``logit_scale`` (a :class:`topoclip.LogitScale`), ``num_tokens`` (k).
+    """
+
+    def __init__(self, image: ImageTower, text: TextTower, topology: Topology, logit_scale: LogitScale):
+        super().__init__()
+        if image.num_tokens != text.num_tokens:
+            raise ValueError(f"image tower has {image.num_tokens} [CLS] tokens, text tower {text.num_tokens}")
+        check_tokens_fit_topology(image.num_tokens, topology)
+        self.image = image
+        self.text = text
+        self.topology = topology
+        self.num_tokens = image.num_tokens
+        self.image_proj = TokenProjection(image.width, self.num_tokens, topology)
+        self.text_proj = TokenProjection(text.width, self.num_tokens, topology)
+        self.logit_scale = logit_scale
+
+    def encode_image(self, images: Tensor) -> Tensor:
+        """Images ``[b, 3, H, W]`` -> points ``[b, d]``."""
+        return self.image_proj(self.image(images))
+
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Token ids ``[b, L]`` (position 0 = [CLS]) and mask -> points ``[b, d]``."""
+        return self.text_proj(self.text(input_ids, attention_mask))
+
+    def forward(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self.encode_image(images), self.encode_text(input_ids, attention_mask)
+
+    def image_features(self, images: Tensor) -> Tensor:
+        """Pre-projection [CLS] features concatenated, ``[b, k*width]`` (for linear probes)."""
+        return self.image(images).flatten(1)
+
+    def no_weight_decay_names(self) -> set[str]:
+        """Parameter names to exclude from weight decay: every 1-d parameter (biases, norm
+        gains, the logit scale) plus the towers' [CLS]/register tokens and position embeddings."""
+        names = {n for n, p in self.named_parameters() if p.ndim < 2}
+        names |= {f"image.{n}" for n in self.image.no_weight_decay()}
+        names |= {f"text.{n}" for n in self.text.no_weight_decay()}
+        return names
+
+
+def build_model(cfg: ModelConfig, topology: Topology, vocab_size: int, pad_token_id: int = 0) -> DualEncoder:
+    """Build a randomly initialised DualEncoder.
+
+    ``vocab_size`` and ``pad_token_id`` come from the tokenizer, not the config, since the
+    tokenizer is built from (or loaded with) the data. The [CLS] id needs no argument: the text
+    tower copies whatever id the tokenizer put at position 0.
+    """
+    if not isinstance(cfg, ModelConfig):
+        raise ValueError(f"build_model needs a ModelConfig, got {type(cfg).__name__}")
+    cfg.validate()
+    check_tokens_fit_topology(cfg.num_tokens, topology)  # before the towers cost any time
+    image = ImageTower(cfg.image, cfg.num_tokens)
+    text = TextTower(cfg.text, vocab_size, pad_token_id, cfg.num_tokens)
+    scale = LogitScale(init=cfg.logit_scale.init, learnable=cfg.logit_scale.learnable, max=cfg.logit_scale.max)
+    return DualEncoder(image, text, topology, scale)
