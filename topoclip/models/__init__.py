@@ -3,6 +3,7 @@
 from .towers import ImageTower, TextTower  # first: registers the default timm image model
 from .config import DEFAULT_IMAGE_MODEL, ImageTowerConfig, LogitScaleConfig, ModelConfig, TextTowerConfig
 from .dual_encoder import DualEncoder, TokenProjection, build_model, check_tokens_fit_topology
+from .pretrained import HFClipDualEncoder, OpenClipDualEncoder, OpenClipTokenizer, load_hf_clip, load_openclip, load_pretrained
 
 __all__ = [
     "DEFAULT_IMAGE_MODEL",
@@ -16,4 +17,5 @@ __all__ = [
     "TokenProjection",
     "build_model",
     "check_tokens_fit_topology",
+    "HFClipDualEncoder", "OpenClipDualEncoder", "OpenClipTokenizer", "load_hf_clip", "load_openclip", "load_pretrained",
 ]
