@@ -1,0 +1,199 @@
+"""Streaming (image, caption) pairs from webdataset tar shards, and writing such shards.
+
+A shard is a tar of samples ``<key>.png|jpg`` + ``<key>.txt``, the layout img2dataset and
+OpenCLIP use. Reading streams shards, so data sets far larger than memory or local disk
+(``pipe:`` / http URLs) work the same as a local folder.
+
+Splitting: every shard goes to exactly one (rank, worker): rank r of W takes shards
+r, r+W, ...; within a rank, DataLoader workers split those again. Without resampling each
+sample is read once per epoch across all ranks and workers, as long as there are at least
+W * workers shards. With ``resampled=True`` shards are drawn with replacement forever and
+``epoch_length`` (samples per worker) defines the epoch: every rank then sees the same number
+of batches, which multi-process training needs to stay in step.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import torch
+from PIL import Image
+
+from .transforms import ImageTransform
+
+__all__ = ["write_shards", "tensor_pairs_to_samples", "files_to_samples", "ShardStats", "shard_pairs", "expand_urls"]
+
+logger = logging.getLogger(__name__)
+
+IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
+
+
+def write_shards(
+    samples: Iterable[tuple[bytes, str, str]],
+    out_dir: str | os.PathLike,
+    maxcount: int = 10000,
+    prefix: str = "shard",
+) -> list[str]:
+    """Write (image bytes, image extension, caption) samples into ``out_dir/prefix-NNNNNN.tar``.
+
+    Returns the shard paths. Writing goes through a temporary name per shard and a rename,
+    so an interrupted conversion never leaves a truncated shard under a final name.
+    """
+    import webdataset as wds
+
+    if maxcount < 1:
+        raise ValueError(f"maxcount must be >= 1, got {maxcount}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[str] = []
+
+    def finish(path: str) -> None:
+        final = path[: -len(".partial")]
+        os.replace(path, final)
+        written.append(final)
+
+    pattern = os.fspath(out / f"{prefix}-%06d.tar.partial")
+    with wds.ShardWriter(pattern, maxcount=maxcount, verbose=0, post=finish) as sink:
+        for index, (image_bytes, ext, caption) in enumerate(samples):
+            ext = ext.lower().lstrip(".")
+            if ext not in IMAGE_KEYS:
+                raise ValueError(f"sample {index}: image extension must be one of {IMAGE_KEYS}, got {ext!r}")
+            sink.write({"__key__": f"{index:09d}", ext: image_bytes, "txt": caption.encode("utf-8")})
+    return sorted(written)
+
+
+def tensor_pairs_to_samples(images: torch.Tensor, captions: Sequence[str]) -> Iterator[tuple[bytes, str, str]]:
+    """uint8 images ``[N, 3, H, W]`` (e.g. the embedded shapes data) -> PNG samples (lossless)."""
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected uint8 images [N, 3, H, W], got {images.dtype} {tuple(images.shape)}")
+    for image, caption in zip(images, captions):
+        buf = io.BytesIO()
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(buf, format="PNG")
+        yield buf.getvalue(), "png", caption
+
+
+def files_to_samples(paths: Sequence[str], captions: Sequence[str]) -> Iterator[tuple[bytes, str, str]]:
+    """Image files + captions -> samples carrying the original bytes (no re-encoding)."""
+    for path, caption in zip(paths, captions):
+        ext = Path(path).suffix.lower().lstrip(".")
+        ext = "jpg" if ext == "jpeg" else ext
+        with open(path, "rb") as f:
+            yield f.read(), ext, caption
+
+
+class ShardStats:
+    """Counts of samples skipped while streaming (per process: each DataLoader worker counts
+    its own, and logs a warning for each skip with the shard and key)."""
+
+    def __init__(self) -> None:
+        self.skipped = 0
+
+    def handler(self, exn: Exception) -> bool:
+        self.skipped += 1
+        logger.warning("skipping unreadable shard sample (%d so far): %s", self.skipped, exn)
+        return True  # continue
+
+
+class _Decode:
+    """A picklable sample decoder: image bytes -> normalised tensor, txt -> caption."""
+
+    def __init__(self, transform: Callable[[Image.Image], torch.Tensor]):
+        self.transform = transform
+
+    def __call__(self, sample: dict) -> tuple[torch.Tensor, str]:
+        key = next((k for k in IMAGE_KEYS if k in sample), None)
+        where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
+        if key is None or "txt" not in sample:
+            raise ValueError(f"{where}: sample needs an image ({'/'.join(IMAGE_KEYS)}) and a txt caption")
+        caption = sample["txt"].decode("utf-8").strip()
+        if not caption:
+            raise ValueError(f"{where}: empty caption")
+        try:
+            image = Image.open(io.BytesIO(sample[key]))
+            image.load()
+        except Exception as err:  # PIL raises several types for broken data
+            raise ValueError(f"{where}: unreadable image ({err})") from None
+        return self.transform(image), caption
+
+
+class _SplitByRank:
+    """Node splitter with an explicit (rank, world), or torch.distributed's when not given."""
+
+    def __init__(self, rank: int | None, world: int | None):
+        self.rank, self.world = rank, world
+
+    def __call__(self, urls):
+        rank, world = self.rank, self.world
+        if rank is None or world is None:
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+            else:
+                rank, world = 0, 1
+        for i, url in enumerate(urls):
+            if i % world == rank:
+                yield url
+
+
+def expand_urls(urls: str | Sequence[str]) -> list[str]:
+    """A directory (all its .tar files), a brace pattern ``shard-{000000..000009}.tar``, a
+    list, or ``::``-joined patterns -> list of shard URLs."""
+    import braceexpand
+
+    if isinstance(urls, (list, tuple)):
+        return [u for item in urls for u in expand_urls(item)]
+    if os.path.isdir(urls):
+        found = sorted(os.fspath(p) for p in Path(urls).glob("*.tar"))
+        if not found:
+            raise ValueError(f"no .tar shards in directory {urls!r}")
+        return found
+    return [u for part in urls.split("::") for u in braceexpand.braceexpand(part)]
+
+
+def shard_pairs(
+    urls: str | Sequence[str],
+    *,
+    image_size: int = 224,
+    transform: Callable[[Image.Image], torch.Tensor] | None = None,
+    shuffle_buffer: int = 1000,
+    resampled: bool = False,
+    epoch_length: int | None = None,
+    seed: int = 0,
+    rank: int | None = None,
+    world: int | None = None,
+    strict: bool = False,
+    stats: ShardStats | None = None,
+):
+    """An IterableDataset of (image FloatTensor[3,H,W], caption) streamed from shards.
+
+    ``shuffle_buffer`` 0 keeps shard order (and disables shard shuffling): with it, a
+    single-process, single-worker pass is deterministic. Broken samples are skipped, counted
+    in ``stats`` and logged; ``strict=True`` raises instead, naming the shard and key.
+    """
+    import webdataset as wds
+
+    url_list = expand_urls(urls)
+    if resampled and epoch_length is None:
+        raise ValueError("resampled shards never end: give epoch_length (samples per worker)")
+    stats = stats if stats is not None else ShardStats()
+    handler = wds.reraise_exception if strict else stats.handler
+    dataset = wds.WebDataset(
+        url_list,
+        resampled=resampled,
+        shardshuffle=(100 if shuffle_buffer and not resampled else False),
+        nodesplitter=_SplitByRank(rank, world),
+        workersplitter=wds.split_by_worker,
+        handler=handler,
+        seed=seed,
+        empty_check=False,  # a rank/worker may get no shard when shards < ranks * workers
+    )
+    if shuffle_buffer:
+        dataset = dataset.shuffle(shuffle_buffer, seed=seed)
+    dataset = dataset.map(_Decode(transform or ImageTransform(image_size)), handler=handler)
+    if epoch_length is not None:
+        dataset = dataset.with_epoch(epoch_length)
+    dataset.stats = stats
+    return dataset
