@@ -1,6 +1,11 @@
-"""Evaluation: zero-shot classification and image-text retrieval, for any topology."""
+"""Evaluation: zero-shot classification, retrieval, linear probes and analyses, for any topology."""
+from topoclip.eval.attribution import Attribution, explain_pair, gradcam, save_overlay_png, save_text_relevance_png
+from topoclip.eval.convergence import temperature_convergence_step
 from topoclip.eval.embed import embed_images, embed_labelled_images, embed_texts, eval_mode
+from topoclip.eval.linear_probe import fit_logistic_regression, run_linear_probe, probe_accuracy
+from topoclip.eval.map_at_r import evaluate_map_at_r, retrieval_map_at_r, map_at_r_scores
 from topoclip.eval.retrieval import evaluate_retrieval, rank_of_best_positive, retrieval_recall
+from topoclip.eval.token_subsets import evaluate_token_subsets, token_subset_accuracy
 from topoclip.eval.zeroshot import (
     embed_class_texts,
     topk_accuracy,
@@ -10,14 +15,28 @@ from topoclip.eval.zeroshot import (
 )
 
 __all__ = [
+    "Attribution",
     "embed_class_texts",
     "embed_images",
     "embed_labelled_images",
     "embed_texts",
     "eval_mode",
+    "evaluate_map_at_r",
+    "evaluate_token_subsets",
     "evaluate_retrieval",
+    "explain_pair",
+    "fit_logistic_regression",
+    "gradcam",
+    "run_linear_probe",
+    "retrieval_map_at_r",
+    "map_at_r_scores",
+    "probe_accuracy",
     "rank_of_best_positive",
     "retrieval_recall",
+    "save_overlay_png",
+    "save_text_relevance_png",
+    "temperature_convergence_step",
+    "token_subset_accuracy",
     "topk_accuracy",
     "zeroshot_accuracy",
     "zeroshot_classify",
