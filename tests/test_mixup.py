@@ -182,3 +182,18 @@ def test_epoch_decay_and_disabled_terms():
     torch.testing.assert_close(total, clip + 0.25 * vl_mix_loss(topo, v, t, 2.0, info["lam_vl"]))
     with pytest.raises(ValueError, match="mixup.vl"):
         MixupWeights(vl=-1.0)
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_hardness_histograms_count_every_negative_pair(name):
+    from topoclip.losses.mixup import mixup_hardness
+
+    topo = topoclip.topology(name, **SPECS[name])
+    g = torch.Generator().manual_seed(20)
+    v = topo.project(torch.randn(16, 6, generator=g, dtype=torch.float64))
+    t = topo.project(v + 0.3 * torch.randn(16, 6, generator=g, dtype=torch.float64))  # aligned pairs
+    out = mixup_hardness(topo, v, t, lam=0.5, bins=10)
+    assert sum(out["original"]) == sum(out["mixed"]) == 16 * 15
+    off = ~torch.eye(16, dtype=torch.bool)
+    assert out["mean_original"] == pytest.approx(float(topo.similarity(v, t)[off].mean()))
+    assert len(out["edges"]) == 11

@@ -35,6 +35,7 @@ __all__ = [
     "vl_mix_loss",
     "MixupWeights",
     "M3MixLoss",
+    "mixup_hardness",
 ]
 
 
@@ -189,3 +190,28 @@ class M3MixLoss(nn.Module):
 
     def set_extra_state(self, state) -> None:
         self.rng.bit_generator.state = state["rng"]
+
+
+@torch.no_grad()
+def mixup_hardness(topology: Topology, v: Tensor, t: Tensor, lam: float, bins: int = 50) -> dict:
+    """How hard the m²-Mix negatives are (the seed's Fig. 4): similarities of each image anchor
+    to the original negatives <v_i, t_j> and to the mixed negatives <v_i, m_j>, j != i, as
+    histograms over a shared range plus their means. Harder negatives sit closer to the
+    positives' similarities."""
+    mixed = geodesic_mix(topology, v, t, lam)
+    off = ~torch.eye(v.shape[0], dtype=torch.bool, device=v.device)
+    original = topology.similarity(v, t)[off].float().cpu()
+    hard = topology.similarity(v, mixed)[off].float().cpu()
+    positive = topology.paired_similarity(v, t).float().cpu()
+    lo = float(torch.minimum(original.min(), hard.min()))
+    hi = float(torch.maximum(torch.maximum(original.max(), hard.max()), positive.max()))
+    hi = hi if hi > lo else lo + 1.0
+    edges = torch.linspace(lo, hi, bins + 1)
+    return {
+        "edges": edges.tolist(),
+        "original": torch.histc(original, bins, lo, hi).tolist(),
+        "mixed": torch.histc(hard, bins, lo, hi).tolist(),
+        "mean_original": float(original.mean()),
+        "mean_mixed": float(hard.mean()),
+        "mean_positive": float(positive.mean()),
+    }
