@@ -1,7 +1,8 @@
 """Command line: ``topoclip train`` and ``topoclip eval``.
 
     topoclip train [--config configs/X.yaml] [--resume [RUN_DIR]] [key=value ...]
-    topoclip eval --checkpoint RUN_DIR_OR_CHECKPOINT [--data key=value ...] [--output FILE]
+    topoclip eval --checkpoint RUN_DIR_OR_CHECKPOINT [--data key=value ...] [--folder DIR ...]
+                  [--karpathy JSON --image-root DIR] [--output FILE]
 
 The parsed arguments are turned into an ``ExperimentConfig`` (or a few plain values) right
 away; nothing below this module sees an argparse namespace.
@@ -52,7 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser(
         "eval",
         help="evaluate a checkpoint: zero-shot classification and retrieval",
-        description="Evaluate a trained model on the zero-shot tasks and the retrieval set of its data.",
+        description=(
+            "Evaluate a trained model: by default on the zero-shot tasks and the retrieval set of the "
+            "embedded data it was trained on; with --folder / --karpathy on image folders and a "
+            "Karpathy-style retrieval set instead."
+        ),
     )
     ev.add_argument(
         "--checkpoint", required=True, type=Path, help="a run directory (its latest checkpoint) or a checkpoint directory/file"
@@ -64,7 +69,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="key=value",
         help="data overrides on the checkpoint's data config, e.g. data.noise=0.0 (default: the data it was trained on)",
     )
-    ev.add_argument("--output", type=Path, default=None, help="results JSON (default: eval_results.json in the checkpoint dir)")
+    ev.add_argument(
+        "--folder",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="DIR",
+        help="zero-shot classification on an image folder (one sub-folder per class); repeatable",
+    )
+    ev.add_argument("--karpathy", type=Path, default=None, metavar="JSON", help="retrieval on a Karpathy-style JSON (COCO/Flickr30k)")
+    ev.add_argument("--image-root", type=Path, default=None, metavar="DIR", help="directory of the --karpathy images")
+    ev.add_argument("--split", default="test", help="split of the --karpathy JSON (default: test)")
+    ev.add_argument("--output", type=Path, default=None, help="results JSON (default: eval_results.json in the run dir)")
     ev.add_argument("--device", default="auto", help="auto, cpu, cuda, ... (default: auto)")
     ev.add_argument("--batch-size", type=int, default=None, help="evaluation batch size (default: from the config)")
     return parser
@@ -108,7 +124,15 @@ def _eval(args: argparse.Namespace) -> int:
 
     try:
         experiment.evaluate_checkpoint(
-            args.checkpoint, data_overrides=args.data, output=args.output, device=args.device, batch_size=args.batch_size
+            args.checkpoint,
+            data_overrides=args.data,
+            output=args.output,
+            device=args.device,
+            batch_size=args.batch_size,
+            folders=args.folder,
+            karpathy=args.karpathy,
+            image_root=args.image_root,
+            split=args.split,
         )
     except ValueError as err:
         return _fail("eval", err, 2)

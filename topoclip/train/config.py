@@ -19,7 +19,7 @@ import yaml
 
 import topoclip
 from topoclip.data.shapes import ShapesConfig
-from topoclip.models.config import ModelConfig
+from topoclip.models import ModelConfig
 
 from .dataclass_io import apply_overrides, from_dict, to_dict
 
@@ -294,24 +294,48 @@ def run_config_path(run_dir: str | os.PathLike) -> Path:
     return path
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> ExperimentConfig:
-    """Read a YAML config (default ``configs/default.yaml``), apply overrides, validate.
+def _deep_merge(base: dict, top: dict) -> dict:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
-    The run name defaults to the config file's stem, so ``configs/sphere.yaml`` runs in
-    ``runs/sphere``.
-    """
-    path = Path(path) if path is not None else default_config_path()
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file as a dict, with its ``base:`` file (relative to it) merged underneath."""
     if not path.is_file():
         raise ValueError(f"config: file not found: {path}")
+    if path.resolve() in seen:
+        raise ValueError(f"config: {path}: base files form a cycle")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ValueError(f"config: {path} is not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise ValueError(f"config: {path} must hold a mapping of sections, got {type(data).__name__}")
-    data.setdefault("output", {})
-    if isinstance(data["output"], dict):
-        data["output"].setdefault("name", path.stem)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ValueError(f"base: expected a file name, got {base!r} (in {path})")
+    return _deep_merge(_read_yaml(path.parent / base, seen + (path.resolve(),)), data)
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> ExperimentConfig:
+    """Read a YAML config (default ``configs/default.yaml``), apply overrides, validate.
+
+    A top-level ``base: other.yaml`` key loads that file first and merges this one over it.
+    The run name defaults to the config file's stem, so ``configs/sphere.yaml`` runs in
+    ``runs/sphere``.
+    """
+    path = Path(path) if path is not None else default_config_path()
+    data = _read_yaml(path)
+    output = data.setdefault("output", {})
+    if isinstance(output, dict) and output.get("name") is None:
+        output["name"] = path.stem
     return config_from_dict(data, overrides)
 
 

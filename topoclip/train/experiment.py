@@ -16,12 +16,21 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
-from topoclip.data.shapes import ShapesData, make_shapes
-from topoclip.data.tokenizer import TextTokenizer, build_tokenizer
+from topoclip.data import (
+    ClassificationSet,
+    ImageFolderClassification,
+    KarpathyRetrieval,
+    RetrievalSet,
+    ShapesData,
+    TextTokenizer,
+    build_tokenizer,
+    make_collate,
+    make_shapes,
+)
 from topoclip.eval import evaluate_retrieval, zeroshot_classify
 from topoclip.losses import ContrastiveLoss
 from topoclip.models import build_model
@@ -31,7 +40,7 @@ from .config import RUN_CONFIG_FILE, ExperimentConfig, config_from_dict, save_co
 from .dataclass_io import apply_overrides, to_dict
 from .trainer import Trainer, TrainResult, seed_everything
 
-__all__ = ["run", "evaluate", "evaluate_checkpoint", "prepare_run_dir", "resolve_device", "format_summary"]
+__all__ = ["run", "evaluate", "evaluate_checkpoint", "shapes_eval_sets", "prepare_run_dir", "resolve_device", "format_summary"]
 
 TOKENIZER_DIR = "tokenizer"
 RESULTS_FILE = "results.json"
@@ -75,33 +84,38 @@ def _tokenizer(config: ExperimentConfig, data: ShapesData, run_dir: Path) -> Tex
     return tokenizer
 
 
-def _collate(tokenizer: TextTokenizer):
-    from topoclip.data import make_collate
-
-    return make_collate(tokenizer)
-
-
 def build_components(config: ExperimentConfig, run_dir: Path):
     """Data, tokenizer and model of a run, in a fixed order from a fixed seed."""
     seed_everything(config.train.seed)
     data = make_shapes(config.data.shapes)
     tokenizer = _tokenizer(config, data, run_dir)
-    model = build_model(config.model, config.topology.build(), vocab_size=tokenizer.vocab_size)
+    model = build_model(config.model, config.topology.build(), vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_token_id)
     return data, tokenizer, model
 
 
-def evaluate(model, data: ShapesData, tokenizer, config: ExperimentConfig, device: torch.device) -> dict[str, Any]:
-    """Zero-shot accuracy on each task and retrieval recall, on the test split."""
+def evaluate(
+    model,
+    tokenizer,
+    tasks: Sequence[ClassificationSet],
+    retrieval_set: RetrievalSet | None,
+    batch_size: int,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Zero-shot accuracy on each classification task and recall on the retrieval set."""
     results: dict[str, Any] = {}
-    bs = config.eval.batch_size
-    if config.eval.zeroshot:
+    if tasks:
         results["zeroshot"] = {
-            task.name: zeroshot_classify(model, task, tokenizer, batch_size=bs, device=device)
-            for task in data.zeroshot_tasks("test")
+            task.name: zeroshot_classify(model, task, tokenizer, batch_size=batch_size, device=device) for task in tasks
         }
-    if config.eval.retrieval:
-        results["retrieval"] = evaluate_retrieval(model, data.retrieval_set("test"), tokenizer, batch_size=bs, device=device)
+    if retrieval_set is not None:
+        results["retrieval"] = evaluate_retrieval(model, retrieval_set, tokenizer, batch_size=batch_size, device=device)
     return results
+
+
+def shapes_eval_sets(data: ShapesData, config: ExperimentConfig) -> tuple[list[ClassificationSet], RetrievalSet | None]:
+    """The embedded data's test-split zero-shot tasks and retrieval set, as the config asks."""
+    tasks = data.zeroshot_tasks("test") if config.eval.zeroshot else []
+    return tasks, (data.retrieval_set("test") if config.eval.retrieval else None)
 
 
 def format_summary(results: dict[str, Any]) -> str:
@@ -109,8 +123,9 @@ def format_summary(results: dict[str, Any]) -> str:
     lines = []
     train = results.get("train")
     if train:
+        total = f" ({results['total_seconds']:.0f}s in all)" if "total_seconds" in results else ""
         lines.append(
-            f"trained {train['steps']} steps in {train['seconds']:.0f}s; final loss {train['final_loss']:.3f}, "
+            f"trained {train['steps']} steps in {train['seconds']:.0f}s{total}; final loss {train['final_loss']:.3f}, "
             f"scale {train['final_scale']:.2f}, skipped steps {train['skipped_steps']}"
         )
     zeroshot = results.get("eval", {}).get("zeroshot", {})
@@ -146,6 +161,7 @@ def _config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 def run(config: ExperimentConfig, run_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """Train (or continue) a run, evaluate it and write ``results.json``; returns the results."""
+    started = time.perf_counter()
     if config.train.threads is not None:
         torch.set_num_threads(config.train.threads)
     device = resolve_device(config.train.device)
@@ -165,7 +181,7 @@ def run(config: ExperimentConfig, run_dir: str | os.PathLike | None = None) -> d
 
     data, tokenizer, model = build_components(config, run_dir)
     trainer = Trainer(
-        model, ContrastiveLoss(model.topology), data.train, _collate(tokenizer), config, run_dir, device=device
+        model, ContrastiveLoss(model.topology), data.train, make_collate(tokenizer), config, run_dir, device=device
     )
     if resume:
         trainer.resume()
@@ -190,8 +206,10 @@ def run(config: ExperimentConfig, run_dir: str | os.PathLike | None = None) -> d
     }
     if config.eval.enabled:
         start = time.perf_counter()
-        results["eval"] = evaluate(model, data, tokenizer, config, device)
+        tasks, retrieval_set = shapes_eval_sets(data, config)
+        results["eval"] = evaluate(model, tokenizer, tasks, retrieval_set, config.eval.batch_size, device)
         results["eval"]["seconds"] = time.perf_counter() - start
+    results["total_seconds"] = time.perf_counter() - started  # data + model + training + evaluation
     _write_json(run_dir / RESULTS_FILE, results)
     print(format_summary(results))
     print(f"results: {run_dir / RESULTS_FILE}")
@@ -200,32 +218,52 @@ def run(config: ExperimentConfig, run_dir: str | os.PathLike | None = None) -> d
 
 def evaluate_checkpoint(
     checkpoint: str | os.PathLike,
-    data_overrides: list[str] = (),
+    data_overrides: Sequence[str] = (),
     output: str | os.PathLike | None = None,
     device: str = "auto",
     batch_size: int | None = None,
+    folders: Sequence[str | os.PathLike] = (),
+    karpathy: str | os.PathLike | None = None,
+    image_root: str | os.PathLike | None = None,
+    split: str = "test",
 ) -> dict[str, Any]:
-    """Evaluate a saved model on (optionally overridden) data of its config; write JSON."""
+    """Evaluate a saved model and write the results JSON.
+
+    Without ``folders``/``karpathy`` it evaluates on the embedded data of its config (with
+    ``data.*`` overrides applied). ``folders``: image-folder classification sets for
+    zero-shot; ``karpathy``: a Karpathy-style JSON retrieval set whose images are under
+    ``image_root``. Real images are resized to the size the model was trained on.
+    """
     ckpt = resolve_checkpoint(checkpoint)
     for text in data_overrides:
         if not text.startswith("data."):
             raise ValueError(f"--data {text}: data overrides must start with data., e.g. data.shapes.noise=0.0")
-    raw = read_checkpoint_config(ckpt)
-    config = config_from_dict(apply_overrides(raw, list(data_overrides)))
-    if batch_size is not None:
-        config = config_from_dict(apply_overrides(to_dict(config), [f"eval.batch_size={batch_size}"]))
-    run_dir = ckpt.parent.parent
-    tokenizer_dir = run_dir / TOKENIZER_DIR
+    if karpathy is not None and image_root is None:
+        raise ValueError("--image-root: needed with --karpathy (the directory the JSON's file names are under)")
+    config = config_from_dict(apply_overrides(read_checkpoint_config(ckpt), list(data_overrides)))
+    bs = batch_size if batch_size is not None else config.eval.batch_size
+    if bs < 1:
+        raise ValueError(f"--batch-size: must be >= 1, got {bs}")
+    tokenizer_dir = ckpt.parent.parent / TOKENIZER_DIR
     if not tokenizer_dir.is_dir():
         raise ValueError(f"checkpoint: no tokenizer directory at {tokenizer_dir}")
+
+    if folders or karpathy is not None:
+        shapes = config.data.shapes
+        image = dict(image_size=shapes.image_size, mean=shapes.mean, std=shapes.std)
+        # verify: drop unreadable files up front, so every image is evaluated once under its own label.
+        tasks = [ImageFolderClassification(folder, verify=True, **image) for folder in folders]
+        retrieval_set = KarpathyRetrieval(karpathy, image_root, split, **image) if karpathy is not None else None
+    else:
+        tasks, retrieval_set = shapes_eval_sets(make_shapes(config.data.shapes), config)
+
     tokenizer = TextTokenizer.load(tokenizer_dir)
-    model = build_model(config.model, config.topology.build(), vocab_size=tokenizer.vocab_size)
+    model = build_model(config.model, config.topology.build(), vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_token_id)
     load_weights(model, ckpt)
     dev = resolve_device(device)
     model.to(dev)
-    data = make_shapes(config.data.shapes)
-    results = {"checkpoint": str(ckpt), "eval": evaluate(model, data, tokenizer, config, dev)}
-    out = Path(output) if output is not None else ckpt / "eval_results.json"
+    results = {"checkpoint": str(ckpt), "eval": evaluate(model, tokenizer, tasks, retrieval_set, bs, dev)}
+    out = Path(output) if output is not None else ckpt.parent.parent / "eval_results.json"
     _write_json(out, results)
     print(format_summary(results))
     print(f"results: {out}")

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable
-
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-__all__ = ["NO_DECAY_NAME_PARTS", "no_weight_decay_names", "param_groups", "build_optimizer", "cosine_warmup_factor", "build_scheduler"]
+__all__ = [
+    "NO_DECAY_NAME_PARTS",
+    "no_weight_decay_names",
+    "param_groups",
+    "build_optimizer",
+    "cosine_warmup_factor",
+    "build_scheduler",
+]
 
 # Parameters that are not weight matrices: decaying them towards 0 pulls the temperature,
 # the [CLS]/prefix tokens and the position table to meaningless values instead of
@@ -26,8 +31,12 @@ NO_DECAY_NAME_PARTS = (
 
 
 def _declared_no_decay(model: nn.Module) -> set[str]:
-    """Names that submodules declare via timm's ``no_weight_decay()`` convention."""
+    """Names the model declares (``no_weight_decay_names()``, as DualEncoder does) or its
+    submodules declare via timm's ``no_weight_decay()`` convention."""
     names: set[str] = set()
+    declare_all = getattr(model, "no_weight_decay_names", None)
+    if callable(declare_all):
+        names |= set(declare_all())
     for prefix, module in model.named_modules():
         declare = getattr(module, "no_weight_decay", None)
         if not callable(declare):
@@ -45,7 +54,8 @@ def no_weight_decay_names(model: nn.Module) -> set[str]:
     """Trainable parameter names that get weight decay 0.
 
     Biases and norm weights (ndim < 2), the logit scale, [CLS]/register/prefix tokens and
-    position embeddings (by name), plus whatever a submodule lists in ``no_weight_decay()``.
+    position embeddings (by name), plus whatever the model lists in ``no_weight_decay_names()``
+    or a submodule in ``no_weight_decay()``.
     """
     declared = _declared_no_decay(model)
     names = set()
@@ -122,6 +132,3 @@ def build_scheduler(
         raise ValueError(f"schedule.name: unknown schedule {name!r} (known: cosine, constant)")
     return LambdaLR(optimizer, factor)
 
-
-def trainable_parameters(model: nn.Module) -> Iterable[nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]

@@ -167,6 +167,13 @@ class Trainer:
         load_weights(self.model, path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        # The saved lr was computed for the saved run length; recompute it from the schedule
+        # so that a resume with a longer train.steps continues on the new curve (for the
+        # same length this is the identical expression, so exact resume is unaffected).
+        for group, base_lr, factor in zip(
+            self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas
+        ):
+            group["lr"] = base_lr * factor(self.scheduler.last_epoch)
         restore_rng_state(state["rng"])
         self.step = int(state["step"])
         self.skipped_steps = int(state["skipped_steps"])
@@ -210,7 +217,7 @@ class Trainer:
         u, v = model(images, input_ids, attention_mask)
         scale = model.logit_scale()
         loss, info = self.loss_fn(u, v, scale, return_details=True)
-        loss_value = float(loss)
+        loss_value = loss.item()
         self.optimizer.zero_grad(set_to_none=True)
         grad_norm = math.nan
         skipped = not math.isfinite(loss_value)
@@ -230,7 +237,7 @@ class Trainer:
         self.scheduler.step()
         return {
             "loss": loss_value,
-            "scale": float(scale),
+            "scale": scale.item(),
             "lr": lr,
             "grad_norm": grad_norm,
             "pos_sim": info.get("pos_sim", math.nan),
@@ -253,7 +260,7 @@ class Trainer:
             dynamic_ncols=True,
             mininterval=0.5,
         )
-        metrics: dict[str, Any] = {"loss": math.nan, "scale": float(self.model.logit_scale())}
+        metrics: dict[str, Any] = {"loss": math.nan, "scale": self.model.logit_scale.value}
         checkpoint: Path | None = None
         start = time.perf_counter()
         try:
