@@ -53,7 +53,7 @@ def test_overrides_are_converted_to_the_field_type(override, getter, expected):
         (["train.steps=null"], r"^train\.steps: give exactly one of train\.steps and train\.epochs"),
         (["train.resume=maybe"], r"^train\.resume: expected true or false"),
         (["train.device=gpu0"], r"^train\.device: not a device"),
-        (["optim.warmup_steps=500"], r"^optim\.warmup_steps: 500 is longer than the run"),
+        (["optim.warmup_steps=5000"], r"^optim\.warmup_steps: 5000 is longer than the run"),
         (["schedule.name=linear"], r"^schedule\.name: must be one of \['cosine', 'constant'\]"),
         (["model.image.depth=0"], r"^model\.image\.depth must be an integer >= 1"),
         (["model.text.heads=3"], r"^model\.text\.heads=3 must divide model\.text\.width=128"),
@@ -84,10 +84,10 @@ def test_yaml_file_base_merge_and_run_name(tmp_path):
     base.write_text("optim:\n  lr: 1e-3\n  weight_decay: 0.3\ntopology:\n  name: oblique-inner\n  n: 16\n  m: 8\n")
     child = tmp_path / "child.yaml"
     child.write_text("base: base.yaml\noptim:\n  lr: 5e-4\ntopology:\n  name: sphere\n  n: null\n  m: null\n")
-    cfg = load_config(child, ["train.steps=50"])
+    cfg = load_config(child, ["train.steps=500"])
     assert (cfg.optim.lr, cfg.optim.weight_decay) == (5e-4, 0.3)  # merged per field
     assert (cfg.topology.name, cfg.topology.dim) == ("sphere", 128)
-    assert cfg.train.steps == 50 and cfg.output.name == "child"
+    assert cfg.train.steps == 500 and cfg.output.name == "child"
 
     cyclic = tmp_path / "cyclic.yaml"
     cyclic.write_text("base: cyclic.yaml\n")

@@ -131,7 +131,7 @@ class OptimConfig:
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
-    warmup_steps: int = 30
+    warmup_steps: int = 60
     grad_clip: Optional[float] = 1.0
 
     def __post_init__(self):
@@ -163,14 +163,14 @@ class ScheduleConfig:
 class TrainConfig:
     """Length, batch, seed, device and checkpointing of a run. Give ``steps`` or ``epochs``."""
 
-    steps: Optional[int] = 300
+    steps: Optional[int] = 900
     epochs: Optional[int] = None
-    batch_size: int = 256
+    batch_size: int = 128
     seed: int = 0
     device: str = "auto"
     num_workers: int = 0
     threads: Optional[int] = None
-    checkpoint_every: int = 100
+    checkpoint_every: int = 300
     keep_last: int = 2
     resume: bool = False
 
