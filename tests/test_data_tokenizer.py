@@ -149,3 +149,16 @@ def test_load_errors_name_the_directory(tmp_path):
     (tmp_path / "junk" / "readme.txt").write_text("not a tokenizer")
     with pytest.raises(ValueError, match="junk"):
         TextTokenizer.load(tmp_path / "junk")
+
+
+def test_build_is_deterministic_and_covers_unseen_words():
+    from topoclip.data.tokenizer import build_tokenizer
+
+    captions = ["a small red circle on the left", "a large blue square", "two red circles", "a blue ring at the top"] * 3
+    first = build_tokenizer(captions, vocab_size=200, context_length=12)
+    for _ in range(4):
+        again = build_tokenizer(captions, vocab_size=200, context_length=12)
+        assert again._tok.get_vocab() == first._tok.get_vocab()
+    ids = first(["a red circle", "a purple circle"])["input_ids"]
+    assert first.unknown_token_id() not in ids[0].tolist()
+    assert first.unknown_token_id() not in ids[1].tolist()  # "purple" spelled from characters

@@ -196,3 +196,19 @@ def test_text_no_weight_decay_names():
         "model.embeddings.position_embeddings.weight",
         "model.embeddings.token_type_embeddings.weight",
     }
+
+
+def test_sincos_position_embeddings_start_from_the_2d_table():
+    from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
+
+    from topoclip.models import ImageTower, ImageTowerConfig
+
+    cfg = ImageTowerConfig(img_size=16, patch_size=4, depth=1, width=32, heads=2, pos_embed="sincos", pos_embed_temperature=10.0)
+    tower = ImageTower(cfg, num_tokens=2)
+    pe = tower.model.pos_embed.detach()[0]
+    want = build_sincos2d_pos_embed([4, 4], dim=32, temperature=10.0).reshape(16, 32)
+    torch.testing.assert_close(pe[-16:], want)
+    assert torch.count_nonzero(pe[:-16]) == 0
+    assert tower.model.pos_embed.requires_grad
+    with pytest.raises(ValueError, match="model.image.pos_embed"):
+        ImageTowerConfig(pos_embed="rope")

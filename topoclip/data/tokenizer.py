@@ -202,6 +202,27 @@ class TextTokenizer:
         )
 
 
+def _whole_word_vocab(texts, normalizer, pre_tokenizer, vocab_size: int, min_frequency: int) -> dict[str, int] | None:
+    """A deterministic WordPiece vocabulary when every word fits: the special tokens, every
+    character (alone and as a ##continuation, so unseen words still tokenise), then the
+    words by descending count and alphabetically. None when the corpus is too large for it.
+
+    The library's trainer breaks merge ties in hash-map order, so the same captions could give
+    different vocabularies (and so different models) from run to run; small caption sets, like
+    the embedded data's, get this exact, reproducible vocabulary instead.
+    """
+    counts: dict[str, int] = {}
+    for text in texts:
+        for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)):
+            counts[word] = counts.get(word, 0) + 1
+    chars = sorted({c for word in counts for c in word})
+    words = sorted((w for w, c in counts.items() if c >= min_frequency and len(w) > 1), key=lambda w: (-counts[w], w))
+    tokens = list(SPECIAL_TOKENS) + chars + ["##" + c for c in chars] + words
+    if len(tokens) > vocab_size:
+        return None
+    return {token: i for i, token in enumerate(tokens)}
+
+
 def build_tokenizer(
     texts: Iterable[str],
     vocab_size: int = 1000,
@@ -220,14 +241,23 @@ def build_tokenizer(
     if not texts:
         raise ValueError("texts must contain at least one non-empty string to train the tokenizer on")
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    vocab = _whole_word_vocab(texts, normalizer, pre_tokenizer, vocab_size, min_frequency)
+    if vocab is not None:
+        tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    else:
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizer
     tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(SPECIAL_TOKENS), show_progress=False
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
+    if vocab is None:
+        # Large corpora: the library's WordPiece trainer. Its merges break ties in hash-map
+        # order, so two builds can differ; a run saves its tokenizer, and resume reloads it.
+        trainer = trainers.WordPieceTrainer(
+            vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(SPECIAL_TOKENS), show_progress=False
+        )
+        tok.train_from_iterator(texts, trainer=trainer)
     # The saved tokenizer.json should also work on its own (e.g. with transformers), so give
     # it the usual BERT post-processor; TextTokenizer itself does not rely on it.
     tok.post_processor = processors.TemplateProcessing(

@@ -75,6 +75,12 @@ class ImageTowerConfig:
     width: int | None = None
     heads: int | None = None
     mlp_ratio: float | None = None
+    # How a ViT's patch position embeddings start (they stay learnable): "learned" keeps timm's
+    # small random init (std 0.02); "sincos" starts from 2-D sine-cosine embeddings. On small
+    # data timm's init leaves position invisible next to patch features of std ~0.6, and
+    # captions that differ only in position ("... on the left") then cannot be told apart.
+    pos_embed: str = "learned"
+    pos_embed_temperature: float = 10.0
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -91,6 +97,9 @@ class ImageTowerConfig:
                 _int(getattr(self, attr), f"{p}.{attr}")
         if self.mlp_ratio is not None:
             _positive(self.mlp_ratio, f"{p}.mlp_ratio")
+        if self.pos_embed not in ("learned", "sincos"):
+            raise ValueError(f"{p}.pos_embed must be 'learned' or 'sincos', got {self.pos_embed!r}")
+        _positive(self.pos_embed_temperature, f"{p}.pos_embed_temperature")
         if self.img_size is not None and self.patch_size is not None and self.img_size % self.patch_size:
             raise ValueError(
                 f"{p}.patch_size={self.patch_size} must divide {p}.img_size={self.img_size}"

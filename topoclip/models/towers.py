@@ -99,12 +99,26 @@ class ImageTower(nn.Module):
                     f"model.image.name: {cfg.name!r} built {self.model.num_prefix_tokens} prefix tokens, "
                     f"expected model.num_tokens={num_tokens}"
                 )
+            if cfg.pos_embed == "sincos":
+                self._init_sincos_pos_embed(cfg.pos_embed_temperature)
             if num_tokens > 1:
                 # timm starts prefix tokens at ~0 (std 1e-6). Draw them visibly apart so the k
                 # tokens differ from the first step even in ViTs whose prefix tokens get no
                 # position embedding (no_embed_class=True).
                 nn.init.normal_(self.model.cls_token, std=0.02)
                 nn.init.normal_(self.model.reg_token, std=0.02)
+
+    @torch.no_grad()
+    def _init_sincos_pos_embed(self, temperature: float) -> None:
+        """Patch positions from timm's 2-D sine-cosine table; prefix positions (if any) zero."""
+        from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
+
+        vit = self.model
+        grid = list(vit.patch_embed.grid_size)
+        table = build_sincos2d_pos_embed(grid, dim=vit.embed_dim, temperature=temperature)
+        num_patches = grid[0] * grid[1]
+        vit.pos_embed.zero_()
+        vit.pos_embed[0, -num_patches:] = table.reshape(num_patches, vit.embed_dim).to(vit.pos_embed.dtype)
 
     def forward(self, images: Tensor) -> Tensor:
         if self.is_vit:
