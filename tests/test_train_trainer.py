@@ -233,3 +233,23 @@ def test_resume_rejects_a_different_dataset(tmp_path):
     other = make_config(tmp_path, "train.steps=3", "train.batch_size=6")
     with pytest.raises(ValueError, match="batches of 8"):
         make_trainer(other, tmp_path / "run").resume()
+
+
+def test_gradient_cache_run_equals_full_batch_run(tmp_path):
+    """train.grad_cache_chunk: the same steps, encoded 3 pairs at a time (dropout off, so the
+    two runs compute the same function)."""
+
+    def run(name, *overrides):
+        trainer = make_trainer(make_config(tmp_path, *overrides), tmp_path / name)
+        for module in trainer.model.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0
+        trainer.fit()
+        return trainer.model.state_dict()
+
+    plain = run("plain")
+    cached = run("cached", "train.grad_cache_chunk=3")
+    for name, value in plain.items():
+        torch.testing.assert_close(cached[name], value, atol=1e-5, rtol=1e-4, msg=name)
+    with pytest.raises(ValueError, match="train.grad_cache_chunk"):
+        make_config(tmp_path, "train.grad_cache_chunk=0")

@@ -170,6 +170,9 @@ class TrainConfig:
     device: str = "auto"
     num_workers: int = 0
     threads: Optional[int] = None
+    # Encode the batch in chunks of this many pairs with the gradient cache (an exact
+    # full-batch step in the memory of one chunk); null: encode the whole batch at once.
+    grad_cache_chunk: Optional[int] = None
     checkpoint_every: int = 300
     keep_last: int = 2
     resume: bool = False
@@ -194,6 +197,8 @@ class TrainConfig:
             raise ValueError(f"train.num_workers: must be >= 0, got {self.num_workers}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"train.threads: must be >= 1, got {self.threads}")
+        if self.grad_cache_chunk is not None and self.grad_cache_chunk < 1:
+            raise ValueError(f"train.grad_cache_chunk: must be >= 1 or null, got {self.grad_cache_chunk}")
         if self.checkpoint_every < 0:
             raise ValueError(f"train.checkpoint_every: must be >= 0 (0 = only at the end), got {self.checkpoint_every}")
         if self.keep_last < 1:

@@ -41,6 +41,7 @@ from .checkpoint import (
 )
 from .config import ExperimentConfig
 from .dataclass_io import to_dict
+from .gradcache import gradcache_backward, split_batch
 from .logging import RunLogger
 from .optim import build_optimizer, build_scheduler
 from .sampler import EpochBatchSampler, epoch_seed
@@ -214,15 +215,30 @@ class Trainer:
         input_ids = batch["input_ids"].to(self.device, non_blocking=True)
         attention_mask = batch["attention_mask"].to(self.device, non_blocking=True)
 
-        u, v = model(images, input_ids, attention_mask)
-        scale = model.logit_scale()
-        loss, info = self.loss_fn(u, v, scale, return_details=True)
-        loss_value = loss.item()
         self.optimizer.zero_grad(set_to_none=True)
         grad_norm = math.nan
-        skipped = not math.isfinite(loss_value)
+        chunk = self.config.train.grad_cache_chunk
+        if chunk is not None and chunk < images.shape[0]:
+            # Exact full-batch step, encoded chunk by chunk (gradcache.py); it back-propagates
+            # itself, so a non-finite loss is caught afterwards and its gradients dropped.
+            chunks = split_batch({"images": images, "input_ids": input_ids, "attention_mask": attention_mask}, chunk)
+            loss, info = gradcache_backward(
+                lambda c: model(c["images"], c["input_ids"], c["attention_mask"]),
+                chunks,
+                lambda a, b: self.loss_fn(a, b, model.logit_scale(), return_details=True),
+            )
+            scale = model.logit_scale().detach()
+            loss_value = loss.item()
+            skipped = not math.isfinite(loss_value)
+        else:
+            u, v = model(images, input_ids, attention_mask)
+            scale = model.logit_scale()
+            loss, info = self.loss_fn(u, v, scale, return_details=True)
+            loss_value = loss.item()
+            skipped = not math.isfinite(loss_value)
+            if not skipped:
+                loss.backward()
         if not skipped:
-            loss.backward()
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip))
             skipped = not math.isfinite(grad_norm)
         lr = self.scheduler.get_last_lr()[0]
