@@ -55,3 +55,35 @@ def test_eval_of_a_missing_checkpoint(tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("topoclip eval: error: checkpoint:") and err.count("\n") == 1
+
+
+def test_data_convert_writes_shards_that_read_back(tmp_path):
+    from topoclip.cli import main
+    from topoclip.data.shards import shard_pairs
+
+    out = tmp_path / "shards"
+    assert main(["data", "convert", "--shapes", "--out", str(out), "--maxcount", "40", "--split", "val",
+                 "num_train=10", "num_val=100", "num_test=10"]) == 0
+    tars = sorted(out.glob("*.tar"))
+    assert len(tars) == 3  # 100 samples, 40 per shard
+    captions = [c for _, c in shard_pairs(str(out), image_size=32, shuffle_buffer=0)]
+    from topoclip.data.shapes import make_shapes
+
+    assert captions == list(make_shapes(None, num_train=10, num_val=100, num_test=10).val.captions)
+
+
+def test_data_convert_from_csv_keeps_bytes_and_bad_input_errors(tmp_path, capsys):
+    from PIL import Image
+
+    from topoclip.cli import main
+
+    Image.new("RGB", (8, 8), (0, 255, 0)).save(tmp_path / "g.png")
+    (tmp_path / "pairs.tsv").write_text("filepath\ttitle\ng.png\ta green square\n")
+    assert main(["data", "convert", "--csv", str(tmp_path / "pairs.tsv"), "--out", str(tmp_path / "s")]) == 0
+    import tarfile
+
+    with tarfile.open(next((tmp_path / "s").glob("*.tar"))) as tar:
+        png = next(m for m in tar.getmembers() if m.name.endswith(".png"))
+        assert tar.extractfile(png).read() == (tmp_path / "g.png").read_bytes()
+    assert main(["data", "convert", "--csv", str(tmp_path / "missing.tsv"), "--out", str(tmp_path / "x")]) == 2
+    assert "missing.tsv" in capsys.readouterr().err

@@ -1,8 +1,9 @@
-"""Command line: ``topoclip train`` and ``topoclip eval``.
+"""Command line: ``topoclip train``, ``topoclip eval`` and ``topoclip data convert``.
 
     topoclip train [--config configs/X.yaml] [--resume [RUN_DIR]] [key=value ...]
     topoclip eval --checkpoint RUN_DIR_OR_CHECKPOINT [--data key=value ...] [--folder DIR ...]
                   [--karpathy JSON --image-root DIR] [--output FILE]
+    topoclip data convert (--csv FILE | --shapes [key=value ...]) --out DIR [--maxcount N]
 
 The parsed arguments are turned into an ``ExperimentConfig`` (or a few plain values) right
 away; nothing below this module sees an argparse namespace.
@@ -83,6 +84,30 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--output", type=Path, default=None, help="results JSON (default: eval_results.json in the run dir)")
     ev.add_argument("--device", default="auto", help="auto, cpu, cuda, ... (default: auto)")
     ev.add_argument("--batch-size", type=int, default=None, help="evaluation batch size (default: from the config)")
+
+    data = sub.add_parser("data", help="data utilities: convert pairs into webdataset shards")
+    data_sub = data.add_subparsers(dest="data_command", metavar="ACTION")
+    data_sub.required = True
+    convert = data_sub.add_parser(
+        "convert",
+        help="write webdataset tar shards (image + caption per sample)",
+        description=(
+            "Write webdataset shards from a CSV/TSV of (image path, caption) pairs, keeping the "
+            "original image bytes, or from the embedded shapes generator (PNG). Shard names are "
+            "OUT/shard-NNNNNN.tar."
+        ),
+    )
+    source = convert.add_mutually_exclusive_group(required=True)
+    source.add_argument("--csv", type=Path, metavar="FILE", help="CSV/TSV with a header row (OpenCLIP layout)")
+    source.add_argument("--shapes", action="store_true", help="the embedded captioned-shapes data")
+    convert.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory")
+    convert.add_argument("--maxcount", type=int, default=10000, help="samples per shard (default 10000)")
+    convert.add_argument("--sep", default="\t", help="CSV separator (default: tab)")
+    convert.add_argument("--image-key", default="filepath", help="CSV column of image paths")
+    convert.add_argument("--caption-key", default="title", help="CSV column of captions")
+    convert.add_argument("--image-root", type=Path, default=None, help="root of relative image paths (default: the CSV's folder)")
+    convert.add_argument("--split", default="train", help="shapes split to write (train/val/test)")
+    convert.add_argument("overrides", nargs="*", metavar="key=value", help="shapes settings, e.g. num_train=5000 noise=0.1")
     return parser
 
 
@@ -139,12 +164,44 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_convert(args: argparse.Namespace) -> int:
+    from topoclip.data.shards import files_to_samples, tensor_pairs_to_samples, write_shards
+
+    try:
+        if args.csv is not None:
+            from topoclip.data.pairs import CsvPairs
+
+            sep = args.sep.encode().decode("unicode_escape")  # "\t" on the command line -> tab
+            pairs = CsvPairs(args.csv, args.image_root, sep=sep, image_key=args.image_key, caption_key=args.caption_key)
+            samples = files_to_samples(pairs.image_paths, pairs.captions)
+            count = len(pairs)
+        else:
+            from topoclip.data.shapes import make_shapes
+            from topoclip.train.dataclass_io import parse_override
+
+            settings = {}
+            for text in args.overrides:
+                keys, value = parse_override(text)
+                settings[".".join(keys)] = value
+            data = make_shapes(None, **settings)
+            split = data.split(args.split)
+            samples = tensor_pairs_to_samples(split.images, split.captions)
+            count = len(split)
+        paths = write_shards(samples, args.out, maxcount=args.maxcount)
+    except (ValueError, OSError) as err:
+        return _fail("data convert", err, 2)
+    print(f"wrote {count} samples into {len(paths)} shards in {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "train":
         return _train(args)
     if args.command == "eval":
         return _eval(args)
+    if args.command == "data":
+        return _data_convert(args)
     raise AssertionError(args.command)  # argparse rejects unknown commands
 
 
