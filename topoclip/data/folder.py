@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from topoclip.data.transforms import CLIP_MEAN, CLIP_STD, CorruptImageError, ImageTransform, verify_image
+from topoclip.data.transforms import CLIP_MEAN, CLIP_STD, ImageTransform
 from topoclip.data.types import ClassificationSet, LazyImageFiles, SkipStats
 
 logger = logging.getLogger(__name__)
@@ -90,14 +90,8 @@ class ImageFolderClassification(ClassificationSet, LazyImageFiles):
                     if not fname.lower().endswith(exts):
                         logger.debug("%s: ignoring non-image file %s", source, file)
                         continue
-                    if verify:
-                        try:
-                            verify_image(file)
-                        except CorruptImageError as err:
-                            if strict:
-                                raise
-                            stats.skip("corrupt", file, str(err))
-                            continue
+                    if not stats.accept_image(file, strict=strict, verify=verify, must_exist=False):
+                        continue
                     paths.append(file)
                     labels.append(label)
                     found += 1

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from topoclip.data.transforms import CLIP_MEAN, CLIP_STD, CorruptImageError, ImageTransform, load_image, verify_image
+from topoclip.data.transforms import CLIP_MEAN, CLIP_STD, ImageTransform, load_image
 from topoclip.data.types import RetrievalSet, SkipStats
 
 
@@ -102,19 +102,8 @@ class KarpathyRetrieval(RetrievalSet):
                     raise ValueError(f"{source!r}: image {file!r} has no captions")
                 stats.skip("no_caption", file)
                 continue
-            if not os.path.isfile(file):
-                if strict:
-                    raise ValueError(f"{source!r}: missing image file {file!r}")
-                stats.skip("missing", file)
+            if not stats.accept_image(file, strict=strict, verify=verify):
                 continue
-            if verify:
-                try:
-                    verify_image(file)
-                except CorruptImageError as err:
-                    if strict:
-                        raise
-                    stats.skip("corrupt", file, str(err))
-                    continue
             caption_to_image.extend([len(paths)] * len(good))
             captions.extend(good)
             paths.append(file)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from topoclip.data.transforms import CLIP_MEAN, CLIP_STD, CorruptImageError, ImageTransform, verify_image
+from topoclip.data.transforms import CLIP_MEAN, CLIP_STD, ImageTransform
 from topoclip.data.types import LazyImageFiles, PairDataset, SkipStats
 
 
@@ -74,19 +74,8 @@ class CsvPairs(PairDataset, LazyImageFiles):
                         raise ValueError(f"{where}: empty caption for image {file!r}")
                     stats.skip("empty_caption", f"{where} ({file})")
                     continue
-                if not rel or not os.path.isfile(file):
-                    if strict:
-                        raise ValueError(f"{where}: missing image file {file!r}")
-                    stats.skip("missing", f"{where} ({file})")
+                if not stats.accept_image(file, where, strict=strict, verify=verify):
                     continue
-                if verify:
-                    try:
-                        verify_image(file)
-                    except CorruptImageError as err:
-                        if strict:
-                            raise ValueError(f"{where}: {err}") from err
-                        stats.skip("corrupt", f"{where} ({file})", str(err))
-                        continue
                 paths.append(file)
                 captions.append(caption)
         stats.summarize(len(paths), "pairs")

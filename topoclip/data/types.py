@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from topoclip.data.transforms import CLIP_MEAN, CLIP_STD, CorruptImageError, check_mean_std, load_image, normalize_uint8
+from topoclip.data.transforms import CLIP_MEAN, CLIP_STD, CorruptImageError, check_mean_std, load_image, normalize_uint8, verify_image
 
 logger = logging.getLogger(__name__)
 
@@ -226,6 +226,28 @@ class SkipStats:
     def skip(self, reason: str, item: str, detail: str = "") -> None:
         self.counts[reason] += 1
         logger.debug("%s: skipped %s (%s)%s", self.source, item, reason, f": {detail}" if detail else "")
+
+    def accept_image(self, file: str, where: str = "", *, strict: bool, verify: bool, must_exist: bool = True) -> bool:
+        """True when ``file`` can be used: it exists and, with ``verify``, PIL can decode it.
+
+        Otherwise the file is counted as "missing" or "corrupt" and False is returned, or, with
+        ``strict``, a ValueError names it. ``where`` (e.g. "pairs.tsv:12") locates it.
+        """
+        label = f"{where} ({file})" if where else file
+        if must_exist and not os.path.isfile(file):
+            if strict:
+                raise ValueError(f"{where or self.source}: missing image file {file!r}")
+            self.skip("missing", label)
+            return False
+        if verify:
+            try:
+                verify_image(file)
+            except CorruptImageError as err:
+                if strict:
+                    raise ValueError(f"{where or self.source}: {err}") from err
+                self.skip("corrupt", label, str(err))
+                return False
+        return True
 
     @property
     def total(self) -> int:
