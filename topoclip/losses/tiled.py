@@ -15,7 +15,6 @@ about 8 b^2 d FLOPs for inner-product topologies (4/3 of the three-GEMM floor).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..geometry import Topology
