@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -35,6 +36,7 @@ def _train(*args):
     return [sys.executable, "-m", "topoclip", "train", *args]
 
 
+@pytest.mark.slow  # three training processes (~30 s): runs in CI's second, `-m slow` step
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     # One tokenizer for both runs: training a WordPiece twice need not give the same vocab.
     tokenizer_dir = tmp_path / "tokenizer"
