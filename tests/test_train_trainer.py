@@ -253,3 +253,20 @@ def test_gradient_cache_run_equals_full_batch_run(tmp_path):
         torch.testing.assert_close(cached[name], value, atol=1e-5, rtol=1e-4, msg=name)
     with pytest.raises(ValueError, match="train.grad_cache_chunk"):
         make_config(tmp_path, "train.grad_cache_chunk=0")
+
+
+def test_bf16_autocast_trains_without_nan_and_fp16_needs_cuda(tmp_path):
+    trainer = make_trainer(make_config(tmp_path, "train.precision=bf16"), tmp_path / "bf16")
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    result = trainer.fit()
+    assert result.skipped_steps == 0 and math.isfinite(result.final_loss)
+    after = trainer.model.state_dict()
+    assert all(torch.isfinite(v).all() for v in after.values())
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    u, v = trainer._encode(torch.randn(4, 3, 4, 4), torch.ones(4, 5, dtype=torch.long), torch.ones(4, 5, dtype=torch.long))
+    assert u.dtype == v.dtype == torch.float32
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="train.precision"):
+            make_trainer(make_config(tmp_path, "train.precision=fp16"), tmp_path / "fp16")
+    with pytest.raises(ValueError, match="train.precision"):
+        make_config(tmp_path, "train.precision=fp8")

@@ -173,6 +173,9 @@ class TrainConfig:
     # Encode the batch in chunks of this many pairs with the gradient cache (an exact
     # full-batch step in the memory of one chunk); null: encode the whole batch at once.
     grad_cache_chunk: Optional[int] = None
+    # Autocast dtype of the towers: fp32 (off), bf16 or fp16 (fp16: CUDA only, with loss
+    # scaling). The geometry and the loss always compute in fp32.
+    precision: str = "fp32"
     checkpoint_every: int = 300
     keep_last: int = 2
     resume: bool = False
@@ -197,6 +200,8 @@ class TrainConfig:
             raise ValueError(f"train.num_workers: must be >= 0, got {self.num_workers}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"train.threads: must be >= 1, got {self.threads}")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"train.precision: must be fp32, bf16 or fp16, got {self.precision!r}")
         if self.grad_cache_chunk is not None and self.grad_cache_chunk < 1:
             raise ValueError(f"train.grad_cache_chunk: must be >= 1 or null, got {self.grad_cache_chunk}")
         if self.checkpoint_every < 0:

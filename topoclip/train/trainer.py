@@ -99,6 +99,12 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device)
+        precision = config.train.precision
+        if precision == "fp16" and self.device.type != "cuda":
+            raise ValueError("train.precision: fp16 needs a CUDA device (use bf16 on the CPU)")
+        self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
+        self.grad_scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
         self.loss_fn = loss_fn
         self.train_set = train_set
         self.collate_fn = collate_fn
@@ -218,12 +224,15 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         grad_norm = math.nan
         chunk = self.config.train.grad_cache_chunk
+        scaler = self.grad_scaler
         if chunk is not None and chunk < images.shape[0]:
             # Exact full-batch step, encoded chunk by chunk (gradcache.py); it back-propagates
             # itself, so a non-finite loss is caught afterwards and its gradients dropped.
+            if scaler is not None:
+                raise ValueError("train.grad_cache_chunk: not supported with train.precision=fp16 (use bf16)")
             chunks = split_batch({"images": images, "input_ids": input_ids, "attention_mask": attention_mask}, chunk)
             loss, info = gradcache_backward(
-                lambda c: model(c["images"], c["input_ids"], c["attention_mask"]),
+                lambda c: self._encode(c["images"], c["input_ids"], c["attention_mask"]),
                 chunks,
                 lambda a, b: self.loss_fn(a, b, model.logit_scale(), return_details=True),
             )
@@ -231,22 +240,30 @@ class Trainer:
             loss_value = loss.item()
             skipped = not math.isfinite(loss_value)
         else:
-            u, v = model(images, input_ids, attention_mask)
+            u, v = self._encode(images, input_ids, attention_mask)
             scale = model.logit_scale()
             loss, info = self.loss_fn(u, v, scale, return_details=True)
             loss_value = loss.item()
             skipped = not math.isfinite(loss_value)
             if not skipped:
-                loss.backward()
+                (scaler.scale(loss) if scaler is not None else loss).backward()
         if not skipped:
+            if scaler is not None:
+                scaler.unscale_(self.optimizer)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip))
             skipped = not math.isfinite(grad_norm)
+            if scaler is not None and skipped:
+                scaler.update()  # an overflow: lower the loss scale; the step is skipped below
         lr = self.scheduler.get_last_lr()[0]
         if skipped:
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped_steps += 1
         else:
-            self.optimizer.step()
+            if scaler is not None:
+                scaler.step(self.optimizer)
+                scaler.update()
+            else:
+                self.optimizer.step()
             model.logit_scale.clamp_()
         # The schedule follows the step count even over a skipped step, so the run's length
         # and lr curve do not depend on how many batches were bad.
@@ -261,6 +278,15 @@ class Trainer:
             "acc": info.get("accuracy", math.nan),
             "skipped": skipped,
         }
+
+    def _encode(self, images, input_ids, attention_mask):
+        """The towers under autocast when configured; points come out in fp32 (the topology's
+        project computes half precision in fp32), so the loss never sees bf16/fp16."""
+        if self.autocast_dtype is None:
+            return self.model(images, input_ids, attention_mask)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype):
+            u, v = self.model(images, input_ids, attention_mask)
+        return u.float(), v.float()
 
     # ------------------------------------------------------------------- fit
     def fit(self) -> TrainResult:
