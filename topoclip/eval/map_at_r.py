@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from topoclip.eval.embed import embed_images, embed_texts, resolve_device
-from topoclip.eval.retrieval import _check_points
+from topoclip.eval.retrieval import _check_points, check_caption_to_image
 
 logger = logging.getLogger(__name__)
 
@@ -152,14 +152,7 @@ def retrieval_map_at_r(
     if positive_pairs is None:
         if caption_to_image is None:
             raise ValueError("give caption_to_image or positive_pairs (which captions match which images)")
-        caption_to_image = torch.as_tensor(caption_to_image)
-        if caption_to_image.dim() != 1 or caption_to_image.shape[0] != num_texts:
-            raise ValueError(
-                f"caption_to_image must have shape [{num_texts}] (one image index per caption), "
-                f"got {tuple(caption_to_image.shape)}"
-            )
-        if caption_to_image.dtype.is_floating_point or caption_to_image.dtype == torch.bool:
-            raise ValueError(f"caption_to_image must hold integer image indices, got dtype {caption_to_image.dtype}")
+        caption_to_image = check_caption_to_image(caption_to_image, num_texts)
         positive_pairs = positive_pairs_from_captions(caption_to_image)
     device = image_points.device
     pairs = _check_pairs(positive_pairs, num_images, num_texts).to(device)

@@ -41,6 +41,19 @@ def _check_points(name: str, points: torch.Tensor, dim: int) -> None:
         raise ValueError(f"{name} is empty")
 
 
+def check_caption_to_image(caption_to_image, num_texts: int) -> torch.Tensor:
+    """caption_to_image as a tensor of integer image indices, one per caption, or a ValueError."""
+    caption_to_image = torch.as_tensor(caption_to_image)
+    if caption_to_image.dim() != 1 or caption_to_image.shape[0] != num_texts:
+        raise ValueError(
+            f"caption_to_image must have shape [{num_texts}] (one image index per caption), "
+            f"got {tuple(caption_to_image.shape)}"
+        )
+    if caption_to_image.dtype.is_floating_point or caption_to_image.dtype == torch.bool:
+        raise ValueError(f"caption_to_image must hold integer image indices, got dtype {caption_to_image.dtype}")
+    return caption_to_image
+
+
 def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
     ks = tuple(int(k) for k in ks)
     if not ks or any(k < 1 for k in ks):
@@ -71,16 +84,7 @@ def retrieval_recall(
     _check_points("image_points", image_points, topology.dim)
     _check_points("text_points", text_points, topology.dim)
     num_images, num_texts = image_points.shape[0], text_points.shape[0]
-    caption_to_image = torch.as_tensor(caption_to_image)
-    if caption_to_image.dim() != 1 or caption_to_image.shape[0] != num_texts:
-        raise ValueError(
-            f"caption_to_image must have shape [{num_texts}] (one image index per caption), "
-            f"got {tuple(caption_to_image.shape)}"
-        )
-    if caption_to_image.dtype.is_floating_point or caption_to_image.dtype == torch.bool:
-        raise ValueError(
-            f"caption_to_image must hold integer image indices, got dtype {caption_to_image.dtype}"
-        )
+    caption_to_image = check_caption_to_image(caption_to_image, num_texts)
     if caption_to_image.min() < 0 or caption_to_image.max() >= num_images:
         raise ValueError(f"caption_to_image has indices outside [0, {num_images}) (the number of images)")
 
