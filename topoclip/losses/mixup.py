@@ -152,12 +152,19 @@ class M3MixLoss(nn.Module):
         self.weights = weights or MixupWeights()
         self.clip_loss = ContrastiveLoss(topology)
         self.rng = np.random.default_rng(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch used by the optional 1/(epoch+1) decay when ``forward`` gets none (the
+        trainer calls this at each epoch, like ``DistributedSampler.set_epoch``)."""
+        self.epoch = int(epoch)
 
     def _draw(self, alpha: float) -> float:
         return float(self.rng.beta(alpha, alpha))
 
-    def forward(self, v: Tensor, t: Tensor, scale: Tensor | float, epoch: int = 0, return_details: bool = False):
+    def forward(self, v: Tensor, t: Tensor, scale: Tensor | float, epoch: int | None = None, return_details: bool = False):
         w = self.weights
+        epoch = self.epoch if epoch is None else epoch
         decay = 1.0 / (epoch + 1) if w.decay else 1.0
         terms: dict[str, Tensor] = {"clip": self.clip_loss(v, t, scale)}
         lams: dict[str, float] = {}
@@ -186,10 +193,11 @@ class M3MixLoss(nn.Module):
     # The generator's state travels with checkpoints (JSON-safe: bit_generator.state is a dict
     # of ints and strings).
     def get_extra_state(self):
-        return {"rng": self.rng.bit_generator.state}
+        return {"rng": self.rng.bit_generator.state, "epoch": self.epoch}
 
     def set_extra_state(self, state) -> None:
         self.rng.bit_generator.state = state["rng"]
+        self.epoch = int(state.get("epoch", 0))
 
 
 @torch.no_grad()

@@ -145,6 +145,8 @@ class Trainer:
             "data": {"epoch": epoch, "batch": batch, "num_items": len(self.train_set), "batch_size": self.batch_size},
             "skipped_steps": self.skipped_steps,
             "total_steps": self.total_steps,
+            # A loss with state of its own (the mixup losses' lambda generator) resumes too.
+            "loss": self.loss_fn.state_dict() if isinstance(self.loss_fn, nn.Module) else {},
         }
 
     def save(self) -> Path:
@@ -181,6 +183,8 @@ class Trainer:
             self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas
         ):
             group["lr"] = base_lr * factor(self.scheduler.last_epoch)
+        if isinstance(self.loss_fn, nn.Module) and state.get("loss"):
+            self.loss_fn.load_state_dict(state["loss"])
         restore_rng_state(state["rng"])
         self.step = int(state["step"])
         self.skipped_steps = int(state["skipped_steps"])
@@ -208,6 +212,8 @@ class Trainer:
         """Batches from the current step on, across epoch boundaries, until total_steps."""
         while self.step < self.total_steps:
             epoch, start = divmod(self.step, self.batches_per_epoch)
+            if hasattr(self.loss_fn, "set_epoch"):
+                self.loss_fn.set_epoch(epoch)  # epoch-dependent losses (mixup weight decay)
             for batch in self._loader(epoch, start):
                 yield epoch, batch
                 if self.step >= self.total_steps:
@@ -268,7 +274,10 @@ class Trainer:
         # The schedule follows the step count even over a skipped step, so the run's length
         # and lr curve do not depend on how many batches were bad.
         self.scheduler.step()
+        # Whatever else the loss reports (e.g. the mixup terms and their lambdas) is logged too.
+        extra = {k: v for k, v in info.items() if k not in ("pos_sim", "neg_sim", "accuracy")}
         return {
+            **extra,
             "loss": loss_value,
             "scale": scale.item(),
             "lr": lr,
