@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from topoclip.data import TextTokenizer, build_tokenizer, make_collate
 from topoclip.data.shapes import (
+    BACKGROUNDS,
     COLOURS,
     POSITION_PHRASES,
     POSITIONS,
@@ -344,3 +345,20 @@ def test_generation_speed_report():
     rate = len(images) / (time.perf_counter() - t0)
     print(f"\nshapes rendering: {rate:,.0f} images/s at 32x32")
     assert images.shape == (20000, 3, 32, 32)
+
+
+def test_light_background_changes_only_the_rendering():
+    """The "light" background is a pure rendering shift: the same objects and captions, a
+    background grey level in the light range, and objects still distinguishable from it."""
+    small = dict(num_train=64, num_val=8, num_test=8, pixel_noise=0.0)
+    dark, light = make_shapes(None, **small), make_shapes(None, background="light", **small)
+    assert light.train.captions == dark.train.captions
+    assert torch.equal(light.train.attributes.colour, dark.train.attributes.colour)
+    raw = light.train.images  # uint8 [N, 3, S, S]
+    corners = raw[:, :, 0, 0].float()  # no object reaches a corner
+    lo, hi = BACKGROUNDS["light"]
+    assert corners.min() >= lo and corners.max() <= hi
+    assert (corners[:, 0] == corners[:, 1]).all()  # grey
+    assert not torch.equal(raw, dark.train.images)
+    with pytest.raises(ValueError, match="background"):
+        ShapesConfig(background="striped")

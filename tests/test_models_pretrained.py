@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import save_file
 
 import topoclip
 from topoclip.eval import evaluate_retrieval, zeroshot_classify
@@ -24,7 +23,7 @@ from topoclip.models import pretrained as pretrained_mod
 open_clip = pytest.importorskip("open_clip")
 transformers = pytest.importorskip("transformers")
 
-TINY = "topoclip-test-tiny"
+TINY = "topoclip-test-tiny"  # registered by the openclip_files fixture (conftest.py)
 EMBED = 16
 TEXTS = ["a red circle", "two blue squares!", "!~ odd punctuation", "a green triangle on the left"]
 
@@ -34,29 +33,6 @@ def _images(n, seed=0):
 
 
 # ------------------------------------------------------------------------------ OpenCLIP
-
-@pytest.fixture(scope="module")
-def openclip_files(tmp_path_factory):
-    """A tiny registered OpenCLIP architecture, one random model, its weights as .pt and .safetensors."""
-    root = tmp_path_factory.mktemp("openclip")
-    cfg = {
-        "embed_dim": EMBED,
-        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
-        # The BPE tokenizer shipped with open_clip needs the full 49408-token vocabulary.
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-    }
-    (root / f"{TINY}.json").write_text(json.dumps(cfg))
-    open_clip.add_model_config(root / f"{TINY}.json")
-    torch.manual_seed(0)
-    model = open_clip.create_model(TINY)
-    with torch.no_grad():
-        model.logit_scale.fill_(math.log(20.0))
-    model.eval()
-    state = model.state_dict()
-    torch.save(state, root / "tiny.pt")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(root / "tiny.safetensors"))
-    return model, root
-
 
 def test_openclip_tokenizer_is_open_clips_with_a_mask_up_to_the_end_token(openclip_files):
     _, root = openclip_files
@@ -183,46 +159,6 @@ def test_openclip_loader_refuses_downloads_and_bad_names(openclip_files, tmp_pat
 
 
 # --------------------------------------------------------------------------- Hugging Face
-
-def _tiny_clip_tokenizer():
-    """A byte-level CLIP BPE (every byte, alone and word-final, plus a few merges), offline."""
-    from open_clip.tokenizer import bytes_to_unicode
-    from transformers import CLIPTokenizer
-
-    chars = list(bytes_to_unicode().values())
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": i + len(chars) for i, c in enumerate(chars)})
-    merges = [("r", "e"), ("c", "i"), ("ci", "r"), ("cir", "c"), ("l", "e</w>")]
-    for a, b in merges:
-        vocab.setdefault(a + b, len(vocab))
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=merges)
-
-
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
-
-    root = tmp_path_factory.mktemp("hfclip")
-    tok = _tiny_clip_tokenizer()
-    cfg = CLIPConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=EMBED,
-        logit_scale_init_value=3.0,
-    )
-    torch.manual_seed(0)
-    model = CLIPModel(cfg).eval()
-    model.save_pretrained(root)
-    tok.save_pretrained(root)
-    CLIPImageProcessor(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32},
-                       image_mean=[0.5, 0.5, 0.5], image_std=[0.25, 0.25, 0.25]).save_pretrained(root)
-    return model, tok, root
-
 
 def test_hf_adapter_reproduces_the_original_embeddings(hf_dir):
     original, hf_tok, root = hf_dir
@@ -368,13 +304,15 @@ def test_topoclip_checkpoints_go_to_the_registered_loader(tmp_path):
     ckpt.mkdir(parents=True)
     (ckpt / "model.safetensors").write_bytes(b"")
     (ckpt / "state.pt").write_bytes(b"")
-    with pytest.raises(NotImplementedError, match="topoclip checkpoint"):
-        load_pretrained(tmp_path / "run")
+    previous = pretrained_mod._CHECKPOINT_LOADER  # importing topoclip.train registers the real one
     calls = []
-    pretrained_mod.register_checkpoint_loader(lambda path, topology=None: calls.append(path) or ("m", "t", "x"))
     try:
+        pretrained_mod.register_checkpoint_loader(None)
+        with pytest.raises(NotImplementedError, match="topoclip checkpoint"):
+            load_pretrained(tmp_path / "run")
+        pretrained_mod.register_checkpoint_loader(lambda path, topology=None: calls.append(path) or ("m", "t", "x"))
         assert load_pretrained(ckpt / "model.safetensors") == ("m", "t", "x")
         assert load_pretrained(tmp_path / "run") == ("m", "t", "x")
     finally:
-        pretrained_mod.register_checkpoint_loader(None)
+        pretrained_mod.register_checkpoint_loader(previous)
     assert calls == [ckpt / "model.safetensors", tmp_path / "run"]

@@ -123,3 +123,22 @@ def test_constant_schedule_and_no_warmup():
     assert lrs == pytest.approx([0.25, 0.5, 0.75, 1, 1, 1, 1, 1])
     with pytest.raises(ValueError, match="schedule.name"):
         build_scheduler(opt, 4, 100, "linear")
+
+
+def test_logit_scale_lr_gets_its_own_group_and_follows_the_schedule():
+    model = _Toy()
+    opt = build_optimizer(model, lr=1e-3, weight_decay=0.1, scale_lr=0.05)
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert [p for p in groups["logit_scale"]["params"]] == [model.logit_scale.log_scale]
+    assert groups["logit_scale"]["lr"] == 0.05 and groups["logit_scale"]["weight_decay"] == 0.0
+    assert all(model.logit_scale.log_scale is not p for p in groups["no_decay"]["params"])
+    sched = build_scheduler(opt, warmup_steps=2, total_steps=10)
+    # the scale's lr is its own peak times the same warm-up/cosine factor as everyone else's
+    assert groups["logit_scale"]["lr"] == pytest.approx(0.05 * cosine_warmup_factor(0, 2, 10))
+    model.logit_scale.log_scale.grad = torch.ones_like(model.logit_scale.log_scale)
+    before = model.logit_scale.log_scale.detach().clone()
+    opt.step()
+    sched.step()
+    # Adam's first step moves by ~lr: the scale's own lr, not optim.lr
+    assert (before - model.logit_scale.log_scale.detach()).item() == pytest.approx(0.025, rel=1e-3)
+    assert groups["logit_scale"]["lr"] == pytest.approx(0.05 * cosine_warmup_factor(1, 2, 10))

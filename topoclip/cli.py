@@ -4,6 +4,10 @@
     topoclip eval --checkpoint RUN_DIR_OR_CHECKPOINT [--data key=value ...] [--folder DIR ...]
                   [--karpathy JSON --image-root DIR] [--output FILE]
     topoclip data convert (--csv FILE | --shapes [key=value ...]) --out DIR [--maxcount N]
+    topoclip finetune --from PATH [--model-name NAME] [--method M] [--config F] [key=value ...]
+    topoclip finetune-demo [--out DIR] [--pretrain-steps N] [--steps N] [--lr LR] [key=value ...]
+    topoclip ablate --grid configs/ablation/X.yaml [--out DIR] [--list] [key=value ...]
+    topoclip report RUN_OR_GRID_DIR [--output FILE]
 
 The parsed arguments are turned into an ``ExperimentConfig`` (or a few plain values) right
 away; nothing below this module sees an argparse namespace.
@@ -68,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="*",
         default=[],
         metavar="key=value",
-        help="data overrides on the checkpoint's data config, e.g. data.noise=0.0 (default: the data it was trained on)",
+        help="data overrides on the checkpoint's data config, e.g. data.shapes.noise=0.0 (default: the data it was trained on)",
     )
     ev.add_argument(
         "--folder",
@@ -108,7 +112,90 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--image-root", type=Path, default=None, help="root of relative image paths (default: the CSV's folder)")
     convert.add_argument("--split", default="train", help="shapes split to write (train/val/test)")
     convert.add_argument("overrides", nargs="*", metavar="key=value", help="shapes settings, e.g. num_train=5000 noise=0.1")
+    _add_finetune_parser(sub)
+    _add_finetune_demo_parser(sub)
+    _add_ablate_parsers(sub)
     return parser
+
+
+def _add_finetune_parser(sub) -> None:
+    ft = sub.add_parser(
+        "finetune",
+        help="fine-tune a pretrained model (FT, m2/m3-Mix, WiSE-FT, embedding shift) and evaluate it",
+        description=(
+            "Fine-tune a pretrained dual encoder -- a topoclip run, an OpenCLIP weights file "
+            "(with --model-name) or directory, or a Hugging Face CLIP directory -- on the "
+            "embedded shapes data (by default a shifted distribution: light backgrounds), then "
+            "evaluate it on that distribution and on the original one. Any field of the "
+            "fine-tuning config can be overridden as dotted key=value, e.g. optim.lr=1e-4 "
+            "finetune.mixup.m2=0.05 train.steps=200."
+        ),
+    )
+    ft.add_argument("--from", dest="source", type=Path, default=None, metavar="PATH",
+                    help="the pretrained model: topoclip run/checkpoint dir, OpenCLIP weights file or dir, HF CLIP dir")
+    ft.add_argument("--model-name", default=None, help="OpenCLIP architecture of a weights file, e.g. ViT-B-32")
+    ft.add_argument("--method", default=None, help="ft, m2mix, vmix, lmix, vlmix, m3mix, wise-ft or embedding-shift (default: ft)")
+    ft.add_argument("--config", type=Path, default=None, help="YAML fine-tuning config (default: built-in defaults, see configs/finetune.yaml)")
+    ft.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR", help="continue a fine-tuning run from its latest checkpoint")
+    ft.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=100")
+
+
+def _add_finetune_demo_parser(sub) -> None:
+    demo = sub.add_parser(
+        "finetune-demo",
+        help="pretrain on the shapes, fine-tune on a shifted distribution with every method, print the table",
+        description=(
+            "The robust fine-tuning demonstration on the embedded data: pretrain on dark-background "
+            "shapes, fine-tune on light-background shapes with FT, m2-Mix and m3-Mix, add WiSE-FT "
+            "and the embedding shift, and evaluate everything on both distributions. Writes "
+            "OUT/table.md and OUT/table.json; finished stages are reused."
+        ),
+    )
+    demo.add_argument("--out", type=Path, default=Path("runs/finetune-demo"), help="output directory (default: runs/finetune-demo)")
+    demo.add_argument("--pretrain-steps", type=int, default=600, help="steps of pretraining (default 600)")
+    demo.add_argument("--steps", type=int, default=150, help="steps of each fine-tuning run (default 150)")
+    demo.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate (default 1e-4)")
+    demo.add_argument("overrides", nargs="*", metavar="key=value", help="fine-tuning config overrides, e.g. finetune.mixup.m2=0.05")
+
+
+def _finetune_demo(args: argparse.Namespace) -> int:
+    from topoclip.train.finetune_demo import run_demo
+
+    for name in ("pretrain_steps", "steps"):
+        if getattr(args, name) < 1:
+            return _fail("finetune-demo", ValueError(f"--{name.replace('_', '-')}: must be >= 1"), 2)
+    try:
+        run_demo(args.out, args.pretrain_steps, args.steps, args.lr, finetune_overrides=args.overrides)
+    except ValueError as err:
+        return _fail("finetune-demo", err, 1)
+    return 0
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from topoclip.train.finetune import run_finetune
+    from topoclip.train.finetune_config import load_finetune_config
+
+    overrides = []
+    if args.source is not None:
+        overrides.append(f"source.path={args.source}")
+    if args.model_name is not None:
+        overrides.append(f"source.model_name={args.model_name}")
+    if args.method is not None:
+        overrides.append(f"finetune.method={args.method}")
+    try:
+        if args.resume is not None:
+            from topoclip.train.config import run_config_path
+
+            config = load_finetune_config(run_config_path(args.resume), overrides + list(args.overrides) + ["train.resume=true"])
+        else:
+            config = load_finetune_config(args.config, overrides + list(args.overrides))
+    except ValueError as err:
+        return _fail("finetune", err, 2)
+    try:
+        run_finetune(config, run_dir=args.resume)
+    except ValueError as err:
+        return _fail("finetune", err, 1)
+    return 0
 
 
 def _fail(command: str, err: Exception, code: int) -> int:
@@ -194,14 +281,89 @@ def _data_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_ablate_parsers(sub) -> None:
+    ablate = sub.add_parser(
+        "ablate",
+        help="train and evaluate a grid of configs; write one table (Markdown, CSV, JSON) and plots",
+        description=(
+            "Run every combination of a grid file's axes (topology, temperature, oblique structure, "
+            "tokens, caption noise, ...) as its own run under OUT/runs/, skipping finished runs and "
+            "resuming interrupted ones; then write OUT/table.{md,csv,json}, CLIP_benchmark-style "
+            "rows (OUT/clip_benchmark.jsonl) and plots (OUT/plots/). key=value overrides apply to "
+            "every run, e.g. train.steps=50 for a quick look."
+        ),
+    )
+    ablate.add_argument("--grid", type=Path, required=True, help="grid YAML, e.g. configs/ablation/table3.yaml")
+    ablate.add_argument("--out", type=Path, default=None, help="grid directory (default: runs/ablation/<grid file name>)")
+    ablate.add_argument("--list", action="store_true", help="print the runs the grid expands to and exit")
+    ablate.add_argument("--only", action="append", default=[], metavar="PATTERN",
+                        help="train only the runs whose names match this shell pattern, e.g. 'e0-fixed__*' "
+                        "(repeatable); the table still lists every finished run of the grid")
+    ablate.add_argument("--device", default=None, help="device of every run (default: each config's train.device)")
+    ablate.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
+
+    report = sub.add_parser(
+        "report",
+        help="write a self-contained HTML page with the tables and plots of a run or grid directory",
+        description=(
+            "Write DIR/report.html (or --output): for a grid directory the ablation table and its "
+            "plots, for a run directory its results, analysis and plots; images are embedded, so "
+            "the page is a single file."
+        ),
+    )
+    report.add_argument("directory", type=Path, metavar="RUN_OR_GRID_DIR")
+    report.add_argument("--output", type=Path, default=None, help="HTML file (default: DIR/report.html)")
+
+
+def _ablate(args: argparse.Namespace) -> int:
+    from topoclip.analysis import load_grid, run_grid
+    from topoclip.analysis.grid import select_runs
+
+    try:
+        grid = load_grid(args.grid, list(args.overrides))
+        selected = select_runs(grid, args.only).runs
+    except ValueError as err:
+        return _fail("ablate", err, 2)
+    if args.list:
+        for run in selected:
+            print(run.name)
+        print(f"{len(selected)} runs ({grid.num_excluded} combinations excluded)")
+        return 0
+    out = args.out if args.out is not None else Path("runs") / "ablation" / args.grid.stem
+    try:
+        run_grid(grid, out, device=args.device, only=args.only)
+    except ValueError as err:
+        return _fail("ablate", err, 1)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from topoclip.analysis import write_report
+
+    try:
+        path = write_report(args.directory, args.output)
+    except ValueError as err:
+        return _fail("report", err, 2)
+    print(f"report: {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "train":
         return _train(args)
     if args.command == "eval":
         return _eval(args)
+    if args.command == "finetune":
+        return _finetune(args)
+    if args.command == "finetune-demo":
+        return _finetune_demo(args)
     if args.command == "data":
         return _data_convert(args)
+    if args.command == "ablate":
+        return _ablate(args)
+    if args.command == "report":
+        return _report(args)
     raise AssertionError(args.command)  # argparse rejects unknown commands
 
 

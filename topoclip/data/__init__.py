@@ -3,7 +3,7 @@
 from topoclip.data.collate import PairCollate, make_collate
 from topoclip.data.folder import DEFAULT_TEMPLATES, ImageFolderClassification
 from topoclip.data.karpathy import KarpathyRetrieval
-from topoclip.data.pairs import CsvPairs
+from topoclip.data.pairs import CsvPairs, PairsRetrieval, holdout_split
 from topoclip.data.shapes import ShapesConfig, ShapesData, make_shapes
 from topoclip.data.tokenizer import TextTokenizer, build_tokenizer
 from topoclip.data.transforms import CLIP_MEAN, CLIP_STD, CorruptImageError, ImageTransform, load_image, normalize_uint8
@@ -23,6 +23,8 @@ __all__ = [
     "ClassificationSet",
     "CorruptImageError",
     "CsvPairs",
+    "PairsRetrieval",
+    "holdout_split",
     "DEFAULT_TEMPLATES",
     "ImageFolderClassification",
     "ImageTransform",

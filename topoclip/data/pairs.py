@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from topoclip.data.transforms import CLIP_MEAN, CLIP_STD, ImageTransform
-from topoclip.data.types import LazyImageFiles, PairDataset, SkipStats
+from topoclip.data.transforms import CLIP_MEAN, CLIP_STD, CorruptImageError, ImageTransform, load_image
+from topoclip.data.types import LazyImageFiles, PairDataset, RetrievalSet, SkipStats
 
 
 class CsvPairs(PairDataset, LazyImageFiles):
@@ -92,3 +92,51 @@ class CsvPairs(PairDataset, LazyImageFiles):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
         j, image = self._load_first_readable(index)
         return image, self.captions[j]
+
+
+class PairsRetrieval(RetrievalSet):
+    """The images of some rows of a :class:`CsvPairs` as a retrieval set: each distinct image
+    file once, every row's caption pointing at its image (so an image with several rows has
+    several ground-truth captions)."""
+
+    def __init__(self, pairs: CsvPairs, rows: Sequence[int], name: str = "pairs-holdout") -> None:
+        index_of: dict[str, int] = {}
+        self._rows: list[int] = []  # one row per distinct image: where to load it from
+        caption_to_image = []
+        for row in rows:
+            path = pairs.image_paths[row]
+            if path not in index_of:
+                index_of[path] = len(self._rows)
+                self._rows.append(row)
+            caption_to_image.append(index_of[path])
+        super().__init__(name, [pairs.captions[r] for r in rows], torch.tensor(caption_to_image, dtype=torch.long), len(self._rows))
+        self.pairs = pairs
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        # Loaded directly, not through CsvPairs' skip-to-the-next-readable: in an evaluation set
+        # a substitute image would silently score the wrong captions.
+        path = self.pairs.image_paths[self._rows[index]]
+        try:
+            return self.pairs.transform(load_image(path))
+        except (CorruptImageError, FileNotFoundError) as err:
+            raise ValueError(f"{self.pairs.path}: unreadable held-out image {path!r}: {err}") from err
+
+
+def holdout_split(pairs: CsvPairs, fraction: float, seed: int = 0) -> tuple[torch.utils.data.Subset, PairsRetrieval]:
+    """Split ``pairs`` by image file: a random ``fraction`` of the distinct images (at least
+    one) and all their rows become a retrieval set; the other rows stay for training. Splitting
+    by file keeps an image's other captions from leaking into training."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"holdout fraction must lie in (0, 1), got {fraction}")
+    files = sorted(set(pairs.image_paths))
+    if len(files) < 2:
+        raise ValueError(f"{pairs.path}: a held-out split needs at least 2 distinct images, got {len(files)}")
+    order = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed)).tolist()
+    count = min(len(files) - 1, max(1, round(fraction * len(files))))
+    held = {files[i] for i in order[:count]}
+    train_rows = [i for i, p in enumerate(pairs.image_paths) if p not in held]
+    test_rows = [i for i, p in enumerate(pairs.image_paths) if p in held]
+    return torch.utils.data.Subset(pairs, train_rows), PairsRetrieval(pairs, test_rows)

@@ -67,7 +67,9 @@ _SIZE_RADIUS = {"small": 0.125, "large": 0.19}
 _RADIUS_JITTER = 0.06  # relative
 _CENTER_JITTER = 0.025  # fraction of the image side
 _COLOUR_JITTER = 12  # per channel, in 0..255
-_BACKGROUND_RANGE = (25, 65)  # grey level of the background, per image
+# Grey level range of the background, drawn per image. "light" is a distribution shift for
+# fine-tuning experiments: every colour still differs from it by >= ~50 in some channel.
+BACKGROUNDS: dict[str, tuple[int, int]] = {"dark": (25, 65), "light": (150, 190)}
 _RENDER_CHUNK_PIXELS = 1 << 22  # pixels rendered at once (4096 images at 32x32): bounds peak memory
 
 
@@ -183,6 +185,7 @@ class ShapesConfig:
     retrieval_captions_per_image: int = 3
     zeroshot_tasks: tuple = ("shape", "colour", "size", "position")
     pixel_noise: float = 6.0  # std of per-pixel Gaussian noise, in 0..255 units
+    background: str = "dark"  # "dark" or "light" (a rendering shift, see BACKGROUNDS)
     mean: tuple = CLIP_MEAN
     std: tuple = CLIP_STD
 
@@ -210,6 +213,8 @@ class ShapesConfig:
                 f"ShapesConfig.retrieval_captions_per_image must be in [1, {min(len(SINGLE_FULL), len(PAIR_FULL))}]"
                 f" (the number of complete phrasings), got {self.retrieval_captions_per_image}"
             )
+        if self.background not in BACKGROUNDS:
+            raise ValueError(f"ShapesConfig.background must be one of {list(BACKGROUNDS)}, got {self.background!r}")
         self.heldout_combos = self._check_heldout(self.heldout_combos)
         tasks = self.zeroshot_tasks
         if isinstance(tasks, str) or not isinstance(tasks, (list, tuple)) or not tasks:
@@ -366,19 +371,23 @@ def _single_thread():
         torch.set_num_threads(previous)
 
 
-def _render(attrs: ShapesAttributes, image_size: int, pixel_noise: float, g: torch.Generator) -> torch.Tensor:
+def _render(
+    attrs: ShapesAttributes, image_size: int, pixel_noise: float, g: torch.Generator, background: str = "dark"
+) -> torch.Tensor:
     """uint8 images [N, 3, S, S] drawn from ``attrs``, vectorised over each chunk of images."""
     with _single_thread():
-        return _render_chunks(attrs, image_size, pixel_noise, g)
+        return _render_chunks(attrs, image_size, pixel_noise, g, BACKGROUNDS[background])
 
 
-def _render_chunks(attrs: ShapesAttributes, image_size: int, pixel_noise: float, g: torch.Generator) -> torch.Tensor:
+def _render_chunks(
+    attrs: ShapesAttributes, image_size: int, pixel_noise: float, g: torch.Generator, background: tuple[int, int]
+) -> torch.Tensor:
     n, s = len(attrs), image_size
     chunk = max(1, _RENDER_CHUNK_PIXELS // (s * s))
     out = torch.empty(n, 3, s, s, dtype=torch.uint8)
     coords = torch.arange(s, dtype=torch.float32) + 0.5  # pixel centres
     gy, gx = coords.view(1, s, 1), coords.view(1, 1, s)
-    lo, hi = _BACKGROUND_RANGE
+    lo, hi = background
     for start in range(0, n, chunk):
         sl = slice(start, min(start + chunk, n))
         b = sl.stop - sl.start
@@ -499,7 +508,7 @@ class ShapesData:
                 # Every held-out combo is guaranteed to occur in val/test (as the first
                 # object of the first images), not just likely to.
                 attrs = _sample_attributes(n, cfg, all_combos, g, heldout)
-            images = _render(attrs, cfg.image_size, cfg.pixel_noise, g)
+            images = _render(attrs, cfg.image_size, cfg.pixel_noise, g, cfg.background)
             clean = _captions(attrs, cfg.full_caption_prob, g)
             if split == "train":
                 source = _swap_captions(n, cfg.noise, g)

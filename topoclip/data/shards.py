@@ -10,22 +10,36 @@ sample is read once per epoch across all ranks and workers, as long as there are
 W * workers shards. With ``resampled=True`` shards are drawn with replacement forever and
 ``epoch_length`` (samples per worker) defines the epoch: every rank then sees the same number
 of batches, which multi-process training needs to stay in step.
+
+``ShardStream`` is what the trainer reads: an epoch of whole per-rank batches, the same count
+on every rank, and a new shuffle order per epoch (``set_epoch``).
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
 
 from .transforms import ImageTransform
 
-__all__ = ["write_shards", "tensor_pairs_to_samples", "files_to_samples", "ShardStats", "shard_pairs", "expand_urls"]
+__all__ = [
+    "write_shards",
+    "tensor_pairs_to_samples",
+    "files_to_samples",
+    "ShardStats",
+    "shard_pairs",
+    "ShardStream",
+    "shard_captions",
+    "expand_urls",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -197,3 +211,111 @@ def shard_pairs(
         dataset = dataset.with_epoch(epoch_length)
     dataset.stats = stats
     return dataset
+
+
+def _dist_rank_world(rank: int | None, world: int | None) -> tuple[int, int]:
+    if rank is not None and world is not None:
+        return rank, world
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class ShardStream(IterableDataset):
+    """(image, caption) training pairs from shards, one epoch of whole batches at a time.
+
+    An epoch is ``epoch_length // batch_size`` global batches of ``batch_size`` pairs; each of
+    the ``world`` ranks contributes ``batch_size // world`` pairs per batch from its own
+    shards, which its DataLoader workers split again. Every (rank, worker) reads the same
+    number of samples, ``ceil(batches / workers)`` per-rank batches, so all ranks stay in
+    step; a worker whose shards run short starts them over. Without resampling, when the
+    shards divide evenly into those counts, each sample is read exactly once per epoch.
+
+    ``set_epoch(e)`` reseeds the shard and buffer shuffles: DataLoader workers get a fresh
+    copy of the dataset every epoch, so an epoch counter kept inside the pipeline would
+    repeat the first epoch's order. Use with ``DataLoader(batch_size=per_rank_batch)``.
+    """
+
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        *,
+        epoch_length: int,
+        batch_size: int,
+        image_size: int = 224,
+        transform: Callable[[Image.Image], torch.Tensor] | None = None,
+        shuffle_buffer: int = 1000,
+        resampled: bool = False,
+        seed: int = 0,
+        rank: int | None = None,
+        world: int | None = None,
+        strict: bool = False,
+    ):
+        self.urls = expand_urls(urls)
+        self.rank, self.world = _dist_rank_world(rank, world)
+        if batch_size < 1 or batch_size % self.world:
+            raise ValueError(f"batch_size={batch_size} must be a positive multiple of the number of ranks {self.world}")
+        if epoch_length < batch_size:
+            raise ValueError(f"epoch_length={epoch_length} is less than one batch of {batch_size}")
+        self.epoch_length = epoch_length
+        self.batch_size = batch_size
+        self.local_batch_size = batch_size // self.world
+        self.batches_per_epoch = epoch_length // batch_size
+        self.transform = transform or ImageTransform(image_size)
+        self.shuffle_buffer = shuffle_buffer
+        self.resampled = resampled
+        self.seed = seed
+        self.strict = strict
+        self.epoch = 0
+        self.stats = ShardStats()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def samples_per_worker(self, workers: int) -> int:
+        return math.ceil(self.batches_per_epoch / max(1, workers)) * self.local_batch_size
+
+    def __iter__(self):
+        info = get_worker_info()
+        dataset = shard_pairs(
+            self.urls,
+            transform=self.transform,
+            shuffle_buffer=self.shuffle_buffer,
+            resampled=self.resampled,
+            epoch_length=self.samples_per_worker(info.num_workers if info is not None else 1),
+            # A large odd stride keeps the seeds of neighbouring (seed, epoch) apart.
+            seed=(self.seed * 1_000_003 + self.epoch) % (2**31 - 1),
+            rank=self.rank,
+            world=self.world,
+            strict=self.strict,
+            stats=self.stats,
+        )
+        return iter(dataset)
+
+
+def shard_captions(urls: str | Sequence[str], limit: int | None = None) -> list[str]:
+    """The captions of the shards, in shard order, reading only the .txt members (images are
+    not decoded): enough to train a tokenizer. ``limit`` stops after that many."""
+    import webdataset as wds
+
+    stats = ShardStats()
+    captions: list[str] = []
+    dataset = wds.WebDataset(
+        expand_urls(urls),
+        shardshuffle=False,
+        nodesplitter=None,
+        workersplitter=None,
+        handler=stats.handler,
+        select_files=lambda name: name.endswith(".txt"),
+        empty_check=False,
+    )
+    for sample in dataset:
+        if "txt" in sample:
+            caption = sample["txt"].decode("utf-8").strip()
+            if caption:
+                captions.append(caption)
+                if limit is not None and len(captions) >= limit:
+                    break
+    if not captions:
+        raise ValueError(f"no captions found in the shards {urls!r}")
+    return captions

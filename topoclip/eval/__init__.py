@@ -5,6 +5,8 @@ from topoclip.eval.embed import embed_images, embed_labelled_images, embed_texts
 from topoclip.eval.linear_probe import fit_logistic_regression, run_linear_probe, probe_accuracy
 from topoclip.eval.map_at_r import evaluate_map_at_r, retrieval_map_at_r, map_at_r_scores
 from topoclip.eval.retrieval import evaluate_retrieval, rank_of_best_positive, retrieval_recall
+from topoclip.eval.robustness import evaluate_robustness
+from topoclip.eval.shift import EmbeddingShiftModel, estimate_modality_gap
 from topoclip.eval.token_subsets import evaluate_token_subsets, token_subset_accuracy
 from topoclip.eval.zeroshot import (
     embed_class_texts,
@@ -16,6 +18,8 @@ from topoclip.eval.zeroshot import (
 
 __all__ = [
     "Attribution",
+    "EmbeddingShiftModel",
+    "estimate_modality_gap",
     "embed_class_texts",
     "embed_images",
     "embed_labelled_images",
@@ -24,6 +28,7 @@ __all__ = [
     "evaluate_map_at_r",
     "evaluate_token_subsets",
     "evaluate_retrieval",
+    "evaluate_robustness",
     "explain_pair",
     "fit_logistic_regression",
     "gradcam",

@@ -3,6 +3,7 @@
 from .towers import ImageTower, TextTower  # first: registers the default timm image model
 from .config import DEFAULT_IMAGE_MODEL, ImageTowerConfig, LogitScaleConfig, ModelConfig, TextTowerConfig
 from .dual_encoder import DualEncoder, TokenProjection, build_model, check_tokens_fit_topology
+from .wise_ft import interpolate_weights, wise_ft
 from .pretrained import HFClipDualEncoder, OpenClipDualEncoder, OpenClipTokenizer, load_hf_clip, load_openclip, load_pretrained
 
 __all__ = [
@@ -17,5 +18,7 @@ __all__ = [
     "TokenProjection",
     "build_model",
     "check_tokens_fit_topology",
+    "interpolate_weights",
+    "wise_ft",
     "HFClipDualEncoder", "OpenClipDualEncoder", "OpenClipTokenizer", "load_hf_clip", "load_openclip", "load_pretrained",
 ]

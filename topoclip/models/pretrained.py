@@ -568,7 +568,7 @@ def load_pretrained(
         if _CHECKPOINT_LOADER is None:
             raise NotImplementedError(
                 f"{where!r} is a topoclip checkpoint; no checkpoint loader is registered "
-                f"(topoclip.models.pretrained.register_checkpoint_loader)"
+                f"(import topoclip.train to register it, or see register_checkpoint_loader)"
             )
         return _CHECKPOINT_LOADER(path, topology=topology)
     if path.is_dir():

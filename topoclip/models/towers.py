@@ -120,6 +120,14 @@ class ImageTower(nn.Module):
         vit.pos_embed.zero_()
         vit.pos_embed[0, -num_patches:] = table.reshape(num_patches, vit.embed_dim).to(vit.pos_embed.dtype)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the blocks' activations in backward instead of storing them (timm's own
+        switch; non-reentrant torch.utils.checkpoint): less memory, the same gradients."""
+        setter = getattr(self.model, "set_grad_checkpointing", None)
+        if setter is None:
+            raise ValueError(f"gradient checkpointing: the timm model {type(self.model).__name__} does not support it")
+        setter(enable)
+
     def forward(self, images: Tensor) -> Tensor:
         if self.is_vit:
             return self.model.forward_features(images)[:, : self.num_tokens]
@@ -164,6 +172,14 @@ class TextTower(nn.Module):
         self.model = BertModel(bert, add_pooling_layer=False)
         self.num_tokens = num_tokens
         self.width = cfg.width
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each BERT layer's activations in backward (torch.utils.checkpoint,
+        use_reentrant=False, through transformers' switch): less memory, the same gradients."""
+        if enable:
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.model.activation_checkpointing_disable()
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         if input_ids.ndim != 2:

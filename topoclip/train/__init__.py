@@ -4,6 +4,9 @@ and the run that goes from a config to results.json. The library never imports t
 from .checkpoint import latest_checkpoint, load_training_state, load_weights, resolve_checkpoint, save_checkpoint
 from .config import ExperimentConfig, config_from_dict, load_config, save_config
 from .experiment import evaluate, evaluate_checkpoint, run
+from .finetune import run_finetune
+from .finetune_config import FinetuneConfig, load_finetune_config
+from .loading import LoadedModel, load_run_model  # also lets load_pretrained open topoclip runs
 from .optim import build_optimizer, build_scheduler, cosine_warmup_factor, param_groups
 from .sampler import EpochBatchSampler
 from .trainer import Trainer, TrainResult, seed_everything
@@ -11,6 +14,8 @@ from .trainer import Trainer, TrainResult, seed_everything
 __all__ = [
     "EpochBatchSampler",
     "ExperimentConfig",
+    "FinetuneConfig",
+    "LoadedModel",
     "TrainResult",
     "Trainer",
     "build_optimizer",
@@ -19,6 +24,9 @@ __all__ = [
     "cosine_warmup_factor",
     "evaluate",
     "evaluate_checkpoint",
+    "run_finetune",
+    "load_finetune_config",
+    "load_run_model",
     "latest_checkpoint",
     "load_config",
     "load_training_state",

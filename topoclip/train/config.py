@@ -25,7 +25,9 @@ from .dataclass_io import apply_overrides, from_dict, to_dict
 
 __all__ = [
     "DataConfig",
+    "ShardsConfig",
     "TopologyConfig",
+    "LossConfig",
     "OptimConfig",
     "ScheduleConfig",
     "TrainConfig",
@@ -38,6 +40,7 @@ __all__ = [
     "save_config",
     "run_config_path",
     "default_config_path",
+    "read_config_file",
 ]
 
 DEFAULT_CONFIG = Path("configs") / "default.yaml"
@@ -57,20 +60,57 @@ def _non_negative(value: float, name: str) -> None:
 
 
 @dataclass
+class ShardsConfig:
+    """Training pairs streamed from webdataset tar shards (``topoclip data convert`` writes them).
+
+    ``urls``: a directory of .tar files, a brace pattern ``dir/shard-{000000..000099}.tar``
+    or ``::``-joined patterns (``pipe:``/http URLs work). ``epoch_length``: samples per epoch
+    over all processes (an epoch is epoch_length // train.batch_size steps). Each shard goes to
+    one (rank, DataLoader worker); without ``resample`` every sample is read once per epoch when
+    the shards split evenly. ``resample`` draws shards with replacement (any shard count works).
+    ``tokenizer_captions``: captions read from the shards to train the tokenizer when
+    ``data.tokenizer`` is null.
+    """
+
+    urls: Optional[str] = None
+    epoch_length: Optional[int] = None
+    shuffle_buffer: int = 1000
+    resample: bool = False
+    strict: bool = False
+    tokenizer_captions: int = 100_000
+
+    def __post_init__(self):
+        if self.epoch_length is not None and self.epoch_length < 1:
+            raise ValueError(f"data.shards.epoch_length: must be >= 1, got {self.epoch_length}")
+        if self.shuffle_buffer < 0:
+            raise ValueError(f"data.shards.shuffle_buffer: must be >= 0 (0 = no shuffling), got {self.shuffle_buffer}")
+        if self.tokenizer_captions < 1:
+            raise ValueError(f"data.shards.tokenizer_captions: must be >= 1, got {self.tokenizer_captions}")
+
+
+@dataclass
 class DataConfig:
     """Training and evaluation data: the embedded captioned shapes, and the tokenizer.
 
+    ``source: shards`` trains on webdataset shards (``data.shards``) instead of the embedded
+    training split; evaluation stays on the embedded data's test sets.
     ``tokenizer`` None trains a WordPiece tokenizer of ``vocab_size`` on the training
     captions; a path loads a saved one (or any Hugging Face tokenizer directory). Its context
     length is ``model.text.context_length``.
     """
 
-    source: Literal["shapes"] = "shapes"
+    source: Literal["shapes", "shards"] = "shapes"
     shapes: ShapesConfig = field(default_factory=ShapesConfig)
+    shards: ShardsConfig = field(default_factory=ShardsConfig)
     tokenizer: Optional[str] = None
     vocab_size: int = 1000
 
     def __post_init__(self):
+        if self.source == "shards":
+            if not self.shards.urls:
+                raise ValueError("data.shards.urls: needed with data.source=shards (a directory, pattern or list of shards)")
+            if self.shards.epoch_length is None:
+                raise ValueError("data.shards.epoch_length: needed with data.source=shards (samples per epoch)")
         if self.vocab_size < 6:
             raise ValueError(f"data.vocab_size: must be > 5 (the special tokens), got {self.vocab_size}")
         if self.tokenizer is not None and not Path(self.tokenizer).is_dir():
@@ -124,6 +164,24 @@ class TopologyConfig:
 
 
 @dataclass
+class LossConfig:
+    """How the contrastive loss is computed (never what it computes).
+
+    From a global batch of ``tile_threshold`` pairs on, the exact tiled loss keeps memory at
+    O(b d + tile_size^2) instead of O(b^2); null never tiles, 0 always tiles.
+    """
+
+    tile_threshold: Optional[int] = 16384
+    tile_size: int = 1024
+
+    def __post_init__(self):
+        if self.tile_threshold is not None and self.tile_threshold < 0:
+            raise ValueError(f"loss.tile_threshold: must be >= 0 or null (never tile), got {self.tile_threshold}")
+        if self.tile_size < 1:
+            raise ValueError(f"loss.tile_size: must be >= 1, got {self.tile_size}")
+
+
+@dataclass
 class OptimConfig:
     """AdamW; weight decay applies to weight matrices only (see ``optim.param_groups``)."""
 
@@ -133,9 +191,14 @@ class OptimConfig:
     eps: float = 1e-6
     warmup_steps: int = 60
     grad_clip: Optional[float] = 1.0
+    # Peak lr of the logit scale (the temperature); null: optim.lr. Short runs need a larger
+    # one to let the temperature move as far as a long run would (see optim.param_groups).
+    logit_scale_lr: Optional[float] = None
 
     def __post_init__(self):
         _positive(self.lr, "optim.lr")
+        if self.logit_scale_lr is not None:
+            _positive(self.logit_scale_lr, "optim.logit_scale_lr")
         _non_negative(self.weight_decay, "optim.weight_decay")
         for i, beta in enumerate(self.betas):
             if not 0.0 <= beta < 1.0:
@@ -176,6 +239,13 @@ class TrainConfig:
     # Autocast dtype of the towers: fp32 (off), bf16 or fp16 (fp16: CUDA only, with loss
     # scaling). The geometry and the loss always compute in fp32.
     precision: str = "fp32"
+    # Multi-process runs: each rank scores only its own rows against all gathered columns
+    # (b x B logits instead of B x B); the same gradients, less memory and compute per rank.
+    local_loss: bool = False
+    # Recompute the towers' activations in backward (less memory, ~1/3 more compute).
+    grad_checkpointing: bool = False
+    # torch.compile the model (first steps are slow while it compiles).
+    compile: bool = False
     checkpoint_every: int = 300
     keep_last: int = 2
     resume: bool = False
@@ -212,11 +282,16 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Evaluation after training: zero-shot on every task and retrieval on the test set."""
+    """Evaluation after training: zero-shot on every task and retrieval on the test set.
+
+    ``robustness``: on the retrieval set also ECE (I->T, T->I), alignment / uniformity /
+    relative alignment / modality gap and the m²-Mix hardness histogram, with PNG plots.
+    """
 
     enabled: bool = True
     zeroshot: bool = True
     retrieval: bool = True
+    robustness: bool = True
     batch_size: int = 512
 
     def __post_init__(self):
@@ -251,6 +326,7 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     topology: TopologyConfig = field(default_factory=TopologyConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -275,6 +351,12 @@ class ExperimentConfig:
                 )
             if k != m:
                 raise ValueError(f"model.num_tokens: multi-token models need num_tokens == topology.m, got {k} != {m}")
+        shards = self.data.shards
+        if self.data.source == "shards" and shards.epoch_length < self.train.batch_size:
+            raise ValueError(
+                f"data.shards.epoch_length: {shards.epoch_length} samples is less than one batch "
+                f"(train.batch_size={self.train.batch_size})"
+            )
         if self.optim.warmup_steps and self.train.steps is not None and self.optim.warmup_steps > self.train.steps:
             raise ValueError(
                 f"optim.warmup_steps: {self.optim.warmup_steps} is longer than the run (train.steps={self.train.steps})"
@@ -332,6 +414,11 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if not isinstance(base, str):
         raise ValueError(f"base: expected a file name, got {base!r} (in {path})")
     return _deep_merge(_read_yaml(path.parent / base, seen + (path.resolve(),)), data)
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """A config file as a nested dict with its ``base:`` files merged in; not validated."""
+    return _read_yaml(Path(path))
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> ExperimentConfig:

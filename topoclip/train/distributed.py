@@ -22,7 +22,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["DistInfo", "init_distributed", "wrap_model", "rank_slice", "barrier", "cleanup"]
+__all__ = [
+    "DistInfo",
+    "init_distributed",
+    "current_info",
+    "wrap_model",
+    "rank_slice",
+    "barrier",
+    "broadcast_object",
+    "all_gather_object",
+    "mean_across_ranks",
+    "cleanup",
+]
 
 
 @dataclass(frozen=True)
@@ -71,6 +82,14 @@ def init_distributed(device: str = "auto", backend: str | None = None) -> DistIn
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
 
 
+def current_info(device: torch.device | str) -> DistInfo:
+    """The DistInfo of an already initialised process group (single-process if there is none)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return DistInfo(device=torch.device(device))
+    local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID") or 0
+    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=torch.device(device))
+
+
 def wrap_model(model: nn.Module, info: DistInfo) -> nn.Module:
     """DistributedDataParallel around the model when running on several processes."""
     if not info.distributed:
@@ -95,6 +114,37 @@ def rank_slice(global_batch: int, info: DistInfo) -> slice:
 def barrier(info: DistInfo) -> None:
     if info.distributed:
         dist.barrier()
+
+
+def broadcast_object(obj, info: DistInfo):
+    """Rank 0's ``obj`` on every rank (any picklable value)."""
+    if not info.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather_object(obj, info: DistInfo) -> list:
+    """Every rank's ``obj``, in rank order."""
+    if not info.distributed:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def mean_across_ranks(values: list[float], info: DistInfo) -> list[float]:
+    """Element-wise mean of a list of floats over the ranks (one small all-reduce).
+
+    A NaN on any rank makes the mean NaN, so every rank takes the same skip decision.
+    """
+    if not info.distributed:
+        return values
+    # gloo and nccl both reduce float64 tensors on the rank's own device.
+    t = torch.tensor(values, dtype=torch.float64, device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return (t / info.world_size).tolist()
 
 
 def cleanup() -> None:

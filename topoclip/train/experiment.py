@@ -8,10 +8,12 @@ A run directory holds::
     log.jsonl            one line per step
     tensorboard/         the same scalars for TensorBoard
     results.json         zero-shot and retrieval metrics after training
+    plots/               reliability diagrams and the mixup-hardness histogram (eval.robustness)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -31,18 +33,20 @@ from topoclip.data import (
     make_collate,
     make_shapes,
 )
-from topoclip.eval import evaluate_retrieval, zeroshot_classify
+from topoclip.eval import evaluate_retrieval, evaluate_robustness, zeroshot_classify
 from topoclip.losses import ContrastiveLoss
+from topoclip.data.shapes import ShapesConfig
 from topoclip.models import build_model
 
-from .checkpoint import latest_checkpoint, load_weights, read_checkpoint_config, resolve_checkpoint
-from .config import RUN_CONFIG_FILE, ExperimentConfig, config_from_dict, save_config
-from .dataclass_io import apply_overrides, to_dict
+from .checkpoint import latest_checkpoint, resolve_checkpoint
+from .config import RUN_CONFIG_FILE, ExperimentConfig, save_config
+from .dataclass_io import apply_overrides, from_dict, to_dict
+from .distributed import DistInfo, barrier, broadcast_object, cleanup, init_distributed
+from .loading import TOKENIZER_DIR, load_run_model
 from .trainer import Trainer, TrainResult, seed_everything
 
-__all__ = ["run", "evaluate", "evaluate_checkpoint", "shapes_eval_sets", "prepare_run_dir", "resolve_device", "format_summary"]
+__all__ = ["run", "build_loss", "evaluate", "evaluate_checkpoint", "shapes_eval_sets", "prepare_run_dir", "resolve_device", "format_summary"]
 
-TOKENIZER_DIR = "tokenizer"
 RESULTS_FILE = "results.json"
 
 
@@ -79,15 +83,27 @@ def _tokenizer(config: ExperimentConfig, data: ShapesData, run_dir: Path) -> Tex
     if config.data.tokenizer is not None:
         tokenizer = TextTokenizer.load(config.data.tokenizer, context_length=context_length)
     else:
-        tokenizer = build_tokenizer(data.captions("train"), config.data.vocab_size, context_length)
+        if config.data.source == "shards":
+            from topoclip.data.shards import shard_captions
+
+            captions = shard_captions(config.data.shards.urls, limit=config.data.shards.tokenizer_captions)
+        else:
+            captions = data.captions("train")
+        tokenizer = build_tokenizer(captions, config.data.vocab_size, context_length)
     tokenizer.save(saved)
     return tokenizer
 
 
 def build_components(config: ExperimentConfig, run_dir: Path):
-    """Data, tokenizer and model of a run, in a fixed order from a fixed seed."""
+    """Data, tokenizer and model of a run, in a fixed order from a fixed seed.
+
+    With ``data.source: shards`` the embedded data serves evaluation only (its training split
+    is cut to 2 pairs; the test splits do not depend on it)."""
     seed_everything(config.train.seed)
-    data = make_shapes(config.data.shapes)
+    shapes = config.data.shapes
+    if config.data.source == "shards":
+        shapes = dataclasses.replace(shapes, num_train=2)
+    data = make_shapes(shapes)
     tokenizer = _tokenizer(config, data, run_dir)
     model = build_model(config.model, config.topology.build(), vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_token_id)
     return data, tokenizer, model
@@ -100,8 +116,12 @@ def evaluate(
     retrieval_set: RetrievalSet | None,
     batch_size: int,
     device: torch.device,
+    robustness: bool = True,
+    plot_dir: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """Zero-shot accuracy on each classification task and recall on the retrieval set."""
+    """Zero-shot accuracy on each classification task and recall on the retrieval set; with
+    ``robustness`` also calibration, geometry and mixup hardness on the retrieval set (its
+    PNG plots go to ``plot_dir`` when given)."""
     results: dict[str, Any] = {}
     if tasks:
         results["zeroshot"] = {
@@ -109,6 +129,10 @@ def evaluate(
         }
     if retrieval_set is not None:
         results["retrieval"] = evaluate_retrieval(model, retrieval_set, tokenizer, batch_size=batch_size, device=device)
+        if robustness:
+            results["robustness"] = evaluate_robustness(
+                model, retrieval_set, tokenizer, batch_size=batch_size, device=device, plot_dir=plot_dir
+            )
     return results
 
 
@@ -139,10 +163,26 @@ def format_summary(results: dict[str, Any]) -> str:
         for direction in ("i2t", "t2i"):
             cells = "".join(f"{100 * retrieval.get(f'{direction}_R@{k}', float('nan')):>7.1f}%" for k in (1, 5, 10))
             lines.append(f"{direction:<16}{cells}")
+    robustness = results.get("eval", {}).get("robustness", {})
+    if robustness:
+        def num(x):  # None: a non-finite value made JSON-safe
+            return "n/a" if x is None else f"{x:.3f}"
+
+        cal, geo, hard = robustness["calibration"], robustness["geometry"], robustness["hardness"]
+        b = cal["reliability_bins"]
+        lines.append(f"{'ECE (' + str(b) + ' bins)':<16}i2t {num(cal[f'i2t_ece_{b}'])}  t2i {num(cal[f't2i_ece_{b}'])}")
+        lines.append(
+            f"{'geometry':<16}align {num(geo['alignment'])}  unif {num(geo['uniformity'])}  "
+            f"gap {num(geo['modality_gap'])}  (lower is better)"
+        )
+        lines.append(
+            f"{'mixup hardness':<16}similarity to positives {num(hard['mean_positive'])}, original negatives "
+            f"{num(hard['mean_original'])}, mixed negatives {num(hard['mean_mixed'])} (lam {hard['lam']:g})"
+        )
     return "\n".join(lines)
 
 
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
+def write_json(path: Path, payload: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     os.replace(tmp, path)
@@ -159,37 +199,97 @@ def _config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
     return keys
 
 
+def build_loss(config: ExperimentConfig, topology) -> ContrastiveLoss:
+    """The run's contrastive loss: ``train.local_loss`` and the ``loss`` section's tiling."""
+    return ContrastiveLoss(
+        topology,
+        local_loss=config.train.local_loss,
+        tile_threshold=config.loss.tile_threshold,
+        tile_size=config.loss.tile_size,
+    )
+
+
+def _shard_stream(config: ExperimentConfig, info: DistInfo):
+    from topoclip.data.shards import ShardStream
+    from topoclip.data.transforms import ImageTransform
+
+    sc, shapes = config.data.shards, config.data.shapes
+    return ShardStream(
+        sc.urls,
+        epoch_length=sc.epoch_length,
+        batch_size=config.train.batch_size,
+        transform=ImageTransform(shapes.image_size, shapes.mean, shapes.std),
+        shuffle_buffer=sc.shuffle_buffer,
+        resampled=sc.resample,
+        seed=config.train.seed,
+        rank=info.rank,
+        world=info.world_size,
+        strict=sc.strict,
+    )
+
+
 def run(config: ExperimentConfig, run_dir: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Train (or continue) a run, evaluate it and write ``results.json``; returns the results."""
+    """Train (or continue) a run, evaluate it and write ``results.json``; returns the results.
+
+    Under torchrun (or srun) every process calls this: it joins the process group, trains
+    its share of each batch, and rank 0 evaluates and writes the results (the other ranks
+    return the training summary only).
+    """
+    import torch.distributed as dist
+
+    owns_group = not (dist.is_available() and dist.is_initialized())
+    info = init_distributed(config.train.device)
+    try:
+        return _run(config, run_dir, info)
+    finally:
+        if owns_group:
+            cleanup()
+
+
+def _run(config: ExperimentConfig, run_dir: str | os.PathLike | None, info: DistInfo) -> dict[str, Any]:
     started = time.perf_counter()
+    say = print if info.is_main else (lambda *args, **kwargs: None)
     if config.train.threads is not None:
         torch.set_num_threads(config.train.threads)
-    device = resolve_device(config.train.device)
-    run_dir, resume = prepare_run_dir(config, run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    saved_config = run_dir / RUN_CONFIG_FILE
-    if resume and saved_config.is_file():
-        from .config import load_config
+    device = info.device if info.distributed else resolve_device(config.train.device)
+    # Rank 0 picks (and prepares) the run directory; a fresh run's "-1" suffix must not be
+    # decided by each rank after another one has already written into the directory.
+    if info.is_main:
+        run_dir, resume = prepare_run_dir(config, run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        saved_config = run_dir / RUN_CONFIG_FILE
+        if resume and saved_config.is_file():
+            from .config import load_config
 
-        changed = [
-            k for k in _config_differences(to_dict(load_config(saved_config)), to_dict(config)) if k != "train.resume"
-        ]
-        if changed:
-            print(f"warning: resuming with a config that differs from the run's in: {', '.join(changed)}")
-    else:
-        save_config(config, saved_config)
+            changed = [
+                k for k in _config_differences(to_dict(load_config(saved_config)), to_dict(config)) if k != "train.resume"
+            ]
+            if changed:
+                print(f"warning: resuming with a config that differs from the run's in: {', '.join(changed)}")
+        else:
+            save_config(config, saved_config)
+    run_dir, resume = broadcast_object((run_dir, resume) if info.is_main else None, info)
 
+    # Rank 0 builds first and saves the tokenizer; the others then load that one (training a
+    # WordPiece twice need not give the same vocabulary).
+    if not info.is_main:
+        barrier(info)
     data, tokenizer, model = build_components(config, run_dir)
+    if info.is_main:
+        barrier(info)
+    loss_fn = build_loss(config, model.topology)
+    train_set = _shard_stream(config, info) if config.data.source == "shards" else data.train
     trainer = Trainer(
-        model, ContrastiveLoss(model.topology), data.train, make_collate(tokenizer), config, run_dir, device=device
+        model, loss_fn, train_set, make_collate(tokenizer), config, run_dir, device=device, dist_info=info
     )
     if resume:
         trainer.resume()
-        print(f"resuming {run_dir} at step {trainer.step}/{trainer.total_steps}")
+        say(f"resuming {run_dir} at step {trainer.step}/{trainer.total_steps}")
     num_params = sum(p.numel() for p in model.parameters())
-    print(
+    processes = f", {info.world_size} processes" if info.distributed else ""
+    say(
         f"run {run_dir}: {config.topology.name} (d={model.topology.dim}, k={config.model.num_tokens}), "
-        f"{num_params / 1e6:.2f}M parameters, {len(data.train)} training pairs, device {device}"
+        f"{num_params / 1e6:.2f}M parameters, {trainer.num_items} training pairs per epoch, device {device}{processes}"
     )
     result: TrainResult = trainer.fit()
     results: dict[str, Any] = {
@@ -204,13 +304,18 @@ def run(config: ExperimentConfig, run_dir: str | os.PathLike | None = None) -> d
             "checkpoint": str(result.checkpoint) if result.checkpoint else None,
         },
     }
+    if not info.is_main:
+        return results  # rank 0 evaluates and writes results.json
     if config.eval.enabled:
         start = time.perf_counter()
         tasks, retrieval_set = shapes_eval_sets(data, config)
-        results["eval"] = evaluate(model, tokenizer, tasks, retrieval_set, config.eval.batch_size, device)
+        results["eval"] = evaluate(
+            model, tokenizer, tasks, retrieval_set, config.eval.batch_size, device,
+            robustness=config.eval.robustness, plot_dir=run_dir / "plots",
+        )
         results["eval"]["seconds"] = time.perf_counter() - start
     results["total_seconds"] = time.perf_counter() - started  # data + model + training + evaluation
-    _write_json(run_dir / RESULTS_FILE, results)
+    write_json(run_dir / RESULTS_FILE, results)
     print(format_summary(results))
     print(f"results: {run_dir / RESULTS_FILE}")
     return results
@@ -233,38 +338,44 @@ def evaluate_checkpoint(
     ``data.*`` overrides applied). ``folders``: image-folder classification sets for
     zero-shot; ``karpathy``: a Karpathy-style JSON retrieval set whose images are under
     ``image_root``. Real images are resized to the size the model was trained on.
+    Robustness plots (``eval.robustness``) go to ``<output stem>_plots/`` beside the JSON.
     """
     ckpt = resolve_checkpoint(checkpoint)
     for text in data_overrides:
-        if not text.startswith("data."):
-            raise ValueError(f"--data {text}: data overrides must start with data., e.g. data.shapes.noise=0.0")
+        if not text.startswith("data.shapes."):
+            raise ValueError(f"--data {text}: data overrides must start with data.shapes., e.g. data.shapes.noise=0.0")
     if karpathy is not None and image_root is None:
         raise ValueError("--image-root: needed with --karpathy (the directory the JSON's file names are under)")
-    config = config_from_dict(apply_overrides(read_checkpoint_config(ckpt), list(data_overrides)))
-    bs = batch_size if batch_size is not None else config.eval.batch_size
+    # A trained or a fine-tuned run: the model, its tokenizer and the data it was trained on.
+    loaded = load_run_model(ckpt)
+    model, tokenizer, eval_config = loaded.model, loaded.tokenizer, loaded.eval
+    bs = batch_size if batch_size is not None else eval_config.batch_size
     if bs < 1:
         raise ValueError(f"--batch-size: must be >= 1, got {bs}")
-    tokenizer_dir = ckpt.parent.parent / TOKENIZER_DIR
-    if not tokenizer_dir.is_dir():
-        raise ValueError(f"checkpoint: no tokenizer directory at {tokenizer_dir}")
 
     if folders or karpathy is not None:
-        shapes = config.data.shapes
-        image = dict(image_size=shapes.image_size, mean=shapes.mean, std=shapes.std)
+        image = dict(image_size=loaded.image_size, mean=loaded.mean, std=loaded.std)
         # verify: drop unreadable files up front, so every image is evaluated once under its own label.
         tasks = [ImageFolderClassification(folder, verify=True, **image) for folder in folders]
         retrieval_set = KarpathyRetrieval(karpathy, image_root, split, **image) if karpathy is not None else None
     else:
-        tasks, retrieval_set = shapes_eval_sets(make_shapes(config.data.shapes), config)
+        shapes = apply_overrides({"shapes": to_dict(loaded.data or loaded.reference)}, [t[len("data."):] for t in data_overrides])
+        data = make_shapes(from_dict(ShapesConfig, shapes["shapes"], "data.shapes"))
+        tasks = data.zeroshot_tasks("test") if eval_config.zeroshot else []
+        retrieval_set = data.retrieval_set("test") if eval_config.retrieval else None
 
-    tokenizer = TextTokenizer.load(tokenizer_dir)
-    model = build_model(config.model, config.topology.build(), vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_token_id)
-    load_weights(model, ckpt)
     dev = resolve_device(device)
     model.to(dev)
-    results = {"checkpoint": str(ckpt), "eval": evaluate(model, tokenizer, tasks, retrieval_set, bs, dev)}
     out = Path(output) if output is not None else ckpt.parent.parent / "eval_results.json"
-    _write_json(out, results)
+    # <stem>_plots beside the JSON: never overwrites the training run's own plots/.
+    plot_dir = out.parent / f"{out.stem}_plots"
+    results = {
+        "checkpoint": str(ckpt),
+        "eval": evaluate(
+            model, tokenizer, tasks, retrieval_set, bs, dev, robustness=eval_config.robustness, plot_dir=plot_dir
+        ),
+    }
+    write_json(out, results)
     print(format_summary(results))
     print(f"results: {out}")
     return results

@@ -12,6 +12,12 @@ logit scale's gradient once per micro-batch). The gradient cache keeps the full-
 Random state (dropout, stochastic depth) is recorded before each chunk's first pass and
 replayed for its second, so both passes compute the same function. The parameter gradients
 equal those of one full-batch step up to rounding.
+
+Under DistributedDataParallel every re-encoding but the last runs under ``no_sync`` and the
+last one's backward all-reduces the accumulated gradients. A parameter the loss uses directly
+(the logit scale) would get its gradient outside that backward and never be synchronised, so
+``encode`` may return it as a third output: it is then handed to the loss as a leaf, and its
+gradient is back-propagated together with the last chunk.
 """
 
 from __future__ import annotations
@@ -58,26 +64,31 @@ def gradcache_backward(
     """Run steps 1-3 above and leave the full-batch gradients in the parameters' ``.grad``.
 
     Args:
-        encode: chunk -> (image points, text points), with autograd when it is enabled.
+        encode: chunk -> (image points, text points[, *shared]), with autograd when it is
+            enabled. ``shared`` outputs do not depend on the chunk (the logit scale).
         chunks: the global batch split into chunks (``split_batch``).
-        loss_fn: (all image points, all text points) -> loss, or (loss, details); it may
-            involve parameters of its own (the logit scale), which get their gradient here.
+        loss_fn: (all image points, all text points, *shared) -> loss, or (loss, details); it
+            may also involve parameters of its own, which get their gradient here.
         no_sync: a context manager factory (``ddp_model.no_sync``) that suppresses gradient
             all-reduce; used for every re-encoding but the last.
     Returns what ``loss_fn`` returned, detached.
     """
     devices = set()
     states, image_parts, text_parts = [], [], []
+    shared: list[Tensor] = []
     with torch.no_grad():
-        for chunk in chunks:
+        for k, chunk in enumerate(chunks):
             devices.update(t.device for t in chunk.values() if torch.is_tensor(t))
             states.append(RandomState(devices))
-            u, v = encode(chunk)
+            u, v, *extra = encode(chunk)
             image_parts.append(u)
             text_parts.append(v)
+            if k == 0:
+                shared = extra
     image_all = torch.cat(image_parts).requires_grad_(True)
     text_all = torch.cat(text_parts).requires_grad_(True)
-    result = loss_fn(image_all, text_all)
+    shared_leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in shared]
+    result = loss_fn(image_all, text_all, *shared_leaves)
     loss = result[0] if isinstance(result, tuple) else result
     loss.backward()
     image_grads = image_all.grad.split([p.shape[0] for p in image_parts])
@@ -89,8 +100,14 @@ def gradcache_backward(
         ctx = no_sync() if (no_sync is not None and not last) else contextlib.nullcontext()
         with ctx:
             states[k].restore()
-            u, v = encode(chunk)
-            torch.autograd.backward([u, v], [image_grads[k].to(u.dtype), text_grads[k].to(v.dtype)])
+            u, v, *extra = encode(chunk)
+            outputs, grads = [u, v], [image_grads[k].to(u.dtype), text_grads[k].to(v.dtype)]
+            if last:
+                for out, leaf in zip(extra, shared_leaves):
+                    if leaf.grad is not None and out.requires_grad:
+                        outputs.append(out)
+                        grads.append(leaf.grad.to(out.dtype))
+            torch.autograd.backward(outputs, grads)
     after.restore()
     if isinstance(result, tuple):
         return result[0].detach(), result[1]

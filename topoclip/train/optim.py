@@ -68,17 +68,27 @@ def no_weight_decay_names(model: nn.Module) -> set[str]:
     return names
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: ``decay`` (weight matrices) and ``no_decay`` (see above)."""
+def param_groups(model: nn.Module, weight_decay: float, scale_lr: float | None = None) -> list[dict]:
+    """AdamW groups: ``decay`` (weight matrices) and ``no_decay`` (see above); with
+    ``scale_lr``, the logit scale gets a group of its own with that peak lr.
+
+    Why a separate lr: Adam moves a parameter by about lr per step whatever its gradient, so
+    at lr 1e-3 a few hundred steps change the log-scale by a few tenths at most: too little
+    for a short run to show where the temperature wants to go (CLIP's runs take ~10^5 steps).
+    """
     skip = no_weight_decay_names(model)
-    decay, no_decay = [], []
+    decay, no_decay, scale = [], [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if name in skip else decay).append(param)
+        if scale_lr is not None and "logit_scale" in name:
+            scale.append(param)
+        else:
+            (no_decay if name in skip else decay).append(param)
     groups = [
         {"name": "decay", "params": decay, "weight_decay": weight_decay},
         {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
+        {"name": "logit_scale", "params": scale, "weight_decay": 0.0, "lr": scale_lr},
     ]
     return [g for g in groups if g["params"]]
 
@@ -89,9 +99,10 @@ def build_optimizer(
     weight_decay: float,
     betas: tuple[float, float] = (0.9, 0.98),
     eps: float = 1e-6,
+    scale_lr: float | None = None,
 ) -> torch.optim.AdamW:
     # foreach: one fused kernel launch per group instead of one per tensor (CPU and GPU).
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, foreach=True)
+    return torch.optim.AdamW(param_groups(model, weight_decay, scale_lr), lr=lr, betas=betas, eps=eps, foreach=True)
 
 
 def cosine_warmup_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:

@@ -14,7 +14,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import Sampler
 
-__all__ = ["EpochBatchSampler", "epoch_seed"]
+__all__ = ["EpochBatchSampler", "RankBatchSampler", "epoch_seed"]
 
 # Large odd multiplier: seeds of neighbouring epochs/seeds do not collide for any sane run.
 _EPOCH_STRIDE = 1_000_003
@@ -59,3 +59,22 @@ class EpochBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return self.batches_per_epoch - self.start_batch
+
+
+class RankBatchSampler(Sampler[list[int]]):
+    """One rank's rows of every global batch of ``batches``.
+
+    All ranks draw the same global batches (same seed and epoch); each keeps its contiguous
+    slice, so W ranks together see exactly the batches of a 1-process run.
+    """
+
+    def __init__(self, batches: EpochBatchSampler, rows: slice):
+        self.batches = batches
+        self.rows = rows
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.batches:
+            yield batch[self.rows]
+
+    def __len__(self) -> int:
+        return len(self.batches)

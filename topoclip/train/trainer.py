@@ -11,6 +11,16 @@ Exact resume: the batch order is a function of (seed, epoch) (see ``sampler.py``
 checkpoint stores the weights, optimizer, scheduler, every RNG state and the step; a run
 killed at any point and resumed from its last checkpoint replays the same batches with the
 same random numbers and ends with the same weights as an uninterrupted run.
+
+Multi-process (``distributed.py``, launched by torchrun): ``train.batch_size`` is the global
+batch; every rank draws the same global batch and keeps its slice, the model runs under
+DistributedDataParallel, and the loss gathers the features with gradients. The logit scale is
+computed inside the DDP forward so that its gradient is averaged like every other one. Rank 0
+alone writes logs and checkpoints; every rank loads a checkpoint on resume.
+
+A streaming training set (an IterableDataset such as ``topoclip.data.shards.ShardStream``)
+has no random access: an epoch is ``epoch_length // batch_size`` batches read from the
+stream, and a resumed run continues with a fresh pass (not bit-exact).
 """
 
 from __future__ import annotations
@@ -20,13 +30,14 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
 from .checkpoint import (
@@ -41,12 +52,22 @@ from .checkpoint import (
 )
 from .config import ExperimentConfig
 from .dataclass_io import to_dict
+from .distributed import (
+    DistInfo,
+    all_gather_object,
+    barrier,
+    broadcast_object,
+    current_info,
+    mean_across_ranks,
+    rank_slice,
+    wrap_model,
+)
 from .gradcache import gradcache_backward, split_batch
 from .logging import RunLogger
 from .optim import build_optimizer, build_scheduler
-from .sampler import EpochBatchSampler, epoch_seed
+from .sampler import EpochBatchSampler, RankBatchSampler, epoch_seed
 
-__all__ = ["Trainer", "TrainResult", "seed_everything", "seed_worker"]
+__all__ = ["Trainer", "TrainResult", "seed_everything", "seed_worker", "enable_grad_checkpointing"]
 
 
 def seed_everything(seed: int) -> None:
@@ -62,6 +83,48 @@ def seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
+
+
+def enable_grad_checkpointing(model: nn.Module) -> int:
+    """Switch on activation checkpointing in every part of ``model`` that supports it (the
+    towers: timm / OpenCLIP ``set_grad_checkpointing``, transformers models); returns how many.
+    Raises ValueError if nothing supports it."""
+    switched = 0
+
+    def visit(module: nn.Module) -> None:
+        nonlocal switched
+        if callable(getattr(module, "set_grad_checkpointing", None)):
+            module.set_grad_checkpointing(True)
+            switched += 1
+            return
+        if getattr(module, "supports_gradient_checkpointing", False):  # a transformers model
+            if hasattr(module, "activation_checkpointing_enable"):
+                module.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            switched += 1
+            return
+        for child in module.children():
+            visit(child)
+
+    visit(model)
+    if not switched:
+        raise ValueError(f"train.grad_checkpointing: no part of the {type(model).__name__} supports activation checkpointing")
+    return switched
+
+
+class _ForwardWithScale(nn.Module):
+    """``model(images, ids, mask)`` plus the logit scale, computed inside one forward: under
+    DistributedDataParallel a parameter used outside the wrapped forward would get a gradient
+    that is never averaged across ranks."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images, input_ids, attention_mask):
+        u, v = self.model(images, input_ids, attention_mask)
+        return u, v, self.model.logit_scale()
 
 
 @dataclass
@@ -83,6 +146,11 @@ class Trainer:
     points and the scale; ``collate_fn`` turns a list of dataset items into a dict with
     ``images``, ``input_ids``, ``attention_mask``. ``config`` supplies the optim, schedule,
     train and logging sections; ``run_dir`` receives checkpoints and logs.
+
+    ``dist_info``: this process's place in a multi-process run (default: the initialised
+    torch.distributed group, if any). ``train_set`` may be an IterableDataset with an
+    ``epoch_length`` attribute (samples per epoch over all ranks) that yields this rank's
+    pairs, e.g. ``ShardStream``.
     """
 
     def __init__(
@@ -94,10 +162,13 @@ class Trainer:
         config: ExperimentConfig,
         run_dir: str | os.PathLike,
         device: torch.device | str | None = None,
+        *,
+        dist_info: DistInfo | None = None,
     ):
         self.config = config
         self.run_dir = Path(run_dir)
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.dist = dist_info if dist_info is not None else current_info(self.device)
         self.model = model.to(self.device)
         precision = config.train.precision
         if precision == "fp16" and self.device.type != "cuda":
@@ -110,16 +181,44 @@ class Trainer:
         self.collate_fn = collate_fn
 
         tc = config.train
-        self.batch_size = tc.batch_size
-        self.batches_per_epoch = len(train_set) // tc.batch_size
+        self.batch_size = tc.batch_size  # the global batch, over all ranks
+        # This rank's rows of each global batch; None in a single process.
+        self.rows = rank_slice(tc.batch_size, self.dist) if self.dist.distributed else None
+        self.local_batch_size = tc.batch_size // self.dist.world_size
+        self.streaming = isinstance(train_set, IterableDataset)
+        if self.streaming:
+            self.num_items = getattr(train_set, "epoch_length", None)
+            if self.num_items is None:
+                raise ValueError("train_set: a streaming training set needs an epoch_length (samples per epoch)")
+            stream_batch = getattr(train_set, "batch_size", tc.batch_size)
+            if stream_batch != tc.batch_size:
+                raise ValueError(f"train.batch_size: {tc.batch_size} differs from the stream's batch_size={stream_batch}")
+        else:
+            self.num_items = len(train_set)
+        self.batches_per_epoch = self.num_items // tc.batch_size
         if self.batches_per_epoch == 0:
             raise ValueError(
-                f"train.batch_size: {tc.batch_size} is larger than the training set ({len(train_set)} pairs)"
+                f"train.batch_size: {tc.batch_size} is larger than the training set ({self.num_items} pairs)"
             )
         self.total_steps = tc.steps if tc.steps is not None else tc.epochs * self.batches_per_epoch
 
+        if tc.grad_checkpointing:
+            enable_grad_checkpointing(model)
+        self._forward: nn.Module = _ForwardWithScale(self.model)
+        self._ddp = None
+        if self.dist.distributed:
+            self._ddp = wrap_model(self._forward, self.dist)
+            self._forward = self._ddp
+            # Same weights on every rank (DDP broadcast rank 0's); from here on each rank draws
+            # its own random numbers, so that dropout masks differ between ranks' samples.
+            seed_everything(tc.seed + 1_000_003 * self.dist.rank)
+        if tc.compile:
+            if not hasattr(torch, "compile"):
+                raise ValueError("train.compile: this torch has no torch.compile")
+            self._forward = torch.compile(self._forward)
+
         oc = config.optim
-        self.optimizer = build_optimizer(model, oc.lr, oc.weight_decay, tuple(oc.betas), oc.eps)
+        self.optimizer = build_optimizer(model, oc.lr, oc.weight_decay, tuple(oc.betas), oc.eps, oc.logit_scale_lr)
         self.scheduler = build_scheduler(
             self.optimizer, oc.warmup_steps, self.total_steps, config.schedule.name, config.schedule.min_lr_ratio
         )
@@ -137,40 +236,60 @@ class Trainer:
         return self.run_dir / CHECKPOINTS_DIR
 
     def training_state(self) -> dict[str, Any]:
+        """The state to checkpoint. In a multi-process run every rank must call it (it gathers
+        each rank's RNG state)."""
         epoch, batch = divmod(self.step, self.batches_per_epoch)
-        return {
+        rng = capture_rng_state()
+        state = {
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "rng": capture_rng_state(),
-            "data": {"epoch": epoch, "batch": batch, "num_items": len(self.train_set), "batch_size": self.batch_size},
+            "rng": rng,
+            "data": {"epoch": epoch, "batch": batch, "num_items": self.num_items, "batch_size": self.batch_size},
             "skipped_steps": self.skipped_steps,
             "total_steps": self.total_steps,
             # A loss with state of its own (the mixup losses' lambda generator) resumes too.
             "loss": self.loss_fn.state_dict() if isinstance(self.loss_fn, nn.Module) else {},
+            # fp16 loss scaling: the current scale and its growth tracker.
+            "grad_scaler": self.grad_scaler.state_dict() if self.grad_scaler is not None else {},
         }
+        if self.dist.distributed:
+            state["rng_ranks"] = all_gather_object(rng, self.dist)
+        return state
 
     def save(self) -> Path:
-        return save_checkpoint(
-            self.checkpoints_dir,
-            self.step,
-            self.model,
-            self.training_state(),
-            to_dict(self.config),
-            keep_last=self.config.train.keep_last,
-        )
+        """Write a checkpoint (rank 0 writes; every rank must call this and waits for it)."""
+        state = self.training_state()
+        path = self.checkpoints_dir / f"step_{self.step:08d}"
+        if self.dist.is_main:
+            path = save_checkpoint(
+                self.checkpoints_dir,
+                self.step,
+                self.model,
+                state,
+                to_dict(self.config),
+                keep_last=self.config.train.keep_last,
+            )
+        barrier(self.dist)
+        return path
 
     def resume(self, checkpoint_dir: str | os.PathLike | None = None) -> bool:
-        """Load the latest (or the given) checkpoint; False if there is none."""
-        remove_stale_temporaries(self.checkpoints_dir)
+        """Load the latest (or the given) checkpoint; False if there is none.
+
+        In a multi-process run every rank calls this and loads rank 0's choice of checkpoint."""
+        if self.dist.is_main:
+            remove_stale_temporaries(self.checkpoints_dir)
         path = Path(checkpoint_dir) if checkpoint_dir is not None else latest_checkpoint(self.run_dir)
+        if self.dist.distributed:
+            path = broadcast_object(None if path is None else str(path), self.dist)
+            path = None if path is None else Path(path)
         if path is None:
             return False
         state = load_training_state(path)
         data = state["data"]
-        if data["num_items"] != len(self.train_set) or data["batch_size"] != self.batch_size:
+        if data["num_items"] != self.num_items or data["batch_size"] != self.batch_size:
             raise ValueError(
                 f"checkpoint {path}: trained on {data['num_items']} pairs in batches of {data['batch_size']}, "
-                f"but this run has {len(self.train_set)} pairs in batches of {self.batch_size}; "
+                f"but this run has {self.num_items} pairs in batches of {self.batch_size}; "
                 "the data order cannot be continued"
             )
         load_weights(self.model, path)
@@ -185,7 +304,15 @@ class Trainer:
             group["lr"] = base_lr * factor(self.scheduler.last_epoch)
         if isinstance(self.loss_fn, nn.Module) and state.get("loss"):
             self.loss_fn.load_state_dict(state["loss"])
-        restore_rng_state(state["rng"])
+        if self.grad_scaler is not None and state.get("grad_scaler"):
+            self.grad_scaler.load_state_dict(state["grad_scaler"])
+        rng_ranks = state.get("rng_ranks")
+        # Each rank continues its own random stream; a run resumed on another number of
+        # processes starts every rank from rank 0's.
+        if rng_ranks and len(rng_ranks) == self.dist.world_size:
+            restore_rng_state(rng_ranks[self.dist.rank])
+        else:
+            restore_rng_state(state["rng"])
         self.step = int(state["step"])
         self.skipped_steps = int(state["skipped_steps"])
         self.resumed_from = self.step
@@ -194,19 +321,27 @@ class Trainer:
     # ------------------------------------------------------------------ data
     def _loader(self, epoch: int, start_batch: int) -> DataLoader:
         seed = self.config.train.seed
-        sampler = EpochBatchSampler(len(self.train_set), self.batch_size, seed, epoch, start_batch)
         workers = self.config.train.num_workers
-        return DataLoader(
-            self.train_set,
-            batch_sampler=sampler,
+        loader_seed = epoch_seed(seed, epoch)
+        if self.dist.distributed:  # each rank's workers draw their own augmentations
+            loader_seed = (loader_seed + self.dist.rank * 2**40) % (2**63 - 1)
+        common = dict(
             collate_fn=self.collate_fn,
             num_workers=workers,
             # The loader's own generator seeds the workers: reproducible per epoch, and the
             # global RNG (dropout etc.) is not consumed by starting an epoch.
-            generator=torch.Generator().manual_seed(epoch_seed(seed, epoch)),
+            generator=torch.Generator().manual_seed(loader_seed),
             worker_init_fn=seed_worker if workers > 0 else None,
             pin_memory=self.device.type == "cuda",
         )
+        if self.streaming:
+            if hasattr(self.train_set, "set_epoch"):
+                self.train_set.set_epoch(epoch)
+            return DataLoader(self.train_set, batch_size=self.local_batch_size, drop_last=True, **common)
+        sampler = EpochBatchSampler(self.num_items, self.batch_size, seed, epoch, start_batch)
+        if self.rows is not None:
+            sampler = RankBatchSampler(sampler, self.rows)
+        return DataLoader(self.train_set, batch_sampler=sampler, **common)
 
     def _batches(self):
         """Batches from the current step on, across epoch boundaries, until total_steps."""
@@ -214,7 +349,23 @@ class Trainer:
             epoch, start = divmod(self.step, self.batches_per_epoch)
             if hasattr(self.loss_fn, "set_epoch"):
                 self.loss_fn.set_epoch(epoch)  # epoch-dependent losses (mixup weight decay)
-            for batch in self._loader(epoch, start):
+            loader = self._loader(epoch, start)
+            if self.streaming:
+                # Every rank must take the same number of steps: exactly the epoch's remaining
+                # batch count, and a stream that ends early is an error, not a shorter epoch.
+                expected, got = self.batches_per_epoch - start, 0
+                for batch in islice(loader, expected):
+                    got += 1
+                    yield epoch, batch
+                    if self.step >= self.total_steps:
+                        return
+                if got < expected:
+                    raise ValueError(
+                        f"train_set: the stream ended after {got} of {expected} batches in epoch {epoch} "
+                        "(too few shards for the ranks x workers, or unreadable samples)"
+                    )
+                continue
+            for batch in loader:
                 yield epoch, batch
                 if self.step >= self.total_steps:
                     return
@@ -237,19 +388,22 @@ class Trainer:
             if scaler is not None:
                 raise ValueError("train.grad_cache_chunk: not supported with train.precision=fp16 (use bf16)")
             chunks = split_batch({"images": images, "input_ids": input_ids, "attention_mask": attention_mask}, chunk)
+            # The scale comes out of the (DDP) forward and its gradient goes back through the
+            # last chunk's backward, where DDP averages it (gradcache.py).
             loss, info = gradcache_backward(
-                lambda c: self._encode(c["images"], c["input_ids"], c["attention_mask"]),
+                lambda c: self._encode_with_scale(c["images"], c["input_ids"], c["attention_mask"]),
                 chunks,
-                lambda a, b: self.loss_fn(a, b, model.logit_scale(), return_details=True),
+                lambda a, b, s: self.loss_fn(a, b, s, return_details=True),
+                no_sync=self._ddp.no_sync if self._ddp is not None else None,
             )
             scale = model.logit_scale().detach()
-            loss_value = loss.item()
+            loss_value, info = self._mean_over_ranks(loss.item(), info)
             skipped = not math.isfinite(loss_value)
         else:
-            u, v = self._encode(images, input_ids, attention_mask)
-            scale = model.logit_scale()
+            u, v, scale = self._encode_with_scale(images, input_ids, attention_mask)
             loss, info = self.loss_fn(u, v, scale, return_details=True)
-            loss_value = loss.item()
+            # Every rank must take the same decision (a backward runs collectives).
+            loss_value, info = self._mean_over_ranks(loss.item(), info)
             skipped = not math.isfinite(loss_value)
             if not skipped:
                 (scaler.scale(loss) if scaler is not None else loss).backward()
@@ -288,26 +442,42 @@ class Trainer:
             "skipped": skipped,
         }
 
+    def _mean_over_ranks(self, loss_value: float, info: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+        """The loss and numeric details averaged over the ranks (with local_loss each rank
+        reports its own rows; equal row counts make the mean the global value)."""
+        if not self.dist.distributed:
+            return loss_value, info
+        keys = sorted(k for k, v in info.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+        means = mean_across_ranks([loss_value] + [float(info[k]) for k in keys], self.dist)
+        return means[0], {**info, **dict(zip(keys, means[1:]))}
+
     def _encode(self, images, input_ids, attention_mask):
-        """The towers under autocast when configured; points come out in fp32 (the topology's
-        project computes half precision in fp32), so the loss never sees bf16/fp16."""
+        """(u, v): the points of a batch, as the training step computes them."""
+        u, v, _ = self._encode_with_scale(images, input_ids, attention_mask)
+        return u, v
+
+    def _encode_with_scale(self, images, input_ids, attention_mask):
+        """(u, v, scale): the towers under autocast when configured; points come out in fp32
+        (the topology's project computes half precision in fp32), so the loss never sees
+        bf16/fp16."""
         if self.autocast_dtype is None:
-            return self.model(images, input_ids, attention_mask)
+            return self._forward(images, input_ids, attention_mask)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype):
-            u, v = self.model(images, input_ids, attention_mask)
-        return u.float(), v.float()
+            u, v, scale = self._forward(images, input_ids, attention_mask)
+        return u.float(), v.float(), scale.float()
 
     # ------------------------------------------------------------------- fit
     def fit(self) -> TrainResult:
         tc, lc = self.config.train, self.config.logging
-        self.model.train()
+        self._forward.train()
         every = tc.checkpoint_every
-        logger = RunLogger(self.run_dir, jsonl=lc.jsonl, tensorboard=lc.tensorboard, resume_step=self.step)
+        main = self.dist.is_main  # rank 0 alone logs and shows progress
+        logger = RunLogger(self.run_dir, jsonl=lc.jsonl, tensorboard=lc.tensorboard, resume_step=self.step) if main else None
         bar = tqdm(
             total=self.total_steps,
             initial=self.step,
             desc="train",
-            disable=not lc.progress,
+            disable=not (lc.progress and main),
             dynamic_ncols=True,
             mininterval=0.5,
         )
@@ -323,7 +493,8 @@ class Trainer:
                 elapsed, tick = now - tick, now
                 self.step_times.append(elapsed)
                 metrics["samples_per_s"] = self.batch_size / elapsed if elapsed > 0 else math.nan
-                logger.log({"step": self.step, "epoch": epoch, **metrics, "skipped_total": self.skipped_steps})
+                if logger is not None:
+                    logger.log({"step": self.step, "epoch": epoch, **metrics, "skipped_total": self.skipped_steps})
                 bar.set_postfix(
                     loss=f"{metrics['loss']:.3f}",
                     scale=f"{metrics['scale']:.2f}",
@@ -337,8 +508,9 @@ class Trainer:
             checkpoint = self.save() if self.step > 0 else None
         finally:
             bar.close()
-            logger.close()
-        if self.skipped_steps:
+            if logger is not None:
+                logger.close()
+        if self.skipped_steps and main:
             tqdm.write(f"warning: {self.skipped_steps} step(s) skipped because of a non-finite loss or gradient")
         return TrainResult(
             steps=self.step,

@@ -1,0 +1,99 @@
+"""`topoclip report` and the plots: PNG files are produced and non-empty; the HTML is one file
+with the tables and the images embedded."""
+
+import base64
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from topoclip.analysis.plots import plot_similarity_distributions, plot_temperature_trajectories, plot_uniformity_alignment
+from topoclip.analysis.run_metrics import ANALYSIS_FILE, SIMILARITY_FILE, load_similarities
+from topoclip.cli import main
+from topoclip.train import experiment
+from topoclip.train.config import load_config
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    # experiment.run applies train.threads process-wide; later tests get their threads back.
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+TINY = [
+    "train.steps=4", "train.batch_size=16", "train.checkpoint_every=2", "optim.warmup_steps=1",
+    "data.shapes.num_train=64", "data.shapes.num_val=8", "data.shapes.num_test=40",
+    "model.image.depth=1", "model.image.width=32", "model.image.heads=2",
+    "model.text.depth=1", "model.text.width=32", "model.text.heads=2",
+    "eval.batch_size=64", "logging.progress=false", "logging.tensorboard=false",
+    "train.threads=1",  # tiny ops: a second intra-op thread only waits on a busy machine
+]
+
+
+def _is_png(path: Path) -> bool:
+    data = path.read_bytes()
+    return data[:8] == PNG_MAGIC and len(data) > 5000
+
+
+def test_plots_are_written_as_non_empty_pngs(tmp_path):
+    rng = np.random.default_rng(0)
+    trajectories = {"a": [(1, 14.0), (2, 15.0), (3, 16.5)], "b": [(1, 1.0), (2, 1.1), (3, 1.3)], "empty": []}
+    assert _is_png(plot_temperature_trajectories(trajectories, tmp_path / "t.png"))
+    samples = {
+        "in-domain": {"positive": rng.normal(0.6, 0.1, 300), "negative": rng.normal(0.0, 0.2, 300),
+                      "image-image": rng.normal(0.3, 0.2, 300), "text-text": np.full(300, 0.5)},
+        "out-of-domain": {"positive": rng.normal(0.3, 0.1, 300), "negative": np.array([np.nan, 0.1, 0.2])},
+    }
+    assert _is_png(plot_similarity_distributions(samples, tmp_path / "deep" / "s.png", title="x"))
+    assert _is_png(plot_uniformity_alignment({"a": (1.0, -2.0), "b": (0.5, -1.0)}, tmp_path / "u.png"))
+    for plot in (plot_temperature_trajectories, plot_similarity_distributions, plot_uniformity_alignment):
+        with pytest.raises(ValueError, match="no "):
+            plot({}, tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()
+
+
+def test_run_report_computes_the_analysis_and_embeds_every_plot(tmp_path, capsys):
+    config = load_config(CONFIGS / "default.yaml", TINY + [f"output.dir={tmp_path}"])
+    run_dir = Path(experiment.run(config)["run_dir"])
+    assert not (run_dir / ANALYSIS_FILE).exists()
+
+    assert main(["report", str(run_dir), "--output", str(tmp_path / "page.html")]) == 0
+    assert capsys.readouterr().out.strip().endswith("page.html")
+    page = (tmp_path / "page.html").read_text()
+
+    # The analysis was computed once and cached beside the run's results.
+    analysis = json.loads((run_dir / ANALYSIS_FILE).read_text())
+    assert analysis["topology"]["label"] == "Ob(16,8) inner"
+    kinds = load_similarities(run_dir)
+    assert set(kinds) == {"in-domain", "out-of-domain"}
+    assert all(set(v) == {"positive", "negative", "image-image", "text-text"} for v in kinds.values())
+    assert (run_dir / SIMILARITY_FILE).is_file()
+
+    for png in ("temperature.png", "similarity.png"):
+        assert _is_png(run_dir / "plots" / png)
+    embedded = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    files = sorted((run_dir / "plots").rglob("*.png"))
+    assert len(embedded) == len(files) >= 2
+    assert sorted(base64.b64decode(e) for e in embedded) == sorted(p.read_bytes() for p in files)
+
+    # Tables: zero-shot per task, retrieval, and the analysis, with the numbers of the JSON files.
+    results = json.loads((run_dir / "results.json").read_text())
+    assert page.count("<table>") == 3
+    shape_top1 = 100 * results["eval"]["zeroshot"]["shape"]["top1"]
+    assert f'<td class="text">shape</td><td>{shape_top1:.1f}</td>' in page
+    assert f"{100 * analysis['linear_probe']['top1']:.1f}" in page
+    assert "http://" not in page and "https://" not in page  # self-contained
+
+
+def test_report_of_a_directory_that_is_neither_run_nor_grid(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("topoclip report: error: report:") and "neither a grid directory" in err

@@ -1,0 +1,225 @@
+"""Fine-tune a pretrained dual encoder on new data, robustly.
+
+Sources (``source.path``):
+- a topoclip run or checkpoint directory (trained by ``topoclip train`` or by this module);
+- an OpenCLIP weights file plus ``source.model_name`` (its architecture), or an OpenCLIP
+  model directory (``open_clip_config.json``);
+- a Hugging Face CLIP model directory.
+
+Methods (``finetune.method``):
+- ``ft``: plain contrastive fine-tuning;
+- ``m2mix``, ``vmix``, ``lmix``, ``vlmix``, ``m3mix``: the contrastive loss plus the geodesic
+  multi-modal mixup terms (``topoclip.losses.mixup``), on the model's own topology;
+- ``wise-ft``: ``ft``, then the weights interpolated between the zero-shot and the
+  fine-tuned model with ``finetune.wise_alpha`` (``topoclip.models.wise_ft``);
+- ``embedding-shift``: no training; the modality gap measured on the fine-tuning pairs is
+  closed at inference (``topoclip.eval.shift``).
+
+Every model is evaluated on two distributions: ``target`` (the fine-tuning data's test
+split) and ``reference`` (the original distribution the source was trained on), so a
+table shows what fine-tuning gains on the one and loses on the other.
+
+The data is the embedded shapes generator: by default the fine-tuning distribution differs
+from the default training data by its light background (``data.shapes.background``), and it is
+rendered at the source model's image size and normalisation.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_model
+from torch import nn
+
+from topoclip.data import CsvPairs, holdout_split, make_collate, make_shapes
+from topoclip.data.shapes import ShapesConfig
+from topoclip.eval import EmbeddingShiftModel, estimate_modality_gap
+from topoclip.losses import ContrastiveLoss
+from topoclip.losses.mixup import M3MixLoss
+from topoclip.models import interpolate_weights
+
+from .config import RUN_CONFIG_FILE
+from .experiment import evaluate, prepare_run_dir, resolve_device, write_json
+from .finetune_config import MIXUP_TERMS, FinetuneConfig, load_finetune_config
+from .loading import LoadedModel, load_source
+from .trainer import Trainer, seed_everything
+
+__all__ = ["WISE_DIR", "run_finetune", "format_finetune_table", "load_finetune_config"]
+
+WISE_DIR = "wise_ft"
+
+
+# ------------------------------------------------------------------------------ fine-tuning
+
+def _rendered_for(shapes: ShapesConfig, loaded: LoadedModel, **extra) -> ShapesConfig:
+    return dataclasses.replace(shapes, image_size=loaded.image_size, mean=loaded.mean, std=loaded.std, **extra)
+
+
+@dataclasses.dataclass
+class _Distribution:
+    tasks: list  # zero-shot classification sets
+    retrieval: Any  # a RetrievalSet or None
+
+
+def _shapes_distribution(data, config: FinetuneConfig) -> _Distribution:
+    return _Distribution(
+        data.zeroshot_tasks("test") if config.eval.zeroshot else [],
+        data.retrieval_set("test") if config.eval.retrieval else None,
+    )
+
+
+def _target_data(config: FinetuneConfig, loaded: LoadedModel):
+    """(training pairs, target evaluation sets) of the fine-tuning distribution."""
+    if config.data.source == "csv":
+        c = config.data.csv
+        pairs = CsvPairs(
+            c.path, c.image_root, loaded.image_transform(), sep=c.sep, image_key=c.image_key,
+            caption_key=c.caption_key, verify=c.verify,
+        )
+        train, holdout = holdout_split(pairs, c.holdout, config.train.seed)
+        return train, _Distribution([], holdout if config.eval.retrieval else None)
+    data = make_shapes(_rendered_for(config.data.shapes, loaded))
+    return data.train, _shapes_distribution(data, config)
+
+
+def _evaluate_both(model, loaded: LoadedModel, distributions: dict[str, _Distribution], config: FinetuneConfig, device, plot_dir: Path | None):
+    out: dict[str, Any] = {}
+    if not config.eval.enabled:
+        return out
+    for name, dist in distributions.items():
+        out[name] = evaluate(
+            model, loaded.tokenizer, dist.tasks, dist.retrieval, config.eval.batch_size, device,
+            robustness=config.eval.robustness, plot_dir=None if plot_dir is None else plot_dir / name,
+        )
+    return out
+
+
+def _save_weights_atomic(model: nn.Module, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_model(model, str(tmp))
+    os.replace(tmp, path)
+
+
+def run_finetune(config: FinetuneConfig, run_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Run one fine-tuning method (see the module docstring); writes and returns results.json."""
+    started = time.perf_counter()
+    if config.train.threads is not None:
+        torch.set_num_threads(config.train.threads)
+    device = resolve_device(config.train.device)
+    run_dir, resume = prepare_run_dir(config, run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / RUN_CONFIG_FILE).write_text(_yaml(config))
+
+    seed_everything(config.train.seed)
+    loaded = load_source(config.source, device)
+    model = loaded.model
+    train_set, target = _target_data(config, loaded)
+    # Only the reference's test split is used; its splits are generated independently, so a
+    # 2-pair training split leaves the test split unchanged and saves the rendering time.
+    reference = make_shapes(_rendered_for(config.data.reference or loaded.reference, loaded, num_train=2))
+    distributions = {"target": target, "reference": _shapes_distribution(reference, config)}
+    ratio = config.finetune.warmup_ratio
+    if ratio is not None and config.train.steps is None:  # epochs: the length is known only now
+        config.optim.warmup_steps = int(round(ratio * config.train.epochs * (len(train_set) // config.train.batch_size)))
+    collate = make_collate(loaded.tokenizer)
+    method = config.finetune.method
+    plots = run_dir / "plots"
+    print(f"finetune {run_dir}: {method} from {loaded.description} on {model.topology.name}, device {device}")
+
+    results: dict[str, Any] = {"run_dir": str(run_dir), "method": method, "source": loaded.description, "models": {}}
+    if config.finetune.eval_zero_shot:
+        results["models"]["zero_shot"] = _evaluate_both(model, loaded, distributions, config, device, plots / "zero_shot")
+
+    if method == "embedding-shift":
+        gap = estimate_modality_gap(model, train_set, collate, config.eval.batch_size, config.finetune.gap_pairs, device)
+        shifted = EmbeddingShiftModel(model, gap, config.finetune.shift)
+        results["models"]["embedding_shift"] = _evaluate_both(shifted, loaded, distributions, config, device, plots / "embedding_shift")
+        results["gap_norm"] = float(gap.norm())
+    else:
+        zero_shot_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if method in MIXUP_TERMS:
+            loss_fn: nn.Module = M3MixLoss(model.topology, config.finetune.mixup_weights(), seed=config.train.seed)
+        else:
+            loss_fn = ContrastiveLoss(model.topology)
+        trainer = Trainer(model, loss_fn, train_set, collate, config, run_dir, device=device)
+        if resume and trainer.resume():
+            print(f"resuming {run_dir} at step {trainer.step}/{trainer.total_steps}")
+        result = trainer.fit()
+        results["train"] = {
+            "steps": result.steps,
+            "skipped_steps": result.skipped_steps,
+            "final_loss": result.final_loss,
+            "final_scale": result.final_scale,
+            "seconds": result.train_seconds,
+            "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+        }
+        results["models"]["finetuned"] = _evaluate_both(model, loaded, distributions, config, device, plots / "finetuned")
+        if method == "wise-ft":
+            wise = copy.deepcopy(model)
+            wise.load_state_dict(interpolate_weights(zero_shot_state, model.state_dict(), config.finetune.wise_alpha))
+            _save_weights_atomic(wise, run_dir / WISE_DIR / "model.safetensors")
+            results["wise_alpha"] = config.finetune.wise_alpha
+            results["models"]["wise_ft"] = _evaluate_both(wise, loaded, distributions, config, device, plots / "wise_ft")
+    results["total_seconds"] = time.perf_counter() - started
+    write_json(run_dir / "results.json", results)
+    print(format_finetune_table({method: results}))
+    print(f"results: {run_dir / 'results.json'}")
+    return results
+
+
+def _yaml(config: FinetuneConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------- the table
+
+_MODEL_LABELS = {"zero_shot": "zero-shot", "finetuned": None, "wise_ft": "WiSE-FT", "embedding_shift": "embedding shift"}
+_METHOD_LABELS = {"ft": "FT", "m2mix": "m²-Mix", "vmix": "V-Mix", "lmix": "L-Mix", "vlmix": "VL-Mix", "m3mix": "m³-Mix", "wise-ft": "FT"}
+
+
+def _cells(evaluation: dict) -> list[float]:
+    retrieval = evaluation.get("retrieval", {})
+    zeroshot = evaluation.get("zeroshot", {})
+    robust = evaluation.get("robustness", {})
+    calib = robust.get("calibration", {})
+    geometry = robust.get("geometry", {})
+    ece = [calib[k] for k in sorted(calib) if k.startswith("i2t_ece_")]
+    nan = float("nan")
+    return [
+        100 * retrieval.get("i2t_R@1", nan),
+        100 * retrieval.get("t2i_R@1", nan),
+        100 * sum(m["top1"] for m in zeroshot.values()) / len(zeroshot) if zeroshot else nan,
+        100 * ece[-1] if ece else nan,
+        geometry.get("uniformity", nan),
+        geometry.get("alignment", nan),
+        geometry.get("modality_gap", nan),
+    ]
+
+
+def format_finetune_table(results_by_method: dict[str, dict]) -> str:
+    """A Markdown table: one row per model (zero-shot, each method's fine-tuned model,
+    WiSE-FT, embedding shift), columns for the target and the reference distribution."""
+    columns = ["I→T R@1", "T→I R@1", "zero-shot acc", "ECE I→T", "uniformity", "alignment", "gap"]
+    header = "| model | " + " | ".join(f"target {c}" for c in columns) + " | " + " | ".join(f"reference {c}" for c in columns) + " |"
+    lines = [header, "|---|" + "---:|" * (2 * len(columns))]
+    seen_zero_shot = False
+    for method, results in results_by_method.items():
+        for key, evaluation in results.get("models", {}).items():
+            if key == "zero_shot":
+                if seen_zero_shot:
+                    continue
+                seen_zero_shot = True
+            label = _MODEL_LABELS.get(key) or _METHOD_LABELS.get(method, method)
+            cells = _cells(evaluation.get("target", {})) + _cells(evaluation.get("reference", {}))
+            formats = ["{:.1f}", "{:.1f}", "{:.1f}", "{:.2f}", "{:.3f}", "{:.3f}", "{:.3f}"] * 2
+            lines.append(f"| {label} | " + " | ".join(f.format(c) for f, c in zip(formats, cells)) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,174 @@
+"""The fine-tuning config: the source model, the method and its settings, the data, and the
+usual optim/schedule/train/eval/output/logging sections (with fine-tuning defaults)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import topoclip
+from topoclip.data.shapes import ShapesConfig
+from topoclip.losses.mixup import MixupWeights
+
+from .config import EvalConfig, LoggingConfig, OptimConfig, OutputConfig, ScheduleConfig, TrainConfig, _read_yaml
+from .dataclass_io import apply_overrides, from_dict, to_dict
+
+__all__ = [
+    "METHODS",
+    "MIXUP_TERMS",
+    "FinetuneConfig",
+    "SourceConfig",
+    "FinetuneMethodConfig",
+    "FinetuneDataConfig",
+    "CsvDataConfig",
+    "load_finetune_config",
+]
+
+METHODS = ("ft", "m2mix", "vmix", "lmix", "vlmix", "m3mix", "wise-ft", "embedding-shift")
+# The mixup terms each method adds to the contrastive loss (MixupWeights field names).
+MIXUP_TERMS = {"m2mix": ("m2",), "vmix": ("v",), "lmix": ("l",), "vlmix": ("vl",), "m3mix": ("m2", "v", "l", "vl")}
+
+
+@dataclass
+class SourceConfig:
+    """The pretrained model to start from (see the module docstring).
+
+    ``topology``/``m`` put an OpenCLIP or Hugging Face model's embeddings on a topology
+    (default: the sphere, i.e. cosine similarity as the model was trained); a topoclip
+    checkpoint keeps its own.
+    """
+
+    path: Optional[str] = None
+    model_name: Optional[str] = None
+    topology: Optional[str] = None
+    m: Optional[int] = None
+
+    def __post_init__(self):
+        if self.topology is not None and self.topology not in topoclip.available_topologies():
+            known = ", ".join(topoclip.available_topologies())
+            raise ValueError(f"source.topology: unknown topology {self.topology!r} (known: {known})")
+        if self.m is not None and self.m < 1:
+            raise ValueError(f"source.m: must be >= 1, got {self.m}")
+
+
+@dataclass
+class FinetuneMethodConfig:
+    """Which method, and its settings. ``warmup_ratio`` (default 10%) sets
+    ``optim.warmup_steps`` from the run length; null keeps ``optim.warmup_steps``."""
+
+    method: str = "ft"
+    mixup: MixupWeights = field(default_factory=MixupWeights)
+    wise_alpha: float = 0.5  # weight of the fine-tuned model in WiSE-FT (0: zero-shot, 1: fine-tuned)
+    shift: float = 1.0  # c of the embedding shift: points move by c * gap / 2
+    gap_pairs: int = 4096  # fine-tuning pairs the modality gap is measured on
+    warmup_ratio: Optional[float] = 0.1
+    eval_zero_shot: bool = True  # also evaluate the source model before fine-tuning
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"finetune.method: unknown method {self.method!r} (known: {', '.join(METHODS)})")
+        for term in MIXUP_TERMS.get(self.method, ()):
+            if getattr(self.mixup, term) <= 0:
+                raise ValueError(f"finetune.mixup.{term}: the {self.method} method needs a weight > 0")
+        if not 0.0 <= self.wise_alpha <= 1.0:
+            raise ValueError(f"finetune.wise_alpha: must lie in [0, 1], got {self.wise_alpha}")
+        if self.gap_pairs < 1:
+            raise ValueError(f"finetune.gap_pairs: must be >= 1, got {self.gap_pairs}")
+        if self.warmup_ratio is not None and not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"finetune.warmup_ratio: must lie in [0, 1) or be null, got {self.warmup_ratio}")
+
+    def mixup_weights(self) -> MixupWeights:
+        """The mixup weights with every term this method does not use set to 0."""
+        active = MIXUP_TERMS.get(self.method, ())
+        return dataclasses.replace(self.mixup, **{t: 0.0 for t in ("m2", "v", "l", "vl") if t not in active})
+
+
+def _light_shapes() -> ShapesConfig:
+    return ShapesConfig(background="light")
+
+
+@dataclass
+class CsvDataConfig:
+    """Your own (image, caption) pairs in a CSV/TSV with a header row (OpenCLIP's layout). A
+    random ``holdout`` fraction of the distinct images (with all their captions) is kept out of
+    training and is the target distribution's retrieval test set."""
+
+    path: Optional[str] = None
+    image_root: Optional[str] = None  # relative image paths start here (default: the CSV's folder)
+    sep: str = "\t"
+    image_key: str = "filepath"
+    caption_key: str = "title"
+    holdout: float = 0.05
+    verify: bool = False  # decode every image up front (else corrupt files are skipped on access)
+
+    def __post_init__(self):
+        if not 0.0 < self.holdout < 1.0:
+            raise ValueError(f"data.csv.holdout: must lie in (0, 1), got {self.holdout}")
+        if len(self.sep) != 1:
+            raise ValueError(f"data.csv.sep: must be one character, got {self.sep!r}")
+
+
+@dataclass
+class FinetuneDataConfig:
+    """The fine-tuning (target) distribution: ``source: shapes`` (default; light backgrounds, a
+    shift from the default training data) or ``csv`` (your pairs, see ``CsvDataConfig``).
+    ``reference``: the original distribution for the robustness columns; null takes a topoclip
+    source's own training data, or the default shapes for other sources. Image size and
+    normalisation always follow the source model."""
+
+    source: str = "shapes"
+    shapes: ShapesConfig = field(default_factory=_light_shapes)
+    csv: CsvDataConfig = field(default_factory=CsvDataConfig)
+    reference: Optional[ShapesConfig] = None
+
+    def __post_init__(self):
+        if self.source not in ("shapes", "csv"):
+            raise ValueError(f"data.source: must be shapes or csv, got {self.source!r}")
+        if self.source == "csv" and self.csv.path is None:
+            raise ValueError("data.csv.path: data.source=csv needs the pairs file")
+
+
+def _finetune_optim() -> OptimConfig:
+    # The usual robust fine-tuning recipe: AdamW, lr 1e-5, weight decay 0.2.
+    return OptimConfig(lr=1e-5, weight_decay=0.2, warmup_steps=0)
+
+
+def _finetune_train() -> TrainConfig:
+    return TrainConfig(steps=300, batch_size=128, checkpoint_every=100)
+
+
+@dataclass
+class FinetuneConfig:
+    source: SourceConfig = field(default_factory=SourceConfig)
+    finetune: FinetuneMethodConfig = field(default_factory=FinetuneMethodConfig)
+    data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
+    optim: OptimConfig = field(default_factory=_finetune_optim)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=_finetune_train)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self):
+        if self.output.name is None:
+            self.output.name = f"finetune-{self.finetune.method}"
+        ratio = self.finetune.warmup_ratio
+        if ratio is not None:
+            steps = self.train.steps
+            if steps is not None:  # else set once the data's length is known (run_finetune)
+                self.optim.warmup_steps = int(round(ratio * steps))
+        elif self.train.steps is not None and self.optim.warmup_steps > self.train.steps:
+            raise ValueError(f"optim.warmup_steps: {self.optim.warmup_steps} is longer than the run ({self.train.steps} steps)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+def load_finetune_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> FinetuneConfig:
+    """A fine-tuning config from YAML (optional; ``base:`` works as for training configs) plus
+    ``key=value`` overrides, validated."""
+    data = _read_yaml(Path(path)) if path is not None else {}
+    return from_dict(FinetuneConfig, apply_overrides(data, list(overrides)))
