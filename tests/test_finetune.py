@@ -323,3 +323,33 @@ def test_finetune_on_csv_pairs_evaluates_on_the_held_out_images(topoclip_run, tm
     assert results["train"]["steps"] == 4
     with pytest.raises(ValueError, match="data.csv.path"):
         load_finetune_config(None, ["data.source=csv"])
+
+
+def _finetune_worker(rank, world, init_file, overrides):
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        run_finetune(load_finetune_config(None, overrides))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_finetune_equals_one_process(topoclip_run, tmp_path):
+    import torch.multiprocessing as mp
+
+    common = TINY_DATA + [f"source.path={topoclip_run}", "optim.lr=1e-4", "eval.enabled=false", "train.device=cpu"]
+    mp.spawn(_finetune_worker, args=(2, str(tmp_path / "init"), common + [f"output.dir={tmp_path / 'two'}"]), nprocs=2)
+    run_finetune(load_finetune_config(None, common + [f"output.dir={tmp_path / 'one'}"]))
+    two = load_file(str(latest_checkpoint(tmp_path / "two" / "finetune-ft") / "model.safetensors"))
+    one = load_file(str(latest_checkpoint(tmp_path / "one" / "finetune-ft") / "model.safetensors"))
+    source = load_run_model(topoclip_run).model.state_dict()
+    assert any(not torch.equal(one[k], source[k]) for k in one)
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], atol=1e-5, rtol=0, msg=key)
+    assert json.loads((tmp_path / "two" / "finetune-ft" / "results.json").read_text())["train"]["steps"] == 4
+    assert len((tmp_path / "two" / "finetune-ft" / "log.jsonl").read_text().splitlines()) == 4  # rank 0 logs alone

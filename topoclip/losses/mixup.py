@@ -146,11 +146,16 @@ class M3MixLoss(nn.Module):
     with ``return_details``, the individual terms and the lam values used.
     """
 
-    def __init__(self, topology: Topology, weights: MixupWeights | None = None, seed: int = 0):
+    def __init__(
+        self, topology: Topology, weights: MixupWeights | None = None, seed: int = 0, clip_loss: nn.Module | None = None
+    ):
         super().__init__()
         self.topology = topology
         self.weights = weights or MixupWeights()
-        self.clip_loss = ContrastiveLoss(topology)
+        # The L_CLIP term; pass a configured ContrastiveLoss (local loss, tiling) to share it.
+        # Under torch.distributed it gathers the batch, while the mixup terms see each
+        # process's own pairs.
+        self.clip_loss = clip_loss if clip_loss is not None else ContrastiveLoss(topology)
         self.rng = np.random.default_rng(seed)
         self.epoch = 0
 

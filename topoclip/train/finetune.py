@@ -40,12 +40,12 @@ from torch import nn
 from topoclip.data import CsvPairs, holdout_split, make_collate, make_shapes
 from topoclip.data.shapes import ShapesConfig
 from topoclip.eval import EmbeddingShiftModel, estimate_modality_gap
-from topoclip.losses import ContrastiveLoss
 from topoclip.losses.mixup import M3MixLoss
 from topoclip.models import interpolate_weights
 
 from .config import RUN_CONFIG_FILE
-from .experiment import evaluate, prepare_run_dir, resolve_device, write_json
+from .distributed import DistInfo, broadcast_object, cleanup, init_distributed
+from .experiment import build_loss, evaluate, prepare_run_dir, resolve_device, write_json
 from .finetune_config import MIXUP_TERMS, FinetuneConfig, load_finetune_config
 from .loading import LoadedModel, load_source
 from .trainer import Trainer, seed_everything
@@ -108,14 +108,34 @@ def _save_weights_atomic(model: nn.Module, path: Path) -> None:
 
 
 def run_finetune(config: FinetuneConfig, run_dir: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Run one fine-tuning method (see the module docstring); writes and returns results.json."""
+    """Run one fine-tuning method (see the module docstring); writes and returns results.json.
+
+    Under torchrun every process calls this: each trains its share of every batch (the
+    contrastive term gathers the whole batch; mixup terms use each process's own pairs), and
+    rank 0 evaluates and writes the results.
+    """
+    import torch.distributed as dist
+
+    owns_group = not (dist.is_available() and dist.is_initialized())
+    info = init_distributed(config.train.device)
+    try:
+        return _run_finetune(config, run_dir, info)
+    finally:
+        if owns_group:
+            cleanup()
+
+
+def _run_finetune(config: FinetuneConfig, run_dir: str | os.PathLike | None, info: DistInfo) -> dict[str, Any]:
     started = time.perf_counter()
+    say = print if info.is_main else (lambda *args, **kwargs: None)
     if config.train.threads is not None:
         torch.set_num_threads(config.train.threads)
-    device = resolve_device(config.train.device)
-    run_dir, resume = prepare_run_dir(config, run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / RUN_CONFIG_FILE).write_text(_yaml(config))
+    device = info.device if info.distributed else resolve_device(config.train.device)
+    if info.is_main:
+        run_dir, resume = prepare_run_dir(config, run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / RUN_CONFIG_FILE).write_text(_yaml(config))
+    run_dir, resume = broadcast_object((run_dir, resume) if info.is_main else None, info)
 
     seed_everything(config.train.seed)
     loaded = load_source(config.source, device)
@@ -131,10 +151,13 @@ def run_finetune(config: FinetuneConfig, run_dir: str | os.PathLike | None = Non
     collate = make_collate(loaded.tokenizer)
     method = config.finetune.method
     plots = run_dir / "plots"
-    print(f"finetune {run_dir}: {method} from {loaded.description} on {model.topology.name}, device {device}")
+    processes = f", {info.world_size} processes" if info.distributed else ""
+    say(f"finetune {run_dir}: {method} from {loaded.description} on {model.topology.name}, device {device}{processes}")
 
     results: dict[str, Any] = {"run_dir": str(run_dir), "method": method, "source": loaded.description, "models": {}}
-    if config.finetune.eval_zero_shot:
+    if method == "embedding-shift" and not info.is_main:
+        return results  # nothing to train: rank 0 measures and evaluates alone
+    if config.finetune.eval_zero_shot and info.is_main:
         results["models"]["zero_shot"] = _evaluate_both(model, loaded, distributions, config, device, plots / "zero_shot")
 
     if method == "embedding-shift":
@@ -144,13 +167,14 @@ def run_finetune(config: FinetuneConfig, run_dir: str | os.PathLike | None = Non
         results["gap_norm"] = float(gap.norm())
     else:
         zero_shot_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        clip_loss = build_loss(config, model.topology)
         if method in MIXUP_TERMS:
-            loss_fn: nn.Module = M3MixLoss(model.topology, config.finetune.mixup_weights(), seed=config.train.seed)
+            loss_fn: nn.Module = M3MixLoss(model.topology, config.finetune.mixup_weights(), config.train.seed, clip_loss)
         else:
-            loss_fn = ContrastiveLoss(model.topology)
-        trainer = Trainer(model, loss_fn, train_set, collate, config, run_dir, device=device)
+            loss_fn = clip_loss
+        trainer = Trainer(model, loss_fn, train_set, collate, config, run_dir, device=device, dist_info=info)
         if resume and trainer.resume():
-            print(f"resuming {run_dir} at step {trainer.step}/{trainer.total_steps}")
+            say(f"resuming {run_dir} at step {trainer.step}/{trainer.total_steps}")
         result = trainer.fit()
         results["train"] = {
             "steps": result.steps,
@@ -160,6 +184,8 @@ def run_finetune(config: FinetuneConfig, run_dir: str | os.PathLike | None = Non
             "seconds": result.train_seconds,
             "checkpoint": str(result.checkpoint) if result.checkpoint else None,
         }
+        if not info.is_main:
+            return results  # rank 0 evaluates and writes results.json
         results["models"]["finetuned"] = _evaluate_both(model, loaded, distributions, config, device, plots / "finetuned")
         if method == "wise-ft":
             wise = copy.deepcopy(model)

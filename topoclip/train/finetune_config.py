@@ -13,7 +13,7 @@ import topoclip
 from topoclip.data.shapes import ShapesConfig
 from topoclip.losses.mixup import MixupWeights
 
-from .config import EvalConfig, LoggingConfig, OptimConfig, OutputConfig, ScheduleConfig, TrainConfig, _read_yaml
+from .config import EvalConfig, LoggingConfig, LossConfig, OptimConfig, OutputConfig, ScheduleConfig, TrainConfig, _read_yaml
 from .dataclass_io import apply_overrides, from_dict, to_dict
 
 __all__ = [
@@ -146,6 +146,7 @@ class FinetuneConfig:
     finetune: FinetuneMethodConfig = field(default_factory=FinetuneMethodConfig)
     data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
     optim: OptimConfig = field(default_factory=_finetune_optim)
+    loss: LossConfig = field(default_factory=LossConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=_finetune_train)
     eval: EvalConfig = field(default_factory=EvalConfig)
