@@ -31,6 +31,7 @@ TINY_DATA = [
     "data.shapes.zeroshot_tasks=[shape,colour]",
     "train.batch_size=8",
     "train.steps=4",
+    "train.epochs=null",
     "train.checkpoint_every=0",
     "eval.batch_size=32",
     "logging.progress=false",
@@ -353,3 +354,11 @@ def test_two_process_finetune_equals_one_process(topoclip_run, tmp_path):
         torch.testing.assert_close(two[key], one[key], atol=1e-5, rtol=0, msg=key)
     assert json.loads((tmp_path / "two" / "finetune-ft" / "results.json").read_text())["train"]["steps"] == 4
     assert len((tmp_path / "two" / "finetune-ft" / "log.jsonl").read_text().splitlines()) == 4  # rank 0 logs alone
+
+
+def test_a_partial_config_file_keeps_the_finetuning_defaults(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("optim:\n  weight_decay: 0.05\nfinetune:\n  method: m3mix\n")
+    cfg = load_finetune_config(path, ["train.steps=50", "train.epochs=null"])
+    assert cfg.optim.lr == 1e-5 and cfg.optim.weight_decay == 0.05  # not the training lr 1e-3
+    assert cfg.optim.warmup_steps == 5 and cfg.output.name == "finetune-m3mix"

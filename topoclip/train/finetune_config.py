@@ -13,7 +13,7 @@ import topoclip
 from topoclip.data.shapes import ShapesConfig
 from topoclip.losses.mixup import MixupWeights
 
-from .config import EvalConfig, LoggingConfig, LossConfig, OptimConfig, OutputConfig, ScheduleConfig, TrainConfig, _read_yaml
+from .config import EvalConfig, LoggingConfig, LossConfig, OptimConfig, OutputConfig, ScheduleConfig, TrainConfig, _deep_merge, _read_yaml
 from .dataclass_io import apply_overrides, from_dict, to_dict
 
 __all__ = [
@@ -137,7 +137,8 @@ def _finetune_optim() -> OptimConfig:
 
 
 def _finetune_train() -> TrainConfig:
-    return TrainConfig(steps=300, batch_size=128, checkpoint_every=100)
+    # The recipe's 9 epochs of batch 128 (set train.epochs=null to give train.steps instead).
+    return TrainConfig(steps=None, epochs=9, batch_size=128, checkpoint_every=300)
 
 
 @dataclass
@@ -171,5 +172,9 @@ class FinetuneConfig:
 def load_finetune_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> FinetuneConfig:
     """A fine-tuning config from YAML (optional; ``base:`` works as for training configs) plus
     ``key=value`` overrides, validated."""
-    data = _read_yaml(Path(path)) if path is not None else {}
+    # The file is merged over the fine-tuning defaults, so a section it gives only in part
+    # keeps the fine-tuning values (lr 1e-5, ...) rather than the training ones.
+    defaults = to_dict(FinetuneConfig())
+    defaults["output"]["name"] = None  # derived from the method unless set
+    data = _deep_merge(defaults, _read_yaml(Path(path))) if path is not None else defaults
     return from_dict(FinetuneConfig, apply_overrides(data, list(overrides)))

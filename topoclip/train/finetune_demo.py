@@ -132,7 +132,7 @@ def run_demo(
         done = _finished(run_dir)
         if done is None:
             config = load_finetune_config(None, [
-                f"source.path={source}", f"finetune.method={method}", f"train.steps={finetune_steps}",
+                f"source.path={source}", f"finetune.method={method}", f"train.steps={finetune_steps}", "train.epochs=null",
                 f"optim.lr={lr}", f"output.dir={out}", f"output.name={method}", "train.resume=true",
                 # the source's own evaluation is the same for every method: done once
                 f"finetune.eval_zero_shot={'true' if i == 0 else 'false'}", *finetune_overrides,
