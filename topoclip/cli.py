@@ -153,8 +153,8 @@ def _add_finetune_demo_parser(sub) -> None:
     )
     demo.add_argument("--out", type=Path, default=Path("runs/finetune-demo"), help="output directory (default: runs/finetune-demo)")
     demo.add_argument("--pretrain-steps", type=int, default=600, help="steps of pretraining (default 600)")
-    demo.add_argument("--steps", type=int, default=150, help="steps of each fine-tuning run (default 150)")
-    demo.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate (default 1e-4)")
+    demo.add_argument("--steps", type=int, default=300, help="steps of each fine-tuning run (default 300)")
+    demo.add_argument("--lr", type=float, default=3e-4, help="fine-tuning learning rate (default 3e-4)")
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="fine-tuning config overrides, e.g. finetune.mixup.m2=0.05")
 
 
