@@ -1,5 +1,6 @@
 """`topoclip ablate`: grid files -> runs, the resumable runner, the table, CLIP_benchmark rows, plots."""
 
+import base64
 import hashlib
 import json
 import math
@@ -93,6 +94,9 @@ def test_reference_to_a_default_field_and_later_axis_wins():
         ({"exclude": [{"space": ["sphere", "ob"]}]}, "exclude: every combination of the axes is excluded"),
         ({"analysis": {"probe_task": "texture"}}, "analysis.probe_task: must be one of"),
         ({"analysis": {"ood_shapes": {"image_size": 64}}}, "analysis.ood_shapes.image_size"),
+        ({"analysis": {"subset_task": "texture"}}, "analysis.subset_task: must be one of"),
+        ({"analysis": {"subset_draws": 0}}, "analysis.subset_draws: must be >= 1"),
+        ({"analysis": {"gradcam_pairs": -1}}, "analysis.gradcam_pairs: must be >= 0"),
         ({"overrides": "train.steps=3"}, "overrides: expected a list"),
         ({"base": "missing.yaml"}, "file not found"),
     ],
@@ -206,6 +210,7 @@ ANALYSIS = {
     "zeroshot_top1": {"shape": 0.5, "colour": 0.25},
     "zeroshot_mean_top1": 0.375,
     "linear_probe": {"task": "shape", "top1": 0.875},
+    "map_at_r": {"i2t_mAP@R": 0.5, "i2t_R-P": 0.375, "t2i_mAP@R": 0.0625, "t2i_R-P": 0.125},
     "convergence": {"step": None, "steps": 10, "steps_per_epoch": 4},
     "geometry": {"in-domain": {"alignment": 1.5, "uniformity": -2.0}},
     "train_seconds": 3.0,
@@ -218,7 +223,8 @@ def test_table_row_markdown_and_clip_benchmark_rows():
     assert row["linear_probe_acc"] == 0.875 and row["converge_step"] is None
     md = format_markdown([row], ["space"]).splitlines()
     assert md[0].startswith("| run | space | embedding |")
-    assert md[2] == "| ob__fixed | ob | Ob(4,4) inner | 1 | no | 25.0 | 12.5 | 37.5 | 87.5 | 1 | 1.0000 | fixed |"
+    assert row["i2t_mAP@R"] == 0.5 and row["t2i_R-P"] == 0.125
+    assert md[2] == "| ob__fixed | ob | Ob(4,4) inner | 1 | no | 25.0 | 12.5 | 50.0 | 37.5 | 6.2 | 12.5 | 37.5 | 87.5 | 1 | 1.0000 | fixed |"
     learned = dict(ANALYSIS, temperature=dict(ANALYSIS["temperature"], learnable=True))
     assert format_markdown([table_row("x", {}, learned)], []).splitlines()[2].endswith("| - |")  # never settled
 
@@ -228,7 +234,9 @@ def test_table_row_markdown_and_clip_benchmark_rows():
     assert by_task[("zeroshot_classification", "shapes_shape")] == {"acc1": 0.5}
     # CLIP_benchmark names retrieval by what is retrieved: image retrieval = text query (T->I).
     assert by_task[("zeroshot_retrieval", "shapes_retrieval")] == {
-        "text_retrieval_recall@1": 0.25, "text_retrieval_recall@5": 0.5, "image_retrieval_recall@1": 0.125}
+        "text_retrieval_recall@1": 0.25, "text_retrieval_recall@5": 0.5, "image_retrieval_recall@1": 0.125,
+        "text_retrieval_map@r": 0.5, "text_retrieval_r_precision": 0.375,
+        "image_retrieval_map@r": 0.0625, "image_retrieval_r_precision": 0.125}
     assert by_task[("linear_probe", "shapes_shape")] == {"lp_acc1": 0.875}
 
 
@@ -254,11 +262,59 @@ def _tiny_grid(tmp_path: Path) -> Path:
             "tokens": [{"name": "single"}, {"name": "multi", "model.num_tokens": "${topology.m}"}],
         },
         "exclude": [{"space": "sphere", "tokens": "multi"}, {"space": "ob", "tokens": "single"}],
-        "analysis": {"probe_train_size": 40, "similarity_pairs": 30, "similarity_samples": 200},
+        "analysis": {"probe_train_size": 40, "similarity_pairs": 30, "similarity_samples": 200,
+                     "subset_draws": 2, "gradcam_pairs": 1},
     }
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
+
+
+def results_caption(out: Path, run: str) -> str:
+    """The first test caption of a grid run's data (the first pair Grad-CAM explains)."""
+    from topoclip.data.shapes import make_shapes
+    from topoclip.train.config import load_config, run_config_path
+
+    return make_shapes(load_config(run_config_path(out / "runs" / run)).data.shapes).test.captions[0]
+
+
+def _map_at_r_by_hand(scores: torch.Tensor, positive: torch.Tensor) -> tuple[float, float]:
+    """Mean mAP@R and R-Precision over the rows of ``scores``, one query at a time."""
+    aps, rps = [], []
+    for row, pos in zip(scores.tolist(), positive.tolist()):
+        r = sum(pos)
+        ranked = sorted(range(len(row)), key=lambda j: -row[j])[:r]  # no ties in float scores here
+        hits, ap = 0, 0.0
+        for i, j in enumerate(ranked, 1):
+            if pos[j]:
+                hits += 1
+                ap += hits / i
+        aps.append(ap / r)
+        rps.append(hits / r)
+    return float(np.mean(aps)), float(np.mean(rps))
+
+
+def _check_map_at_r(run_dir: Path, row: dict) -> None:
+    """The table's mAP@R / R-P equal a by-hand computation on the run's test retrieval set."""
+    from topoclip.eval import embed_images, embed_texts
+    from topoclip.train.checkpoint import load_weights, resolve_checkpoint
+    from topoclip.train.config import load_config, run_config_path
+    from topoclip.train.experiment import build_components
+
+    config = load_config(run_config_path(run_dir))
+    data, tokenizer, model = build_components(config, run_dir)
+    load_weights(model, resolve_checkpoint(run_dir))
+    retrieval = data.retrieval_set("test")
+    u = embed_images(model, retrieval, 64, "cpu", progress=False)
+    v = embed_texts(model, list(retrieval.captions), tokenizer, 64, "cpu", progress=False)
+    scores = model.topology.similarity(u, v)
+    positive = torch.zeros_like(scores, dtype=torch.bool)
+    positive[retrieval.caption_to_image, torch.arange(len(retrieval.captions))] = True
+    assert positive.sum(1).min() >= 2  # several positives per image query
+    for direction, (s, p) in {"i2t": (scores, positive), "t2i": (scores.T, positive.T)}.items():
+        ap, rp = _map_at_r_by_hand(s, p)
+        assert row[f"{direction}_mAP@R"] == pytest.approx(ap, abs=1e-5), direction
+        assert row[f"{direction}_R-P"] == pytest.approx(rp, abs=1e-5), direction
 
 
 def _mtimes(directory: Path) -> dict[str, int]:
@@ -289,7 +345,30 @@ def test_runner_trains_skips_finished_runs_and_reruns_only_missing_ones(tmp_path
         assert row["temperature_final"] == pytest.approx(1.0 / row["scale_final"])
         assert 0.0 <= row["linear_probe_acc"] <= 1.0 and analysis["linear_probe"]["n_train"] == 40
         assert row["steps_per_epoch"] == 64 // 16 and row["steps"] == 5
+        _check_map_at_r(run_dir, row)
+        # Grad-CAM: one pair (the grid's gradcam_pairs), final score + 2 tokens for the multi-token run.
+        (pair,) = analysis["gradcam"]
+        assert pair["caption"] == results_caption(out, row["run"])
+        multi = row["run"] == "ob__multi"
+        assert len(pair["tokens"]) == (2 if multi else 0) and all(0 <= k < 4 for k in pair["tokens"])
+        expected = {"figure", "full_image", "full_text", *(f"token{k}_{x}" for k in pair["tokens"] for x in ("image", "text"))}
+        assert {Path(f).stem for f in pair["files"]} == expected
+        for f in pair["files"]:
+            assert (run_dir / f).read_bytes()[:8] == PNG_MAGIC and (run_dir / f).stat().st_size > 1000, f
+        assert sorted(p.name for p in (run_dir / "analysis/gradcam").iterdir()) == ["pair0"]
     fixed, learned = table["rows"]
+    # Token subsets: only the multi-token run; using all 4 tokens is the full model's zero-shot accuracy.
+    assert json.loads((out / "runs/sphere__single" / ANALYSIS_FILE).read_text())["token_subsets"] is None
+    subsets = json.loads((out / "runs/ob__multi" / ANALYSIS_FILE).read_text())["token_subsets"]
+    assert subsets["task"] == "shape" and [r["size"] for r in subsets["rows"]] == [1, 2, 4]
+    assert [r["draws"] for r in subsets["rows"]] == [2, 2, 1]  # C(4, 4) = 1 subset only
+    for r in subsets["rows"]:
+        assert r["mean"] == pytest.approx(np.mean(r["accuracies"])) and r["std"] == pytest.approx(np.std(r["accuracies"]))
+        assert all(len(s) == r["size"] for s in r["subsets"])
+    full = json.loads((out / "runs/ob__multi/results.json").read_text())["eval"]["zeroshot"]["shape"]["top1"]
+    assert (subsets["rows"][-1]["mean"], subsets["rows"][-1]["std"]) == (pytest.approx(full), 0.0)
+    assert list(table["token_subsets"]) == ["ob__multi"]
+    assert table["token_subsets"]["ob__multi"]["rows"][0] == {k: subsets["rows"][0][k] for k in ("size", "mean", "std", "draws")}
     assert (fixed["learnable"], fixed["scale_final"], fixed["converge_step"]) == (False, 1.0, None)
     # The learned run's converge step is the epoch rule applied to its logged scales.
     from topoclip.eval.convergence import temperature_convergence_step
@@ -303,6 +382,9 @@ def test_runner_trains_skips_finished_runs_and_reruns_only_missing_ones(tmp_path
     assert bench == json.loads((out / "clip_benchmark.json").read_text())
     assert len(bench) == 2 * (4 + 1 + 1)  # 4 zero-shot tasks, retrieval, linear probe per run
     assert all({"dataset", "model", "task", "metrics"} <= set(r) for r in bench)
+    retrieval_rows = [r["metrics"] for r in bench if r["task"] == "zeroshot_retrieval"]
+    for metrics, row in zip(retrieval_rows, table["rows"]):
+        assert (metrics["text_retrieval_map@r"], metrics["image_retrieval_r_precision"]) == (row["i2t_mAP@R"], row["t2i_R-P"])
 
     pngs = [out / "plots/temperature.png", out / "plots/uniformity_alignment.png",
             out / "plots/similarity/sphere__single.png", out / "plots/similarity/ob__multi.png"]
@@ -340,7 +422,11 @@ def test_runner_trains_skips_finished_runs_and_reruns_only_missing_ones(tmp_path
     assert main(["report", str(out)]) == 0
     page = (out / "report.html").read_text()
     assert "<table>" in page and "sphere__single" in page and "Sphere(16)" in page
-    assert page.count('src="data:image/png;base64,') == len(pngs) and "src=\"http" not in page
+    assert page.count('src="data:image/png;base64,') == len(pngs) + 2 and "src=\"http" not in page  # + 1 Grad-CAM figure per run
+    for name in ("sphere__single", "ob__multi"):
+        figure = (out / "runs" / name / "analysis/gradcam/pair0/figure.png").read_bytes()
+        assert base64.b64encode(figure).decode() in page
+    assert page.count("Token subsets") == 1 and "I→T mAP@R" in page
 
 
 def test_cli_list_and_errors(tmp_path, capsys):

@@ -2,6 +2,7 @@
 with the tables and the images embedded."""
 
 import base64
+import html
 import json
 import re
 from pathlib import Path
@@ -79,18 +80,40 @@ def test_run_report_computes_the_analysis_and_embeds_every_plot(tmp_path, capsys
 
     for png in ("temperature.png", "similarity.png"):
         assert _is_png(run_dir / "plots" / png)
+    # Every plot and the Grad-CAM figure of the default 2 test pairs (final score only: one token).
+    assert [len(pair["tokens"]) for pair in analysis["gradcam"]] == [0, 0]
+    figures = [run_dir / pair["figure"] for pair in analysis["gradcam"]]
+    assert all(_is_png(f) for f in figures) and all(_is_png(run_dir / f) for p in analysis["gradcam"] for f in p["files"])
     embedded = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
-    files = sorted((run_dir / "plots").rglob("*.png"))
-    assert len(embedded) == len(files) >= 2
+    files = sorted((run_dir / "plots").rglob("*.png")) + figures
+    assert len(embedded) == len(files) >= 4
     assert sorted(base64.b64decode(e) for e in embedded) == sorted(p.read_bytes() for p in files)
+    assert html.escape(analysis["gradcam"][0]["caption"]) in page
 
-    # Tables: zero-shot per task, retrieval, and the analysis, with the numbers of the JSON files.
+    # Tables: zero-shot per task, retrieval, the analysis and mAP@R / R-Precision (no token
+    # subsets for a single-token run), with the numbers of the JSON files.
     results = json.loads((run_dir / "results.json").read_text())
-    assert page.count("<table>") == 3
+    assert page.count("<table>") == 4 and analysis["token_subsets"] is None and "Token subsets" not in page
+    i2t = [f"{100 * analysis['map_at_r'][f'i2t_{k}']:.1f}" for k in ("mAP@R", "R-P")]
+    assert f'<td class="text">i2t</td><td>{i2t[0]}</td><td>{i2t[1]}</td></tr>' in page
     shape_top1 = 100 * results["eval"]["zeroshot"]["shape"]["top1"]
     assert f'<td class="text">shape</td><td>{shape_top1:.1f}</td>' in page
     assert f"{100 * analysis['linear_probe']['top1']:.1f}" in page
     assert "http://" not in page and "https://" not in page  # self-contained
+
+    # An analysis cached before mAP@R existed (or with other settings) is redone with its own
+    # settings; a current one is reused as it is.
+    stale = dict(analysis, settings={k: v for k, v in analysis["settings"].items() if k != "gradcam_pairs"})
+    stale["settings"]["similarity_pairs"] = 20
+    del stale["map_at_r"]
+    (run_dir / ANALYSIS_FILE).write_text(json.dumps(stale))
+    assert main(["report", str(run_dir)]) == 0
+    redone = json.loads((run_dir / ANALYSIS_FILE).read_text())
+    assert redone["settings"]["similarity_pairs"] == 20 and redone["geometry"]["in-domain"]["pairs"] == 20
+    assert redone["map_at_r"] == pytest.approx(analysis["map_at_r"])
+    before = (run_dir / ANALYSIS_FILE).stat().st_mtime_ns
+    assert main(["report", str(run_dir)]) == 0
+    assert (run_dir / ANALYSIS_FILE).stat().st_mtime_ns == before
 
 
 def test_report_of_a_directory_that_is_neither_run_nor_grid(tmp_path, capsys):

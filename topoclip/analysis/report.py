@@ -1,10 +1,14 @@
 """A self-contained HTML report of one run or of an ablation grid: tables plus PNG plots embedded
 as base64 data URIs (one file, no external resources; opens offline and can be mailed).
 
-- A grid directory (it holds ``table.json``): the ablation table and every PNG under ``plots/``.
+- A grid directory (it holds ``table.json``): the ablation table, every PNG under ``plots/``,
+  and per run its token-subset table (multi-token runs) and Grad-CAM figures.
 - A run directory (it holds ``results.json``): zero-shot and retrieval tables, the run's
-  analysis (computed from its checkpoint and cached when missing), the temperature trajectory
-  and similarity distributions (written to ``plots/``), and every other PNG in ``plots/``.
+  analysis (computed from its checkpoint, or reused from its cache while current), mAP@R and
+  R-Precision, the token-subset table (multi-token runs), the Grad-CAM figures, the temperature
+  trajectory and similarity distributions (written to ``plots/``), and every other PNG in ``plots/``.
+
+Of the Grad-CAM PNGs only each pair's combined ``figure.png`` is embedded, to keep the page small.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from .plots import plot_similarity_distributions, plot_temperature_trajectories
-from .run_metrics import ANALYSIS_FILE, SIMILARITY_FILE, compute_run_metrics, load_similarities, scale_trajectory
+from .run_metrics import (
+    ANALYSIS_FILE, SIMILARITY_FILE, cached_settings, load_run_metrics, load_similarities, scale_trajectory,
+)
 from .table import METRIC_COLUMNS, format_cell
 
 __all__ = ["write_report", "grid_report_html", "run_report_html", "REPORT_FILE"]
@@ -33,9 +39,9 @@ figure { margin: 1em 0; } figcaption { font-size: 0.85em; color: #555; }
 """
 
 
-def _image(path: Path, root: Path) -> str:
+def _image(path: Path, root: Path, note: str = "") -> str:
     data = base64.b64encode(path.read_bytes()).decode("ascii")
-    caption = html.escape(str(path.relative_to(root)))
+    caption = html.escape(str(path.relative_to(root)) + (f": {note}" if note else ""))
     return f'<figure><img src="data:image/png;base64,{data}" alt="{caption}"><figcaption>{caption}</figcaption></figure>'
 
 
@@ -62,6 +68,50 @@ def _pngs(directory: Path) -> list[Path]:
     return sorted(directory.rglob("*.png")) if directory.is_dir() else []
 
 
+def _map_at_r_table(analysis: dict) -> list[str]:
+    metrics = analysis.get("map_at_r")
+    if not metrics:
+        return []
+    rows = [[d, *(f"{100 * metrics[f'{d}_{k}']:.1f}" for k in ("mAP@R", "R-P"))] for d in ("i2t", "t2i")]
+    return ["<h3>Retrieval with several positives per query (%)</h3>",
+            "<p>A caption has one positive image, so T→I mAP@R = R-Precision = R@1.</p>",
+            _table(["direction", "mAP@R", "R-Precision"], rows)]
+
+
+def _token_subset_table(analysis: dict) -> list[str]:
+    subsets = analysis.get("token_subsets")
+    if not subsets:
+        return []
+    rows = [[r["size"], f"{100 * r['mean']:.1f} ± {100 * r['std']:.1f}", r["draws"]] for r in subsets["rows"]]
+    return [f"<h3>Token subsets: zero-shot {html.escape(subsets['task'])} accuracy (%)</h3>",
+            _table(["tokens used", "accuracy mean ± std", "draws"], rows)]
+
+
+def _gradcam_figures(analysis: dict, run_dir: Path, root: Path) -> list[str]:
+    pairs = [p for p in analysis.get("gradcam") or [] if (run_dir / p["figure"]).is_file()]
+    if not pairs:
+        return []
+    figures = [_image(run_dir / p["figure"], root, f"“{p['caption']}”") for p in pairs]
+    return ["<h3>Grad-CAM: final matching score and best-aligned tokens' scores</h3>", *figures]
+
+
+def run_details(analysis: dict, run_dir: Path, root: Path) -> list[str]:
+    """mAP@R / R-Precision, token-subset table and Grad-CAM figures of one analysed run."""
+    return [*_map_at_r_table(analysis), *_token_subset_table(analysis), *_gradcam_figures(analysis, run_dir, root)]
+
+
+def _grid_run_sections(grid_dir: Path, names: Sequence[str]) -> list[str]:
+    sections = []
+    for name in names:
+        path = grid_dir / "runs" / name / ANALYSIS_FILE
+        if path.is_file():
+            analysis = json.loads(path.read_text())
+            details = [*_token_subset_table(analysis), *_gradcam_figures(analysis, path.parent, grid_dir)]
+            if details:
+                sections += [f"<h2>Run {html.escape(name)}</h2>", *details]
+    return sections
+
+
 def grid_report_html(grid_dir: str | os.PathLike) -> str:
     grid_dir = Path(grid_dir)
     table = json.loads((grid_dir / "table.json").read_text())
@@ -76,15 +126,18 @@ def grid_report_html(grid_dir: str | os.PathLike) -> str:
         "converge step: the first epoch after which the learned scale changes by less than 2% per epoch.</p>",
         "<h2>Table</h2>", _table(headers, rows, text_columns=1 + len(axes) + 1),
         "<h2>Plots</h2>", *(_image(p, grid_dir) for p in _pngs(grid_dir / "plots")),
+        *_grid_run_sections(grid_dir, [row["run"] for row in table["rows"]]),
     ]
     return _page(f"topoclip ablation: {grid_dir.name}", sections)
 
 
 def _run_analysis(run_dir: Path) -> dict | None:
+    # With a checkpoint: the cached analysis while current (same settings, same results), else
+    # recomputed, so an analysis from before a new metric existed gets it. Without: the cache.
+    if (run_dir / "checkpoints").is_dir():
+        return load_run_metrics(run_dir, cached_settings(run_dir))[0]
     if (run_dir / ANALYSIS_FILE).is_file() and (run_dir / SIMILARITY_FILE).is_file():
         return json.loads((run_dir / ANALYSIS_FILE).read_text())
-    if (run_dir / "checkpoints").is_dir():
-        return compute_run_metrics(run_dir)
     return None
 
 
@@ -119,7 +172,7 @@ def run_report_html(run_dir: str | os.PathLike) -> str:
             [f"linear probe ({analysis['linear_probe']['task']}) %", f"{100 * analysis['linear_probe']['top1']:.1f}"],
             *([f"{name} {d}", f"{value:.4f}"] for d, g in analysis["geometry"].items() for name, value in g.items() if name != "pairs"),
         ]
-        sections += ["<h2>Analysis</h2>", _table(["metric", "value"], rows, text_columns=2)]
+        sections += ["<h2>Analysis</h2>", _table(["metric", "value"], rows, text_columns=2), *run_details(analysis, run_dir, run_dir)]
         plot_similarity_distributions(load_similarities(run_dir), plots / "similarity.png", title=analysis["topology"]["label"])
     trajectory = scale_trajectory(run_dir)
     if trajectory:

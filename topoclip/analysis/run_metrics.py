@@ -9,9 +9,15 @@ From the run's last checkpoint and its ``log.jsonl``:
   shapes attribute, trained on the train split and tested on the test split;
 - similarity samples (the topology's own similarity, unscaled) of positive pairs, negative
   pairs, image-image and text-text pairs, in-domain (the test split) and out-of-domain (a
-  shifted shapes test split, ``ood_shapes``), and alignment / uniformity of both.
+  shifted shapes test split, ``ood_shapes``), and alignment / uniformity of both;
+- mAP@R and R-Precision, I->T and T->I, on the test retrieval set (``eval.map_at_r``; an image
+  has several captions, a caption one image, so T->I mAP@R = R-P = R@1);
+- multi-token runs: zero-shot accuracy from random subsets of 1, 2, 4, ..., k tokens
+  (``eval.token_subsets``, the seed's Table 10), mean and std over ``subset_draws`` draws;
+- Grad-CAM overlays of the first ``gradcam_pairs`` test pairs (``run_attribution``).
 
-Cached as ``analysis.json`` + ``similarities.npz`` in the run directory; the cache is reused
+Cached as ``analysis.json`` + ``similarities.npz`` (+ ``analysis/gradcam/``) in the run
+directory; the cache is reused
 while the analysis settings and the run's ``results.json`` are unchanged, so a table is rebuilt
 without recomputation and a retrained run is analysed again.
 """
@@ -34,6 +40,10 @@ from torch.utils.data import Subset
 from topoclip.data.shapes import ZEROSHOT_TASKS, ShapesConfig, make_shapes
 from topoclip.eval import embed_images, embed_texts, run_linear_probe, temperature_convergence_step
 from topoclip.eval.geometry_metrics import alignment, uniformity
+from topoclip.eval.map_at_r import evaluate_map_at_r
+from topoclip.eval.token_subsets import evaluate_token_subsets
+
+from .run_attribution import write_gradcam_overlays
 
 __all__ = [
     "AnalysisConfig",
@@ -43,9 +53,12 @@ __all__ = [
     "topology_label",
     "scale_trajectory",
     "similarity_samples",
+    "map_at_r_metrics",
+    "token_subset_table",
     "compute_run_metrics",
     "load_run_metrics",
     "load_similarities",
+    "cached_settings",
     "to_json_settings",
 ]
 
@@ -69,6 +82,10 @@ class AnalysisConfig:
     similarity_samples: int = 5000  # values kept per kind for the plots
     rel_tol: float = 0.02  # converge step: relative change per epoch below this
     ood_shapes: dict = field(default_factory=lambda: dict(DEFAULT_OOD))  # ShapesConfig fields changed out-of-domain
+    subset_task: str = "shape"  # multi-token runs: the zero-shot task of the token-subset table
+    subset_draws: int = 5  # random token subsets per size (all of them when there are fewer)
+    gradcam_pairs: int = 2  # test pairs explained by Grad-CAM overlays (0: none)
+    gradcam_tokens: int = 2  # multi-token runs: best-aligned tokens per pair with their own map
 
     def __post_init__(self):
         if self.probe_task not in ZEROSHOT_TASKS:
@@ -76,6 +93,13 @@ class AnalysisConfig:
         for name in ("probe_train_size", "similarity_pairs", "similarity_samples"):
             if getattr(self, name) < 2:
                 raise ValueError(f"AnalysisConfig.{name}: must be >= 2, got {getattr(self, name)}")
+        if self.subset_task not in ZEROSHOT_TASKS:
+            raise ValueError(f"AnalysisConfig.subset_task: must be one of {list(ZEROSHOT_TASKS)}, got {self.subset_task!r}")
+        if self.subset_draws < 1:
+            raise ValueError(f"AnalysisConfig.subset_draws: must be >= 1, got {self.subset_draws}")
+        for name in ("gradcam_pairs", "gradcam_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"AnalysisConfig.{name}: must be >= 0, got {getattr(self, name)}")
         if not self.probe_l2 or any(not (math.isfinite(v) and v >= 0) for v in self.probe_l2):
             raise ValueError(f"AnalysisConfig.probe_l2: must be a non-empty list of numbers >= 0, got {list(self.probe_l2)}")
         if not 0 < self.rel_tol < 1:
@@ -155,6 +179,22 @@ def similarity_samples(
     return values, geometry
 
 
+# Keys of ``retrieval_map_at_r`` kept in the analysis (its R@1 is already in results.json).
+MAP_AT_R_KEYS = ("i2t_mAP@R", "i2t_R-P", "t2i_mAP@R", "t2i_R-P")
+
+
+def map_at_r_metrics(model, tokenizer, retrieval_set, batch_size: int, device) -> dict[str, float]:
+    """mAP@R and R-Precision, I->T and T->I, of ``model`` on ``retrieval_set``."""
+    metrics = evaluate_map_at_r(model, retrieval_set, tokenizer, batch_size=batch_size, device=device, progress=False)
+    return {key: metrics[key] for key in MAP_AT_R_KEYS}
+
+
+def token_subset_table(model, tokenizer, task_set, draws: int, batch_size: int, device) -> list[dict]:
+    """``[{size, mean, std, draws, accuracies, subsets}]`` for sizes 1, 2, 4, ..., k of a multi-token model."""
+    rows = evaluate_token_subsets(model, task_set, tokenizer, draws=draws, batch_size=batch_size, device=device, progress=False)
+    return [dict(row, subsets=[list(s) for s in row["subsets"]]) for row in rows]
+
+
 def _write_json(path: Path, payload: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
@@ -223,6 +263,16 @@ def compute_run_metrics(run_dir: str | os.PathLike, settings: AnalysisConfig | N
         )
         arrays.update({f"{domain}/{kind}": array for kind, array in values.items()})
 
+    map_at_r = map_at_r_metrics(model, tokenizer, data.retrieval_set("test"), batch_size, dev) if config.eval.retrieval else None
+    token_subsets = None
+    if config.model.num_tokens > 1:
+        task_set = data.zeroshot_tasks("test", [settings.subset_task])[0]
+        token_subsets = {"task": settings.subset_task,
+                         "rows": token_subset_table(model, tokenizer, task_set, settings.subset_draws, batch_size, dev)}
+    gradcam = write_gradcam_overlays(
+        model, tokenizer, data.test, run_dir, settings.gradcam_pairs, settings.gradcam_tokens, shapes.mean, shapes.std
+    )
+
     analysis = {
         "settings": to_json_settings(settings),
         "results_sha256": _fingerprint(results_path),
@@ -240,6 +290,9 @@ def compute_run_metrics(run_dir: str | os.PathLike, settings: AnalysisConfig | N
         "linear_probe": {"task": settings.probe_task, **probe},
         "geometry": geometry,
         "similarity_means": {key: float(np.mean(a)) for key, a in arrays.items()},
+        "map_at_r": map_at_r,
+        "token_subsets": token_subsets,
+        "gradcam": gradcam,
         **_headline(results),
     }
     tmp = run_dir / (SIMILARITY_FILE + ".tmp.npz")
@@ -272,9 +325,25 @@ def load_run_metrics(run_dir: str | os.PathLike, settings: AnalysisConfig | None
             cached is not None
             and cached.get("settings") == to_json_settings(settings)
             and cached.get("results_sha256") == _fingerprint(results)
+            and all((run_dir / f).is_file() for pair in cached.get("gradcam", []) for f in pair["files"])
         ):
             return cached, False
     return compute_run_metrics(run_dir, settings, device), True
+
+
+def cached_settings(run_dir: str | os.PathLike) -> AnalysisConfig:
+    """The settings a run was last analysed with (defaults for new fields), or the defaults.
+
+    ``topoclip report RUN_DIR`` reuses them, so a grid run's report does not redo its analysis
+    with other settings.
+    """
+    from topoclip.train.dataclass_io import from_dict
+
+    try:
+        cached = json.loads((Path(run_dir) / ANALYSIS_FILE).read_text())
+        return from_dict(AnalysisConfig, cached["settings"], "analysis")
+    except (OSError, ValueError, KeyError, TypeError):
+        return AnalysisConfig()
 
 
 def load_similarities(run_dir: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:

@@ -2,8 +2,8 @@
 
     GRID_DIR/
       grid.yaml                  the expanded grid (base, overrides, axes, runs) for reference
-      runs/<run name>/           an ordinary run directory (+ analysis.json, similarities.npz)
-      table.md  table.csv  table.json
+      runs/<run name>/           an ordinary run directory (+ analysis.json, similarities.npz, analysis/gradcam/)
+      table.md  table.csv  table.json   (table.json also: the multi-token runs' token-subset tables)
       clip_benchmark.jsonl  clip_benchmark.json
       plots/temperature.png  plots/uniformity_alignment.png  plots/similarity/<run>.png
 
@@ -28,7 +28,7 @@ from topoclip.train.config import load_config, run_config_path
 from .grid import Grid, GridRun, config_differences, select_runs
 from .plots import plot_similarity_distributions, plot_temperature_trajectories, plot_uniformity_alignment
 from .run_metrics import ANALYSIS_FILE, load_run_metrics, load_similarities, scale_trajectory, to_json_settings
-from .table import clip_benchmark_rows, table_row, write_clip_benchmark, write_table
+from .table import clip_benchmark_rows, table_row, token_subset_tables, write_clip_benchmark, write_table
 
 __all__ = ["run_grid", "write_grid_outputs", "RUNS_DIR", "PLOTS_DIR"]
 
@@ -130,14 +130,15 @@ def run_grid(
 def write_grid_outputs(grid: Grid, runs: list[GridRun], grid_dir: Path, rows: list[dict]) -> None:
     """Table, CLIP_benchmark rows and plots of the analysed ``runs`` of a grid (``rows`` in the same order)."""
     axes = list(grid.axes)
-    meta = {"grid_file": str(grid.path) if grid.path else None}
+    analyses = {run.name: json.loads((grid_dir / RUNS_DIR / run.name / ANALYSIS_FILE).read_text()) for run in runs}
+    meta = {"grid_file": str(grid.path) if grid.path else None, "token_subsets": token_subset_tables(analyses)}
     write_table(rows, axes, grid_dir, meta)
     bench_rows = []
     plots = grid_dir / PLOTS_DIR
     trajectories, geometry = {}, {}
     for run in runs:
         run_dir = grid_dir / RUNS_DIR / run.name
-        analysis = json.loads((run_dir / ANALYSIS_FILE).read_text())
+        analysis = analyses[run.name]
         model = f"topoclip-{analysis['topology']['label'].replace(' ', '-')}"
         bench_rows += clip_benchmark_rows(model, f"{grid_dir.name}/{run.name}", analysis)
         trajectories[run.name] = scale_trajectory(run_dir)

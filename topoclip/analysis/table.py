@@ -2,7 +2,8 @@
 
 One row per run: its axis values, the space, the temperature (initial, learnable, final scale
 and temperature 1/scale, converge step) and zero-shot I->T / T->I R@1, mean zero-shot
-classification accuracy and linear-probe accuracy. ``table.json`` and ``table.csv`` hold the
+classification accuracy, linear-probe accuracy and mAP@R / R-Precision in both directions
+(the ECCV Caption metrics; a caption has one positive image, so T->I mAP@R = R-P = R@1). ``table.json`` and ``table.csv`` hold the
 numbers as computed (accuracies as fractions); ``table.md`` shows percentages like the seed.
 
 CLIP_benchmark (LAION) writes one JSON object per evaluation,
@@ -10,7 +11,8 @@ CLIP_benchmark (LAION) writes one JSON object per evaluation,
 ``zeroshot_classification``, ``image_retrieval_recall@k`` (text -> image) and
 ``text_retrieval_recall@k`` (image -> text) for ``zeroshot_retrieval`` and ``lp_acc1`` for
 ``linear_probe``, all fractions; ``clip_benchmark.jsonl`` uses the same keys so its rows can
-be concatenated with CLIP_benchmark's own.
+be concatenated with CLIP_benchmark's own, and adds ``{text,image}_retrieval_map@r`` and
+``{text,image}_retrieval_r_precision`` (mAP@R, R-Precision) to the retrieval row.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["METRIC_COLUMNS", "RESERVED_COLUMNS", "table_row", "format_cell", "write_table", "format_markdown", "clip_benchmark_rows", "write_clip_benchmark"]
+__all__ = ["METRIC_COLUMNS", "RESERVED_COLUMNS", "table_row", "token_subset_tables", "format_cell", "write_table", "format_markdown", "clip_benchmark_rows", "write_clip_benchmark"]
 
 # (key in a row, Markdown header, how Markdown shows it)
 METRIC_COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -31,6 +33,10 @@ METRIC_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("learnable", "learnable", "bool"),
     ("i2t_R@1", "I→T R@1", "pct"),
     ("t2i_R@1", "T→I R@1", "pct"),
+    ("i2t_mAP@R", "I→T mAP@R", "pct"),
+    ("i2t_R-P", "I→T R-P", "pct"),
+    ("t2i_mAP@R", "T→I mAP@R", "pct"),
+    ("t2i_R-P", "T→I R-P", "pct"),
     ("zeroshot_acc", "ZS cls. acc", "pct"),
     ("linear_probe_acc", "linear probe acc", "pct"),
     ("scale_final", "final scale", "num"),
@@ -48,6 +54,7 @@ def table_row(run_name: str, axes: dict[str, str], analysis: dict[str, Any]) -> 
     """A flat row of the table from a run's cached analysis."""
     temperature = analysis["temperature"]
     retrieval = analysis.get("retrieval", {})
+    map_at_r = analysis.get("map_at_r") or {}
     return {
         "run": run_name,
         **axes,
@@ -56,6 +63,7 @@ def table_row(run_name: str, axes: dict[str, str], analysis: dict[str, Any]) -> 
         "learnable": temperature["learnable"],
         "i2t_R@1": retrieval.get("i2t_R@1"),
         "t2i_R@1": retrieval.get("t2i_R@1"),
+        **{key: map_at_r.get(key) for key in ("i2t_mAP@R", "i2t_R-P", "t2i_mAP@R", "t2i_R-P")},
         "zeroshot_acc": analysis.get("zeroshot_mean_top1"),
         "linear_probe_acc": analysis["linear_probe"]["top1"],
         "scale_final": temperature["final_scale"],
@@ -139,11 +147,27 @@ def clip_benchmark_rows(model: str, pretrained: str, analysis: dict[str, Any], d
                 # CLIP_benchmark names retrieval by what is retrieved: images for a text query.
                 name = "image_retrieval" if direction == "t2i" else "text_retrieval"
                 metrics[f"{name}_recall@{k}"] = value
+        for key, value in (analysis.get("map_at_r") or {}).items():
+            direction, _, metric = key.partition("_")
+            name = "image_retrieval" if direction == "t2i" else "text_retrieval"
+            metrics[f"{name}_{_BENCH_NAMES[metric]}"] = value
         rows.append({"dataset": f"{dataset_prefix}_retrieval", **base, "task": "zeroshot_retrieval", "metrics": metrics})
     probe = analysis.get("linear_probe")
     if probe:
         rows.append({"dataset": f"{dataset_prefix}_{probe['task']}", **base, "task": "linear_probe", "metrics": {"lp_acc1": probe["top1"]}})
     return rows
+
+
+_BENCH_NAMES = {"mAP@R": "map@r", "R-P": "r_precision"}
+
+
+def token_subset_tables(analyses: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """``{run: {task, rows: [{size, mean, std, draws}]}}`` of the multi-token runs, for ``table.json``."""
+    return {
+        name: {"task": a["token_subsets"]["task"],
+               "rows": [{k: r[k] for k in ("size", "mean", "std", "draws")} for r in a["token_subsets"]["rows"]]}
+        for name, a in analyses.items() if a.get("token_subsets")
+    }
 
 
 def write_clip_benchmark(rows: Sequence[dict], out_dir: str | os.PathLike) -> dict[str, Path]:
