@@ -112,3 +112,16 @@ def test_default_yaml_is_the_default_config():
     assert cfg == load_config(CONFIGS / "default.yaml")
     assert isinstance(cfg, ExperimentConfig) and cfg.output.name == "default"
     assert (cfg.topology.name, cfg.topology.n, cfg.topology.m, cfg.model.num_tokens) == ("oblique-inner", 16, 8, 1)
+
+
+def test_shipped_configs_resolve_by_name_from_any_directory(tmp_path, monkeypatch):
+    from topoclip.train.config import PACKAGED_CONFIGS, default_config_path, resolve_config_path
+
+    monkeypatch.chdir(tmp_path)  # no configs/ here: as for a wheel install
+    assert default_config_path() == PACKAGED_CONFIGS / "default.yaml" and default_config_path().is_file()
+    assert resolve_config_path("sphere") == PACKAGED_CONFIGS / "sphere.yaml"
+    assert resolve_config_path("ablation/table3.yaml") == PACKAGED_CONFIGS / "ablation" / "table3.yaml"
+    assert load_config("sphere").topology.name == "sphere"
+    assert resolve_config_path("nothing-like-this") == Path("nothing-like-this")  # the error names it later
+    with pytest.raises(ValueError, match="nothing-like-this"):
+        load_config("nothing-like-this")

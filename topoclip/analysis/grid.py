@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from topoclip.train.config import ExperimentConfig, config_from_dict, default_config_path, read_config_file
+from topoclip.train.config import ExperimentConfig, config_from_dict, default_config_path, read_config_file, resolve_config_path
 from topoclip.train.dataclass_io import apply_overrides, from_dict, to_dict
 
 from .run_metrics import AnalysisConfig
@@ -226,7 +226,7 @@ def parse_grid(spec: Any, base_dir: Path, overrides: list[str] = (), path: Path 
 
 def load_grid(path: str | os.PathLike, overrides: list[str] = ()) -> Grid:
     """Read and expand a grid file; every run's config is validated here (ValueError naming the field)."""
-    path = Path(path)
+    path = resolve_config_path(path)  # also a shipped grid by name: ablation/table3
     if not path.is_file():
         raise ValueError(f"grid: file not found: {path}")
     try:

@@ -371,11 +371,24 @@ def config_from_dict(data: dict[str, Any] | None, overrides: list[str] = ()) -> 
     return from_dict(ExperimentConfig, apply_overrides(data or {}, list(overrides)))
 
 
+PACKAGED_CONFIGS = Path(topoclip.__file__).resolve().parent / "configs"
+
+
 def default_config_path() -> Path:
-    """``configs/default.yaml`` of the working directory, else of the source checkout."""
+    """``configs/default.yaml`` of the working directory, else the one shipped in the package."""
     if DEFAULT_CONFIG.is_file():
         return DEFAULT_CONFIG
-    return Path(topoclip.__file__).resolve().parent.parent / DEFAULT_CONFIG
+    return PACKAGED_CONFIGS / DEFAULT_CONFIG.name
+
+
+def resolve_config_path(path: str | os.PathLike) -> Path:
+    """``path`` if it exists; else, for a bare name like ``sphere`` or ``ablation/table3.yaml``,
+    the config of that name shipped in the package (so installed users need no checkout)."""
+    path = Path(path)
+    if path.exists() or path.is_absolute():
+        return path
+    shipped = PACKAGED_CONFIGS / (path if path.suffix else path.with_suffix(".yaml"))
+    return shipped if shipped.is_file() else path
 
 
 def run_config_path(run_dir: str | os.PathLike) -> Path:
@@ -428,7 +441,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
     The run name defaults to the config file's stem, so ``configs/sphere.yaml`` runs in
     ``runs/sphere``.
     """
-    path = Path(path) if path is not None else default_config_path()
+    path = resolve_config_path(path) if path is not None else default_config_path()
     data = _read_yaml(path)
     output = data.setdefault("output", {})
     if isinstance(output, dict) and output.get("name") is None:

@@ -6,14 +6,13 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
 import topoclip
 from topoclip.data.shapes import ShapesConfig
 from topoclip.losses.mixup import MixupWeights
 
-from .config import EvalConfig, LoggingConfig, LossConfig, OptimConfig, OutputConfig, ScheduleConfig, TrainConfig, _deep_merge, _read_yaml
+from .config import EvalConfig, LoggingConfig, LossConfig, OptimConfig, OutputConfig, ScheduleConfig, TrainConfig, _deep_merge, _read_yaml, resolve_config_path
 from .dataclass_io import apply_overrides, from_dict, to_dict
 
 __all__ = [
@@ -176,5 +175,5 @@ def load_finetune_config(path: str | os.PathLike | None = None, overrides: list[
     # keeps the fine-tuning values (lr 1e-5, ...) rather than the training ones.
     defaults = to_dict(FinetuneConfig())
     defaults["output"]["name"] = None  # derived from the method unless set
-    data = _deep_merge(defaults, _read_yaml(Path(path))) if path is not None else defaults
+    data = _deep_merge(defaults, _read_yaml(resolve_config_path(path))) if path is not None else defaults
     return from_dict(FinetuneConfig, apply_overrides(data, list(overrides)))
