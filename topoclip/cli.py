@@ -8,6 +8,7 @@
     topoclip finetune-demo [--out DIR] [--pretrain-steps N] [--steps N] [--lr LR] [key=value ...]
     topoclip ablate --grid configs/ablation/X.yaml [--out DIR] [--list] [key=value ...]
     topoclip report RUN_OR_GRID_DIR [--output FILE]
+    topoclip bench loss|max-batch|train-step [options]
 
 The parsed arguments are turned into an ``ExperimentConfig`` (or a few plain values) right
 away; nothing below this module sees an argparse namespace.
@@ -115,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_finetune_parser(sub)
     _add_finetune_demo_parser(sub)
     _add_ablate_parsers(sub)
+    _add_bench_parsers(sub)
     return parser
 
 
@@ -348,6 +350,98 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_bench_parsers(sub) -> None:
+    bench = sub.add_parser(
+        "bench",
+        help="benchmarks: loss vs OpenCLIP and the GEMM floor, largest exact batch, training step vs OpenCLIP",
+        description="Measure, side by side in one run, and print Markdown tables with the ratios.",
+    )
+    actions = bench.add_subparsers(dest="bench_action", metavar="ACTION")
+    actions.required = True
+    loss = actions.add_parser(
+        "loss",
+        help="loss fwd+bwd time and peak memory per topology, plain and tiled, vs OpenCLIP ClipLoss and the floor",
+        description=(
+            "One child process per (method, batch): median fwd+bwd time and peak memory growth of the "
+            "three-GEMM floor, OpenCLIP's ClipLoss and each topology's ContrastiveLoss, plain and (with "
+            "--tiled, and always from b = 16384 on) tiled. Plain methods whose b x b matrices would not "
+            "fit in the free memory are skipped."
+        ),
+    )
+    loss.add_argument("--batch", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
+    loss.add_argument("--dim", type=int, default=512)
+    loss.add_argument("--topologies", nargs="+", default=None, metavar="NAME",
+                      help="sphere euclidean oblique-inner oblique-geodesic (default: all; oblique as Ob(dim/8, 8))")
+    loss.add_argument("--tiled", action="store_true", help="also measure the tiled loss below b = 16384")
+    loss.add_argument("--no-openclip", action="store_true", help="leave out OpenCLIP's ClipLoss")
+    loss.add_argument("--tile-size", type=int, default=1024)
+    loss.add_argument("--repeats", type=int, default=3, help="timed steps per method (median), after one warm-up")
+    loss.add_argument("--memory-gib", type=float, default=None, help="memory budget for skipping (default: free memory)")
+    loss.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+
+    mb = actions.add_parser(
+        "max-batch",
+        help="largest global batch whose exact training step (tiled loss + gradient cache) fits in a memory limit",
+        description=(
+            "Doubling search (then --bisect trials) for the largest global batch for which one exact "
+            "training step of the default model, with the tiled loss and the gradient cache, completes "
+            "with a resident peak under --limit-gib; each trial runs in its own process."
+        ),
+    )
+    mb.add_argument("--limit-gib", type=float, default=24.0)
+    mb.add_argument("--chunk", type=int, default=256, help="gradient-cache chunk (train.grad_cache_chunk)")
+    mb.add_argument("--start", type=int, default=8192)
+    mb.add_argument("--max", type=int, default=131072, dest="max_batch", help="stop doubling here")
+    mb.add_argument("--bisect", type=int, default=0, help="bisection trials after the doubling")
+    mb.add_argument("--tile-size", type=int, default=1024)
+    mb.add_argument("--timeout", type=float, default=None, help="seconds per trial (default: none)")
+    mb.add_argument("--config", type=Path, default=None, help="model config (default: configs/default.yaml)")
+    mb.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.image.depth=2")
+
+    ts = actions.add_parser(
+        "train-step",
+        help="training step time of topoclip's Trainer vs OpenCLIP's own step on the same OpenCLIP model",
+        description=(
+            "Same random-init OpenCLIP model, batch, precision (fp32) and AdamW: OpenCLIP's training step "
+            "vs Trainer.train_step on the OpenClipDualEncoder of a copy, alternating; prints the ratio of medians."
+        ),
+    )
+    ts.add_argument("--batch", type=int, default=256)
+    ts.add_argument("--model", default="topoclip-bench-small",
+                    help="open_clip architecture (random init): topoclip-bench-small, topoclip-bench-tiny or a built-in name")
+    ts.add_argument("--steps", type=int, default=5, help="timed steps of each (after one warm-up step)")
+
+
+def _bench(args: argparse.Namespace) -> int:
+    try:
+        if args.bench_action == "loss":
+            import torch
+
+            from topoclip.bench.loss import TOPOLOGIES, format_table, goal_lines, run_loss_bench
+
+            device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, d={args.dim}",
+                  file=sys.stderr)
+            rows = run_loss_bench(args.batch, args.dim, args.topologies or TOPOLOGIES, args.tiled, args.repeats,
+                                  device, args.tile_size, args.memory_gib, openclip=not args.no_openclip)
+            print(format_table(rows))
+            for line in goal_lines(rows):
+                print(line)
+        elif args.bench_action == "max-batch":
+            from topoclip.bench.max_batch import format_trials, run_max_batch
+
+            result = run_max_batch(args.limit_gib, args.chunk, args.start, args.max_batch, args.bisect, args.tile_size,
+                                   args.timeout, str(args.config) if args.config else None, list(args.overrides))
+            print(format_trials(result))
+        else:
+            from topoclip.bench.train_step import format_result, run_train_step_bench
+
+            print(format_result(run_train_step_bench(args.batch, args.model, args.steps)))
+    except ValueError as err:
+        return _fail("bench", err, 2)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "train":
@@ -364,6 +458,8 @@ def main(argv: list[str] | None = None) -> int:
         return _ablate(args)
     if args.command == "report":
         return _report(args)
+    if args.command == "bench":
+        return _bench(args)
     raise AssertionError(args.command)  # argparse rejects unknown commands
 
 

@@ -1,0 +1,158 @@
+"""topoclip bench: each action at a tiny size, and the max-batch search on a fake trial."""
+
+import math
+
+import pytest
+
+from topoclip.bench.loss import AUTO_TILE_BATCH, format_table, goal_lines, plan_methods, run_loss_bench
+from topoclip.bench.max_batch import format_trials, run_max_batch, search_max_batch
+
+TINY_MODEL = ["model.image.depth=1", "model.image.width=32", "model.image.heads=2",
+              "model.text.width=32", "model.text.depth=1", "model.text.heads=2"]
+
+
+def _fake(threshold):
+    calls = []
+
+    def fits(b):
+        calls.append(b)
+        return b <= threshold
+
+    return fits, calls
+
+
+@pytest.mark.parametrize("threshold", [1, 63, 64, 65, 1000, 4095])
+def test_search_doubles_then_bisects_to_the_exact_threshold(threshold):
+    fits, calls = _fake(threshold)
+    lo, hi = search_max_batch(fits, start=64, max_batch=1 << 20, bisect=30)
+    assert (lo, hi) == (threshold, threshold + 1)
+    # Bisection costs about log2 of the bracket, not a scan.
+    assert len(calls) <= 2 * math.log2(max(threshold, 64)) + 4
+
+
+def test_search_without_bisection_reports_the_doubling_bracket():
+    fits, calls = _fake(1000)
+    assert search_max_batch(fits, start=64, max_batch=1 << 20) == (512, 1024)
+    assert calls == [64, 128, 256, 512, 1024]
+
+
+def test_search_stops_at_the_cap_and_respects_granularity():
+    fits, calls = _fake(10**9)
+    assert search_max_batch(fits, start=8, max_batch=100) == (64, None)
+    assert calls == [8, 16, 32, 64]
+    fits, calls = _fake(1000)
+    lo, hi = search_max_batch(fits, start=256, max_batch=4096, bisect=10, granularity=256)
+    assert (lo, hi) == (768, 1024) and all(c % 256 == 0 for c in calls)
+
+
+def test_search_rejects_bad_bounds():
+    with pytest.raises(ValueError, match="start"):
+        search_max_batch(lambda b: True, start=0, max_batch=8)
+
+
+def test_plan_methods_adds_tiled_rows_from_the_threshold():
+    assert plan_methods(64, ["sphere"], tiled=False) == ["floor", "openclip", "sphere"]
+    assert plan_methods(AUTO_TILE_BATCH, ["sphere"], tiled=False)[-1] == "sphere tiled"
+
+
+def _cells(table, method):
+    (line,) = [line for line in table.splitlines() if line.split("|")[2].strip() == method]
+    return [c.strip() for c in line.split("|")[1:-1]]
+
+
+def test_loss_bench_tiny_table_has_every_row_and_finite_ratios():
+    rows = run_loss_bench([64], dim=16, topologies=["sphere"], tiled=True, repeats=1, openclip=False, log=lambda m: None)
+    assert [r["method"] for r in rows] == ["floor", "sphere", "sphere tiled"]
+    assert all(r["time"] > 0 and math.isfinite(r["time"]) and r["peak"] >= 0 for r in rows)
+    table = format_table(rows)
+    assert len(table.splitlines()) == 2 + 3
+    t = {r["method"]: r["time"] for r in rows}
+    tiled = _cells(table, "sphere tiled")
+    # × floor and tiled/plain time are ratios of the measured medians; no OpenCLIP row, no ratio.
+    assert float(tiled[3]) == pytest.approx(t["sphere tiled"] / t["floor"], rel=0.01, abs=0.01)
+    assert tiled[4] == "-"
+    assert float(tiled[7]) == pytest.approx(t["sphere tiled"] / t["sphere"], rel=0.01, abs=0.01)
+    assert _cells(table, "floor")[3] == "1.00"
+    assert goal_lines(rows) == []  # the goals are stated from b = 8192 on
+
+
+@pytest.mark.slow
+def test_loss_bench_openclip_row_and_ratios():
+    pytest.importorskip("open_clip")
+    rows = run_loss_bench([64], dim=16, topologies=["sphere"], repeats=1, log=lambda m: None)
+    assert [r["method"] for r in rows] == ["floor", "openclip", "sphere"]
+    table = format_table(rows)
+    t = {r["method"]: r["time"] for r in rows}
+    assert float(_cells(table, "sphere")[4]) == pytest.approx(t["sphere"] / t["openclip"], rel=0.01, abs=0.01)
+    assert _cells(table, "openclip")[4] == "1.00"
+
+
+def test_loss_bench_skips_what_does_not_fit():
+    rows = run_loss_bench([4096], dim=16, topologies=["sphere"], memory_gib=1e-6, log=lambda m: None)
+    assert all(r["skipped"].startswith("skipped (needs ~") for r in rows)
+    assert "skipped (needs ~" in format_table(rows)
+
+
+def test_loss_bench_rejects_unknown_topology():
+    with pytest.raises(ValueError, match="--topologies"):
+        run_loss_bench([64], topologies=["torus"])
+
+
+def test_max_batch_tiny_model_runs_real_trials():
+    # One real trial (each child imports torch and the trainer: seconds); the search itself is
+    # tested above on a fake trial.
+    res = run_max_batch(limit_gib=8, chunk=16, start=64, max_batch=64, overrides=TINY_MODEL, log=lambda m: None)
+    assert res["largest"] == 64 and res["smallest_failing"] is None
+    assert [t["batch"] for t in res["trials"]] == [64]
+    assert all(t["ok"] and t["peak"] > 0 and t["step_time"] > 0 for t in res["trials"])
+    assert "largest exact step within 8 GiB (chunk 16): 64 (search cap reached)" in format_trials(res)
+
+
+def test_max_batch_trial_over_the_limit_is_stopped_and_fails():
+    # A few MiB: the child passes it while importing torch and is killed.
+    res = run_max_batch(limit_gib=0.02, chunk=1, start=1, max_batch=1, overrides=TINY_MODEL, log=lambda m: None)
+    assert res["largest"] is None and res["smallest_failing"] == 1
+    (t,) = res["trials"]
+    assert not t["ok"] and t["error"].startswith("exceeded")
+
+
+def test_train_step_bench_tiny_model_reports_a_finite_ratio():
+    pytest.importorskip("open_clip")
+    from topoclip.bench.train_step import format_result, run_train_step_bench
+
+    res = run_train_step_bench(batch=4, model="topoclip-bench-tiny", steps=2, log=lambda m: None)
+    assert res["openclip"] > 0 and res["topoclip"] > 0
+    assert res["ratio"] == pytest.approx(res["topoclip"] / res["openclip"])
+    assert "| topoclip-bench-tiny | 4 |" in format_result(res)
+
+
+def test_cli_bench_parses_and_reports_bad_input(capsys):
+    from topoclip.cli import build_parser, main
+
+    args = build_parser().parse_args(["bench", "max-batch", "--limit-gib", "2", "--max", "1024", "model.image.depth=1"])
+    assert (args.bench_action, args.limit_gib, args.max_batch, args.chunk, args.overrides) == (
+        "max-batch", 2.0, 1024, 256, ["model.image.depth=1"])
+    assert main(["bench", "loss", "--batch", "64", "--topologies", "torus"]) == 2
+    assert "--topologies: unknown topology 'torus'" in capsys.readouterr().err
+    assert main(["bench", "max-batch", "--start", "4096", "--max", "1024"]) == 2
+
+
+def test_goal_lines_check_the_issue_goals_on_given_rows():
+    mib = 2**20
+    rows = [
+        {"b": 8192, "method": "floor", "time": 1.0, "peak": 300 * mib},
+        {"b": 8192, "method": "sphere", "time": 1.3, "peak": 1000 * mib},
+        {"b": 8192, "method": "oblique-inner", "time": 1.5, "peak": 1000 * mib},
+        {"b": 16384, "method": "sphere", "time": 4.0, "peak": 4000 * mib},
+        {"b": 16384, "method": "sphere tiled", "time": 5.0, "peak": 100 * mib},
+        {"b": 16384, "method": "euclidean", "skipped": "skipped (needs ~30.0 GiB)"},
+    ]
+    assert goal_lines(rows) == [
+        "b=8192 oblique-inner: 1.50× floor (goal ≤ 1.4×) MISSED",
+        "b=8192 sphere: 1.30× floor (goal ≤ 1.4×) ok",
+        "b=16384 sphere tiled: time 1.25× plain (goal ≤ 1.5×) ok",
+        "b=16384 sphere tiled: peak 2.5% of plain (goal ≤ 5%) ok",
+    ]
+    table = format_table(rows)
+    assert "| 16384 | euclidean | skipped (needs ~30.0 GiB) |" in table
+    assert _cells(table, "sphere tiled")[7:] == ["1.25", "0.03"]
