@@ -85,9 +85,11 @@ def test_retrieval_calibration_with_several_captions(tmp_path):
     texts = topo.project(torch.tensor([[1.0, 0.1], [1.0, -0.1], [0.1, 1.0]]))
     c2i = torch.tensor([0, 0, 1])
     out = retrieval_calibration(topo, images, texts, c2i, scale=10.0, num_bins=10)
-    # I->T: both images retrieve one of their own captions: every query correct.
-    S = 10.0 * images @ texts.T
-    p = torch.softmax(S, 1).max(1).values
+    # I->T predicts a caption set: image 0's confidence is the mass of both its captions, not
+    # of the best one alone. Both images' own sets are the most probable: every query correct.
+    P = torch.softmax(10.0 * images @ texts.T, 1)
+    p = torch.stack([P[0, 0] + P[0, 1], P[1, 2]])
+    assert p[0] > P[0].max() + 0.1  # the grouping matters here
     want = expected_calibration_error(p, torch.ones(2), 10)
     assert out["i2t_ece"] == pytest.approx(want)
     assert sum(out["t2i_reliability"]["count"]) == 3

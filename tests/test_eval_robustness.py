@@ -97,16 +97,25 @@ def points(model, dataset, tokenizer):
         return model.encode_image(dataset.images).double(), model.encode_text(**tokenizer(dataset.captions)).double()
 
 
-def loop_ece(topo, queries, candidates, is_positive, scale, num_bins):
-    """Softmax of scale * similarity per query, confidence = max, ECE over (b/B, (b+1)/B]."""
+def loop_ece(topo, queries, candidates, is_positive, scale, num_bins, group_of=None):
+    """Softmax of scale * similarity per query, confidence = max, ECE over (b/B, (b+1)/B].
+    With ``group_of`` (candidate -> class) the probabilities are summed per class first and
+    the prediction is the class."""
     conf, correct = [], []
     sims = topo.similarity(queries, candidates)
     for q in range(queries.shape[0]):
         logits = [scale * float(s) for s in sims[q]]
         top = max(logits)
         weights = [math.exp(x - top) for x in logits]
-        best = max(range(len(logits)), key=lambda j: logits[j])
-        conf.append(weights[best] / sum(weights))
+        total = sum(weights)
+        if group_of is None:
+            probs = {j: w / total for j, w in enumerate(weights)}
+        else:
+            probs = {}
+            for j, w in enumerate(weights):
+                probs[group_of(j)] = probs.get(group_of(j), 0.0) + w / total
+        best = max(probs, key=lambda j: probs[j])
+        conf.append(probs[best])
         correct.append(1.0 if is_positive(q, best) else 0.0)
     ece, n = 0.0, len(conf)
     for b in range(num_bins):
@@ -157,7 +166,7 @@ def test_ece_matches_loop_formula(name):
     with_caption = [i for i in range(len(dataset)) if i in c2i]  # image 5 has no caption: not a query
     cal = result["calibration"]
     for b in (10, 15, 4):
-        i2t, i2t_conf = loop_ece(topo, v[with_caption], t, lambda q, k: c2i[k] == with_caption[q], scale, b)
+        i2t, i2t_conf = loop_ece(topo, v[with_caption], t, lambda q, k: k == with_caption[q], scale, b, lambda k: c2i[k])
         t2i, t2i_conf = loop_ece(topo, t, v, lambda q, k: k == c2i[q], scale, b)
         assert cal[f"i2t_ece_{b}"] == pytest.approx(i2t, rel=1e-5, abs=1e-7)
         assert cal[f"t2i_ece_{b}"] == pytest.approx(t2i, rel=1e-5, abs=1e-7)

@@ -24,12 +24,24 @@ def confidences(
     positives: Tensor,
     scale: float,
     chunk_size: int = 1024,
+    candidate_groups: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """(confidence, correct) per query; ``positives`` [Q, K] bool marks ground-truth candidates."""
+    """(confidence, correct) per query: softmax over the candidates of scale * similarity.
+
+    ``positives`` [Q, K] bool marks ground-truth candidates. With ``candidate_groups`` [K]
+    (the class of each candidate, e.g. the image each caption describes) the probabilities are
+    summed per group first and ``positives`` is [Q, G]: the prediction is a group. Why: with c
+    equally good captions per image the best single caption can hold at most ~1/c of the mass,
+    so a per-caption confidence reads as under-confidence even for a perfect model.
+    """
     conf, correct = [], []
+    num_groups = positives.shape[1]
     for i in range(0, queries.shape[0], chunk_size):
-        logits = scale * topology.similarity(queries[i:i + chunk_size], candidates)
-        p, idx = torch.softmax(logits.float(), dim=1).max(dim=1)
+        probs = torch.softmax((scale * topology.similarity(queries[i:i + chunk_size], candidates)).float(), dim=1)
+        if candidate_groups is not None:
+            grouped = probs.new_zeros(probs.shape[0], num_groups)
+            probs = grouped.index_add_(1, candidate_groups.to(probs.device), probs)
+        p, idx = probs.max(dim=1)
         conf.append(p)
         correct.append(positives[i:i + chunk_size].gather(1, idx.unsqueeze(1)).squeeze(1))
     return torch.cat(conf), torch.cat(correct).float()
@@ -69,14 +81,18 @@ def retrieval_calibration(
     num_bins: int = 15,
     chunk_size: int = 1024,
 ) -> dict:
-    """ECE and reliability bins for image->text and text->image retrieval."""
+    """ECE and reliability bins for image->text and text->image retrieval. I->T predicts an
+    image's caption set: the probabilities of its captions are summed (see ``confidences``)."""
     caption_to_image = torch.as_tensor(caption_to_image, device=image_points.device)
     images = torch.arange(image_points.shape[0], device=image_points.device)
-    i2t_pos = images.unsqueeze(1) == caption_to_image.unsqueeze(0)  # [N, M]
-    t2i_pos = i2t_pos.T
+    i2t_pos = images.unsqueeze(1) == images.unsqueeze(0)  # [N, N]: the query's own caption set
+    t2i_pos = caption_to_image.unsqueeze(1) == images.unsqueeze(0)  # [M, N]
     out = {}
-    for name, q, c, pos in (("i2t", image_points, text_points, i2t_pos), ("t2i", text_points, image_points, t2i_pos)):
-        conf, correct = confidences(topology, q, c, pos, scale, chunk_size)
+    for name, q, c, pos, groups in (
+        ("i2t", image_points, text_points, i2t_pos, caption_to_image),
+        ("t2i", text_points, image_points, t2i_pos, None),
+    ):
+        conf, correct = confidences(topology, q, c, pos, scale, chunk_size, groups)
         out[f"{name}_ece"] = expected_calibration_error(conf, correct, num_bins)
         out[f"{name}_reliability"] = reliability_bins(conf, correct, num_bins)
     return out

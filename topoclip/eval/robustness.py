@@ -1,9 +1,10 @@
 """Robustness metrics of a retrieval set, from one embedding pass: calibration, geometry, hardness.
 
 - calibration: retrieval as classification (softmax over the candidates of scale * similarity).
-  I->T: an image query is correct when its most probable caption is any of its captions (images
-  without a caption are left out, as in recall); T->I: a caption is correct when its most
-  probable image is its own. ECE with each requested bin count; reliability bins for the largest.
+  I->T: the probabilities of each image's captions are summed and an image query is correct
+  when its own caption set is the most probable (with c captions per image, the best single
+  caption could hold only ~1/c of the mass; images without a caption are left out, as in
+  recall); T->I: a caption is correct when its most probable image is its own. ECE with each requested bin count; reliability bins for the largest.
 - geometry: alignment, uniformity over the union of both modalities, relative alignment and
   the modality-gap norm, on aligned pairs (each image with its FIRST caption).
 - hardness: similarities of image anchors to the original negatives <v_i, t_j> and to the
@@ -84,10 +85,12 @@ def _calibration(topology, v: Tensor, t: Tensor, caption_to_image: Tensor, scale
     has_caption = torch.zeros(v.shape[0], dtype=torch.bool, device=v.device)
     has_caption[caption_to_image] = True
     # Same ground truth as retrieval_calibration / retrieval_recall.
-    i2t_pos = images[has_caption].unsqueeze(1) == caption_to_image.unsqueeze(0)
+    # I->T predicts an image's caption set (probabilities summed over its captions);
+    # T->I predicts one image.
+    i2t_pos = images[has_caption].unsqueeze(1) == images.unsqueeze(0)
     t2i_pos = caption_to_image.unsqueeze(1) == images.unsqueeze(0)
     directions = {
-        "i2t": confidences(topology, v[has_caption], t, i2t_pos, scale, chunk_size),
+        "i2t": confidences(topology, v[has_caption], t, i2t_pos, scale, chunk_size, caption_to_image),
         "t2i": confidences(topology, t, v, t2i_pos, scale, chunk_size),
     }
     out: dict = {"bins": list(bins)}
