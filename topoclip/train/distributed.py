@@ -15,14 +15,17 @@ MASTER_ADDR / MASTER_PORT exported, ``init_distributed`` reads those.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 __all__ = [
+    "process_group",
     "DistInfo",
     "init_distributed",
     "current_info",
@@ -150,3 +153,16 @@ def mean_across_ranks(values: list[float], info: DistInfo) -> list[float]:
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group(device: str = "auto") -> Iterator[DistInfo]:
+    """Join the torchrun/SLURM process group for the duration of a run (``init_distributed``)
+    and leave it afterwards, unless the caller had already joined one (then it stays theirs)."""
+    owns_group = not (dist.is_available() and dist.is_initialized())
+    info = init_distributed(device)
+    try:
+        yield info
+    finally:
+        if owns_group:
+            cleanup()

@@ -41,7 +41,7 @@ from topoclip.models import build_model
 from .checkpoint import latest_checkpoint, resolve_checkpoint
 from .config import RUN_CONFIG_FILE, ExperimentConfig, save_config
 from .dataclass_io import apply_overrides, from_dict, to_dict
-from .distributed import DistInfo, barrier, broadcast_object, cleanup, init_distributed
+from .distributed import DistInfo, barrier, broadcast_object, process_group
 from .loading import TOKENIZER_DIR, load_run_model
 from .trainer import Trainer, TrainResult, seed_everything
 
@@ -235,15 +235,8 @@ def run(config: ExperimentConfig, run_dir: str | os.PathLike | None = None) -> d
     its share of each batch, and rank 0 evaluates and writes the results (the other ranks
     return the training summary only).
     """
-    import torch.distributed as dist
-
-    owns_group = not (dist.is_available() and dist.is_initialized())
-    info = init_distributed(config.train.device)
-    try:
+    with process_group(config.train.device) as info:
         return _run(config, run_dir, info)
-    finally:
-        if owns_group:
-            cleanup()
 
 
 def _run(config: ExperimentConfig, run_dir: str | os.PathLike | None, info: DistInfo) -> dict[str, Any]:

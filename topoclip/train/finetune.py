@@ -44,7 +44,7 @@ from topoclip.losses.mixup import M3MixLoss
 from topoclip.models import interpolate_weights
 
 from .config import RUN_CONFIG_FILE
-from .distributed import DistInfo, broadcast_object, cleanup, init_distributed
+from .distributed import DistInfo, broadcast_object, process_group
 from .experiment import build_loss, evaluate, prepare_run_dir, resolve_device, write_json
 from .finetune_config import MIXUP_TERMS, FinetuneConfig, load_finetune_config
 from .loading import LoadedModel, load_source
@@ -114,15 +114,8 @@ def run_finetune(config: FinetuneConfig, run_dir: str | os.PathLike | None = Non
     contrastive term gathers the whole batch; mixup terms use each process's own pairs), and
     rank 0 evaluates and writes the results.
     """
-    import torch.distributed as dist
-
-    owns_group = not (dist.is_available() and dist.is_initialized())
-    info = init_distributed(config.train.device)
-    try:
+    with process_group(config.train.device) as info:
         return _run_finetune(config, run_dir, info)
-    finally:
-        if owns_group:
-            cleanup()
 
 
 def _run_finetune(config: FinetuneConfig, run_dir: str | os.PathLike | None, info: DistInfo) -> dict[str, Any]:
