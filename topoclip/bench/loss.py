@@ -49,6 +49,13 @@ def _topology(name: str, dim: int):
     return topoclip.topology(name, dim=dim)
 
 
+def _clear_grads(*tensors: torch.Tensor) -> None:
+    # As a training loop's zero_grad(set_to_none=True): the previous step's gradients are not
+    # kept alive (and summed into) while the next one runs.
+    for t in tensors:
+        t.grad = None
+
+
 def _make_step(method: str, b: int, d: int, device: torch.device, tile_size: int) -> Callable[[], None]:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(b, d, generator=g).to(device)
@@ -69,6 +76,7 @@ def _make_step(method: str, b: int, d: int, device: torch.device, tile_size: int
         v = torch.nn.functional.normalize(y, dim=-1).requires_grad_(True)
 
         def step():
+            _clear_grads(u, v, log_scale)
             clip_loss(u, v, log_scale.exp()).backward()
 
         return step
@@ -81,6 +89,7 @@ def _make_step(method: str, b: int, d: int, device: torch.device, tile_size: int
     loss_fn = topoclip.ContrastiveLoss(topo, tile_threshold=0 if tiled else None, tile_size=tile_size)
 
     def step():
+        _clear_grads(u, v, log_scale)
         loss_fn(u, v, log_scale.exp()).backward()
 
     return step

@@ -53,7 +53,10 @@ def _tile_logits(topology, u, v, scale, labels, i0, i1, j0, j1) -> Tensor:
 
 
 class _TiledLogSumExp(torch.autograd.Function):
-    """(mean_i lse_j L_ij, mean_j lse_i L_ij) of L = scale * similarity(u, v), tile by tile."""
+    """(mean_i lse_j L_ij, mean_j lse_i L_ij, mean_i L_i,labels[i]) of L = scale * similarity(u, v),
+    tile by tile. The positives' mean is part of the same function so that the backward builds
+    one gradient per input: a separate autograd branch for it would add two more b x d
+    gradient buffers and their sums at the peak."""
 
     @staticmethod
     def forward(ctx, u: Tensor, v: Tensor, scale: Tensor, labels: Tensor, topology: Topology, tile: int, columns: bool) -> Tensor:  # type: ignore[override]
@@ -71,17 +74,21 @@ class _TiledLogSumExp(torch.autograd.Function):
                     col_max[j0:j1] = _online_update(col_max[j0:j1], col_sum[j0:j1], logits.amax(0), logits, 0)
         lse_rows = row_sum.log_().add_(row_max)
         lse_cols = col_sum.log_().add_(col_max) if columns else col_sum
+        # The positives exactly (paired form), in chunks so no b x d product is kept.
+        positive_sum = torch.zeros((), **kw)
+        for i0, i1 in _tiles(nu, tile):
+            positive_sum += topology.paired_similarity(u[i0:i1], v[labels[i0:i1]]).sum()
         ctx.topology, ctx.tile, ctx.columns = topology, tile, columns
         ctx.save_for_backward(u, v, scale, labels, lse_rows, lse_cols)
-        out = torch.stack([lse_rows.mean(), lse_cols.mean() if columns else lse_rows.new_zeros(())])
-        return out
+        mean_cols = lse_cols.mean() if columns else lse_rows.new_zeros(())
+        return torch.stack([lse_rows.mean(), mean_cols, scale * positive_sum / nu])
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         u, v, scale, labels, lse_rows, lse_cols = ctx.saved_tensors
         topology, tile, columns = ctx.topology, ctx.tile, ctx.columns
         nu, nv = u.shape[0], v.shape[0]
-        g_rows, g_cols = grad[0] / nu, grad[1] / nv
+        g_rows, g_cols, g_pos = grad[0] / nu, grad[1] / nv, grad[2] / nu
         grad_u = torch.zeros_like(u)
         grad_v = torch.zeros_like(v)
         grad_scale = torch.zeros_like(scale)
@@ -96,6 +103,11 @@ class _TiledLogSumExp(torch.autograd.Function):
                     g = torch.sub(logits, lse_rows[i0:i1].unsqueeze(1)).exp_().mul_(g_rows)
                     if columns:
                         g.add_(torch.sub(logits, lse_cols[j0:j1].unsqueeze(0)).exp_().mul_(g_cols))
+                    # The positives' term: d/dL of mean_i L_i,labels[i] is 1/b at each positive.
+                    hit = (labels[i0:i1] >= j0) & (labels[i0:i1] < j1)
+                    if bool(hit.any()):
+                        rows = hit.nonzero().squeeze(1)
+                        g[rows, labels[i0:i1][rows] - j0] += g_pos
                 gu, gv, gs = torch.autograd.grad(logits, (ui, vj, s), g)
                 grad_u[i0:i1] += gu
                 grad_v[j0:j1] += gv
@@ -106,9 +118,9 @@ class _TiledLogSumExp(torch.autograd.Function):
 def tiled_logsumexp(
     topology: Topology, u: Tensor, v: Tensor, scale: Tensor, labels: Tensor, tile: int = 1024, columns: bool = True
 ) -> Tensor:
-    """[mean row lse, mean column lse] of scale * similarity(u, v), never storing the matrix.
-
-    ``labels[r]`` is the column of row r's positive, whose logit is taken exactly.
+    """[mean row lse, mean column lse, mean positive logit] of L = scale * similarity(u, v),
+    never storing the matrix. ``labels[r]`` is the column of row r's positive, whose logit is
+    taken exactly (paired form).
     """
     if tile < 1:
         raise ValueError(f"tile must be >= 1, got {tile}")
@@ -122,13 +134,11 @@ def tiled_contrastive_loss(topology: Topology, u: Tensor, v: Tensor, scale: Tens
     if u.shape[0] != v.shape[0]:
         raise ValueError(f"tiled_contrastive_loss: u has {u.shape[0]} points but v has {v.shape[0]}")
     lse = tiled_logsumexp(topology, u, v, scale, torch.arange(u.shape[0], device=u.device), tile)
-    positives = torch.as_tensor(scale, device=u.device) * topology.paired_similarity(u, v)
-    return 0.5 * (lse[0] + lse[1]) - positives.mean()
+    return 0.5 * (lse[0] + lse[1]) - lse[2]
 
 
 def tiled_cross_entropy(topology: Topology, queries: Tensor, keys: Tensor, labels: Tensor, scale: Tensor, tile: int = 1024) -> Tensor:
     """Row-wise cross-entropy of scale * similarity(queries, keys) with one positive key per
     query (the local-loss case: b_local queries against B gathered keys)."""
     lse = tiled_logsumexp(topology, queries, keys, scale, labels, tile, columns=False)
-    positives = torch.as_tensor(scale, device=queries.device) * topology.paired_similarity(queries, keys[labels])
-    return lse[0] - positives.mean()
+    return lse[0] - lse[2]
