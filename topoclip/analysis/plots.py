@@ -43,10 +43,13 @@ def plot_temperature_trajectories(
     if not trajectories:
         raise ValueError("plot_temperature_trajectories: no trajectories")
     figure, (ax,) = _new_figure(8.0, 4.5)
-    for label, points in trajectories.items():
+    # The colour cycle has 10 entries; a new line style per 10 runs keeps every legend entry
+    # distinct in grids of more runs (Table 3 has 16).
+    styles = ("-", "--", ":", "-.")
+    for i, (label, points) in enumerate(trajectories.items()):
         if points:
             steps, scales = zip(*points)
-            ax.plot(steps, scales, label=label, linewidth=1.2)
+            ax.plot(steps, scales, label=label, linewidth=1.2, linestyle=styles[(i // 10) % len(styles)])
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("logit scale = 1 / temperature")
