@@ -18,7 +18,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -239,17 +239,30 @@ def run(config: ExperimentConfig, run_dir: str | os.PathLike | None = None) -> d
         return _run(config, run_dir, info)
 
 
-def _run(config: ExperimentConfig, run_dir: str | os.PathLike | None, info: DistInfo) -> dict[str, Any]:
-    started = time.perf_counter()
-    say = print if info.is_main else (lambda *args, **kwargs: None)
+def start_run(config, run_dir: str | os.PathLike | None, info: DistInfo, record_config: Callable[[Path, bool], None]):
+    """What every process of a run does first: threads, device, and the run directory.
+
+    Rank 0 picks and prepares the directory (a fresh run's "-1" suffix must not be decided by
+    each rank after another one has already written into it) and calls ``record_config(run_dir,
+    resume)``; the others receive the choice. Returns ``(run_dir, resume, device, say)``, where
+    ``say`` prints on rank 0 only.
+    """
     if config.train.threads is not None:
         torch.set_num_threads(config.train.threads)
     device = info.device if info.distributed else resolve_device(config.train.device)
-    # Rank 0 picks (and prepares) the run directory; a fresh run's "-1" suffix must not be
-    # decided by each rank after another one has already written into the directory.
     if info.is_main:
         run_dir, resume = prepare_run_dir(config, run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
+        record_config(run_dir, resume)
+    run_dir, resume = broadcast_object((run_dir, resume) if info.is_main else None, info)
+    say = print if info.is_main else (lambda *args, **kwargs: None)
+    return run_dir, resume, device, say
+
+
+def _record_training_config(config: ExperimentConfig) -> Callable[[Path, bool], None]:
+    """Save the config of a fresh run; warn when a resumed run's config has changed."""
+
+    def record(run_dir: Path, resume: bool) -> None:
         saved_config = run_dir / RUN_CONFIG_FILE
         if resume and saved_config.is_file():
             from .config import load_config
@@ -261,7 +274,13 @@ def _run(config: ExperimentConfig, run_dir: str | os.PathLike | None, info: Dist
                 print(f"warning: resuming with a config that differs from the run's in: {', '.join(changed)}")
         else:
             save_config(config, saved_config)
-    run_dir, resume = broadcast_object((run_dir, resume) if info.is_main else None, info)
+
+    return record
+
+
+def _run(config: ExperimentConfig, run_dir: str | os.PathLike | None, info: DistInfo) -> dict[str, Any]:
+    started = time.perf_counter()
+    run_dir, resume, device, say = start_run(config, run_dir, info, _record_training_config(config))
 
     # Rank 0 builds first and saves the tokenizer; the others then load that one (training a
     # WordPiece twice need not give the same vocabulary).

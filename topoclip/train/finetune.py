@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors.torch import save_model
 from torch import nn
 
@@ -44,8 +43,8 @@ from topoclip.losses.mixup import M3MixLoss
 from topoclip.models import interpolate_weights
 
 from .config import RUN_CONFIG_FILE
-from .distributed import DistInfo, broadcast_object, process_group
-from .experiment import build_loss, evaluate, prepare_run_dir, resolve_device, write_json
+from .distributed import DistInfo, process_group
+from .experiment import build_loss, evaluate, start_run, write_json
 from .finetune_config import MIXUP_TERMS, FinetuneConfig, load_finetune_config
 from .loading import LoadedModel, load_source
 from .trainer import Trainer, seed_everything
@@ -120,15 +119,9 @@ def run_finetune(config: FinetuneConfig, run_dir: str | os.PathLike | None = Non
 
 def _run_finetune(config: FinetuneConfig, run_dir: str | os.PathLike | None, info: DistInfo) -> dict[str, Any]:
     started = time.perf_counter()
-    say = print if info.is_main else (lambda *args, **kwargs: None)
-    if config.train.threads is not None:
-        torch.set_num_threads(config.train.threads)
-    device = info.device if info.distributed else resolve_device(config.train.device)
-    if info.is_main:
-        run_dir, resume = prepare_run_dir(config, run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / RUN_CONFIG_FILE).write_text(_yaml(config))
-    run_dir, resume = broadcast_object((run_dir, resume) if info.is_main else None, info)
+    run_dir, resume, device, say = start_run(
+        config, run_dir, info, lambda directory, _resume: (directory / RUN_CONFIG_FILE).write_text(_yaml(config))
+    )
 
     seed_everything(config.train.seed)
     loaded = load_source(config.source, device)
