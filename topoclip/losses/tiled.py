@@ -27,13 +27,15 @@ def _tiles(n: int, size: int):
         yield start, min(n, start + size)
 
 
-def _online_update(run_max: Tensor, run_sum: Tensor, tile_max: Tensor, tile: Tensor, dim: int) -> Tensor:
-    """Merge a tile into running log-sum-exp state (in place); returns the new max."""
-    new_max = torch.maximum(run_max, tile_max)
+def _online_update(run_max: Tensor, run_sum: Tensor, tile: Tensor, dim: int, work: Tensor) -> Tensor:
+    """Merge a tile into running log-sum-exp state along ``dim`` (in place); returns the new
+    max. ``work`` is a scratch buffer of the tile's size, reused so that no tile-sized
+    temporary is allocated per tile."""
+    new_max = torch.maximum(run_max, tile.amax(dim))
     # On the first tile run_max is -inf and run_sum 0; exp(-inf - finite) = 0 keeps it exact.
     run_sum.mul_(torch.exp(run_max - new_max))
-    shifted = tile - (new_max.unsqueeze(1) if dim == 1 else new_max.unsqueeze(0))
-    run_sum.add_(shifted.exp_().sum(dim))
+    torch.sub(tile, new_max.unsqueeze(dim), out=work)
+    run_sum.add_(work.exp_().sum(dim))
     return new_max
 
 
@@ -52,9 +54,64 @@ def _tile_logits(topology, u, v, scale, labels, i0, i1, j0, j1) -> Tensor:
     return logits.index_put((rows, cols), positive.to(logits.dtype))
 
 
+def _view(buffer: Tensor, rows: int, cols: int) -> Tensor:
+    """A contiguous rows x cols view of the front of a flat buffer (edge tiles are smaller)."""
+    return buffer[: rows * cols].view(rows, cols)
+
+
+def _sweep_lse(nu: int, nv: int, tile: int, columns: bool, tile_logits, kw: dict) -> tuple[Tensor, Tensor]:
+    """Row (and column) log-sum-exp of the nu x nv logits, one tile at a time.
+    ``tile_logits(i0, i1, j0, j1)`` returns the logits of rows i0:i1 and columns j0:j1."""
+    row_max = torch.full((nu,), -torch.inf, **kw)
+    row_sum = torch.zeros(nu, **kw)
+    col_max = torch.full((nv,), -torch.inf, **kw)
+    col_sum = torch.zeros(nv, **kw)
+    work = torch.empty(min(tile, nu) * min(tile, nv), **kw)
+    for i0, i1 in _tiles(nu, tile):
+        for j0, j1 in _tiles(nv, tile):
+            logits = tile_logits(i0, i1, j0, j1)
+            w = _view(work, i1 - i0, j1 - j0)
+            row_max[i0:i1] = _online_update(row_max[i0:i1], row_sum[i0:i1], logits, 1, w)
+            if columns:
+                col_max[j0:j1] = _online_update(col_max[j0:j1], col_sum[j0:j1], logits, 0, w)
+    lse_rows = row_sum.log_().add_(row_max)
+    lse_cols = col_sum.log_().add_(col_max) if columns else col_sum
+    return lse_rows, lse_cols
+
+
+def _positive_sum(topology: Topology, u: Tensor, v: Tensor, labels: Tensor, tile: int, kw: dict) -> Tensor:
+    """sum_i similarity(u_i, v_labels[i]) by the exact paired form, in chunks so that no
+    b x d product is kept."""
+    total = torch.zeros((), **kw)
+    for i0, i1 in _tiles(u.shape[0], tile):
+        total += topology.paired_similarity(u[i0:i1], v[labels[i0:i1]]).sum()
+    return total
+
+
+def _softmax_gradient(logits: Tensor, lse_rows: Tensor, lse_cols: Tensor | None, g_rows: Tensor,
+                      g_cols: Tensor, out: Tensor, logits_scratch: bool) -> Tensor:
+    """d loss / d logits of one tile without the positives: g_r softmax_rows + g_c softmax_cols,
+    into ``out``. With ``logits_scratch`` the column term is formed in place in ``logits``."""
+    torch.sub(logits, lse_rows.unsqueeze(1), out=out).exp_().mul_(g_rows)
+    if lse_cols is not None:
+        col = logits if logits_scratch else torch.empty_like(logits)
+        torch.sub(logits, lse_cols.unsqueeze(0), out=col)
+        out.add_(col.exp_().mul_(g_cols))
+    return out
+
+
+def _add_positives(g: Tensor, labels: Tensor, j0: int, j1: int, g_pos: Tensor) -> None:
+    """The positives' term: d/dL of mean_i L_i,labels[i] is 1/b at each positive in the tile."""
+    hit = (labels >= j0) & (labels < j1)
+    if bool(hit.any()):
+        rows = hit.nonzero().squeeze(1)
+        g[rows, labels[rows] - j0] += g_pos
+
+
 class _TiledLogSumExp(torch.autograd.Function):
     """(mean_i lse_j L_ij, mean_j lse_i L_ij, mean_i L_i,labels[i]) of L = scale * similarity(u, v),
-    tile by tile. The positives' mean is part of the same function so that the backward builds
+    tile by tile, for any topology: the backward recomputes each tile through the topology's
+    own autograd. The positives' mean is part of the same function so that the backward builds
     one gradient per input: a separate autograd branch for it would add two more b x d
     gradient buffers and their sums at the peak."""
 
@@ -62,26 +119,13 @@ class _TiledLogSumExp(torch.autograd.Function):
     def forward(ctx, u: Tensor, v: Tensor, scale: Tensor, labels: Tensor, topology: Topology, tile: int, columns: bool) -> Tensor:  # type: ignore[override]
         nu, nv = u.shape[0], v.shape[0]
         kw = dict(dtype=torch.promote_types(u.dtype, torch.float32), device=u.device)
-        row_max = torch.full((nu,), -torch.inf, **kw)
-        row_sum = torch.zeros(nu, **kw)
-        col_max = torch.full((nv,), -torch.inf, **kw)
-        col_sum = torch.zeros(nv, **kw)
-        for i0, i1 in _tiles(nu, tile):
-            for j0, j1 in _tiles(nv, tile):
-                logits = _tile_logits(topology, u, v, scale, labels, i0, i1, j0, j1)
-                row_max[i0:i1] = _online_update(row_max[i0:i1], row_sum[i0:i1], logits.amax(1), logits, 1)
-                if columns:
-                    col_max[j0:j1] = _online_update(col_max[j0:j1], col_sum[j0:j1], logits.amax(0), logits, 0)
-        lse_rows = row_sum.log_().add_(row_max)
-        lse_cols = col_sum.log_().add_(col_max) if columns else col_sum
-        # The positives exactly (paired form), in chunks so no b x d product is kept.
-        positive_sum = torch.zeros((), **kw)
-        for i0, i1 in _tiles(nu, tile):
-            positive_sum += topology.paired_similarity(u[i0:i1], v[labels[i0:i1]]).sum()
+        lse_rows, lse_cols = _sweep_lse(
+            nu, nv, tile, columns, lambda i0, i1, j0, j1: _tile_logits(topology, u, v, scale, labels, i0, i1, j0, j1), kw
+        )
+        positive_sum = _positive_sum(topology, u, v, labels, tile, kw)
         ctx.topology, ctx.tile, ctx.columns = topology, tile, columns
         ctx.save_for_backward(u, v, scale, labels, lse_rows, lse_cols)
-        mean_cols = lse_cols.mean() if columns else lse_rows.new_zeros(())
-        return torch.stack([lse_rows.mean(), mean_cols, scale * positive_sum / nu])
+        return _outputs(lse_rows, lse_cols, columns, scale * positive_sum / nu)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
@@ -100,19 +144,78 @@ class _TiledLogSumExp(torch.autograd.Function):
                     s = scale.detach().requires_grad_(True)
                     logits = _tile_logits(topology, ui, vj, s, labels[i0:i1] - j0, 0, i1 - i0, 0, j1 - j0)
                 with torch.no_grad():
-                    g = torch.sub(logits, lse_rows[i0:i1].unsqueeze(1)).exp_().mul_(g_rows)
-                    if columns:
-                        g.add_(torch.sub(logits, lse_cols[j0:j1].unsqueeze(0)).exp_().mul_(g_cols))
-                    # The positives' term: d/dL of mean_i L_i,labels[i] is 1/b at each positive.
-                    hit = (labels[i0:i1] >= j0) & (labels[i0:i1] < j1)
-                    if bool(hit.any()):
-                        rows = hit.nonzero().squeeze(1)
-                        g[rows, labels[i0:i1][rows] - j0] += g_pos
+                    g = _softmax_gradient(logits, lse_rows[i0:i1], lse_cols[j0:j1] if columns else None,
+                                          g_rows, g_cols, torch.empty_like(logits), logits_scratch=False)
+                    _add_positives(g, labels[i0:i1], j0, j1, g_pos)
                 gu, gv, gs = torch.autograd.grad(logits, (ui, vj, s), g)
                 grad_u[i0:i1] += gu
                 grad_v[j0:j1] += gv
                 grad_scale += gs
         return grad_u, grad_v, grad_scale, None, None, None, None
+
+
+class _TiledInnerProductLogSumExp(torch.autograd.Function):
+    """The same three means for an inner-product topology (L = scale * u v^T on the flattened
+    points), with the GEMMs written out instead of recomputed through autograd.
+
+    Each tile is a GEMM into one reused buffer; its gradient is formed in a second buffer and
+    consumed at once by two accumulating GEMMs (grad_u[rows] += P v_j, grad_v[cols] += P^T u_i),
+    as in the plain fused loss (contrastive._InnerProductInfoNCE). The scale's gradient needs
+    no extra pass: sum_ij P_ij L_ij = sum_i (scale u_i) . (P v)_i, and P v is grad_u's row
+    block before it is scaled. Peak memory beyond the inputs and their gradients: two tiles
+    and one tile x d block, with nothing allocated per tile (the autograd route allocates
+    about a dozen tile-sized temporaries per tile, which the allocator then keeps).
+    """
+
+    @staticmethod
+    def forward(ctx, u: Tensor, v: Tensor, scale: Tensor, labels: Tensor, topology: Topology, tile: int, columns: bool) -> Tensor:  # type: ignore[override]
+        nu, nv = u.shape[0], v.shape[0]
+        kw = dict(dtype=u.dtype, device=u.device)
+        logits_buf = torch.empty(min(tile, nu) * min(tile, nv), **kw)
+        scaled_u = torch.empty(min(tile, nu), u.shape[1], **kw)
+
+        def tile_logits(i0, i1, j0, j1):
+            su = torch.mul(u[i0:i1], scale, out=scaled_u[: i1 - i0])
+            return torch.mm(su, v[j0:j1].T, out=_view(logits_buf, i1 - i0, j1 - j0))
+
+        lse_rows, lse_cols = _sweep_lse(nu, nv, tile, columns, tile_logits, kw)
+        positive_sum = _positive_sum(topology, u, v, labels, tile, kw)
+        ctx.tile, ctx.columns = tile, columns
+        ctx.save_for_backward(u, v, scale, labels, lse_rows, lse_cols)
+        return _outputs(lse_rows, lse_cols, columns, scale * positive_sum / nu)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        u, v, scale, labels, lse_rows, lse_cols = ctx.saved_tensors
+        tile, columns = ctx.tile, ctx.columns
+        nu, nv = u.shape[0], v.shape[0]
+        g_rows, g_cols, g_pos = grad[0] / nu, grad[1] / nv, grad[2] / nu
+        grad_u = torch.zeros_like(u)
+        grad_v = torch.zeros_like(v)
+        sum_p_logits = torch.zeros((), dtype=u.dtype, device=u.device)
+        logits_buf = torch.empty(min(tile, nu) * min(tile, nv), dtype=u.dtype, device=u.device)
+        grad_buf = torch.empty_like(logits_buf)
+        scaled_u = torch.empty(min(tile, nu), u.shape[1], dtype=u.dtype, device=u.device)
+        for i0, i1 in _tiles(nu, tile):
+            ui = u[i0:i1]
+            su = torch.mul(ui, scale, out=scaled_u[: i1 - i0])
+            for j0, j1 in _tiles(nv, tile):
+                vj = v[j0:j1]
+                logits = torch.mm(su, vj.T, out=_view(logits_buf, i1 - i0, j1 - j0))
+                g = _softmax_gradient(logits, lse_rows[i0:i1], lse_cols[j0:j1] if columns else None,
+                                      g_rows, g_cols, _view(grad_buf, i1 - i0, j1 - j0), logits_scratch=True)
+                _add_positives(g, labels[i0:i1], j0, j1, g_pos)
+                grad_u[i0:i1].addmm_(g, vj)
+                grad_v[j0:j1].addmm_(g.T, ui)
+            sum_p_logits += torch.vdot(su.reshape(-1), grad_u[i0:i1].reshape(-1))
+            grad_u[i0:i1].mul_(scale)
+        grad_v.mul_(scale)
+        return grad_u, grad_v, (sum_p_logits / scale).reshape(scale.shape), None, None, None, None
+
+
+def _outputs(lse_rows: Tensor, lse_cols: Tensor, columns: bool, mean_positive: Tensor) -> Tensor:
+    mean_cols = lse_cols.mean() if columns else lse_rows.new_zeros(())
+    return torch.stack([lse_rows.mean(), mean_cols, mean_positive])
 
 
 def tiled_logsumexp(
@@ -126,7 +229,8 @@ def tiled_logsumexp(
         raise ValueError(f"tile must be >= 1, got {tile}")
     u, v = topology._pair_2d(u, v)
     scale = torch.as_tensor(scale, dtype=u.dtype, device=u.device)
-    return _TiledLogSumExp.apply(u, v, scale.to(u.dtype), labels, topology, tile, columns)
+    fn = _TiledInnerProductLogSumExp if topology.inner_product else _TiledLogSumExp
+    return fn.apply(u, v, scale.to(u.dtype), labels, topology, tile, columns)
 
 
 def tiled_contrastive_loss(topology: Topology, u: Tensor, v: Tensor, scale: Tensor, tile: int = 1024) -> Tensor:
