@@ -15,6 +15,7 @@ from topoclip.analysis.grid import config_differences, load_grid, parse_grid, se
 from topoclip.analysis.run_metrics import ANALYSIS_FILE, similarity_samples
 from topoclip.analysis.table import clip_benchmark_rows, format_markdown, table_row
 from topoclip.cli import main
+from helpers import QUIET_RUN, TINY_TOWERS
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
@@ -242,12 +243,15 @@ def test_table_row_markdown_and_clip_benchmark_rows():
 
 # --- the runner end to end on a tiny grid -------------------------------------------------
 
-TINY = [
-    "train.steps=5", "train.batch_size=16", "train.checkpoint_every=3", "optim.warmup_steps=1",
-    "data.shapes.num_train=64", "data.shapes.num_val=8", "data.shapes.num_test=40",
-    "model.image.depth=1", "model.image.width=32", "model.image.heads=2",
-    "model.text.depth=1", "model.text.width=32", "model.text.heads=2",
-    "eval.batch_size=64", "logging.progress=false", "logging.tensorboard=false",
+TINY = TINY_TOWERS + QUIET_RUN + [
+    "train.steps=5",
+    "train.batch_size=16",
+    "train.checkpoint_every=3",
+    "optim.warmup_steps=1",
+    "data.shapes.num_train=64",
+    "data.shapes.num_val=8",
+    "data.shapes.num_test=40",
+    "eval.batch_size=64",
     "train.threads=1",  # tiny ops: a second intra-op thread only waits on a busy machine
 ]
 

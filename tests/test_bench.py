@@ -6,9 +6,8 @@ import pytest
 
 from topoclip.bench.loss import AUTO_TILE_BATCH, format_table, goal_lines, plan_methods, run_loss_bench
 from topoclip.bench.max_batch import format_trials, run_max_batch, search_max_batch
+from helpers import TINY_TOWERS
 
-TINY_MODEL = ["model.image.depth=1", "model.image.width=32", "model.image.heads=2",
-              "model.text.width=32", "model.text.depth=1", "model.text.heads=2"]
 
 
 def _fake(threshold):
@@ -101,7 +100,7 @@ def test_loss_bench_rejects_unknown_topology():
 def test_max_batch_tiny_model_runs_real_trials():
     # One real trial (each child imports torch and the trainer: seconds); the search itself is
     # tested above on a fake trial.
-    res = run_max_batch(limit_gib=8, chunk=16, start=64, max_batch=64, overrides=TINY_MODEL, log=lambda m: None)
+    res = run_max_batch(limit_gib=8, chunk=16, start=64, max_batch=64, overrides=TINY_TOWERS, log=lambda m: None)
     assert res["largest"] == 64 and res["smallest_failing"] is None
     assert [t["batch"] for t in res["trials"]] == [64]
     assert all(t["ok"] and t["peak"] > 0 and t["step_time"] > 0 for t in res["trials"])
@@ -110,7 +109,7 @@ def test_max_batch_tiny_model_runs_real_trials():
 
 def test_max_batch_trial_over_the_limit_is_stopped_and_fails():
     # A few MiB: the child passes it while importing torch and is killed.
-    res = run_max_batch(limit_gib=0.02, chunk=1, start=1, max_batch=1, overrides=TINY_MODEL, log=lambda m: None)
+    res = run_max_batch(limit_gib=0.02, chunk=1, start=1, max_batch=1, overrides=TINY_TOWERS, log=lambda m: None)
     assert res["largest"] is None and res["smallest_failing"] == 1
     (t,) = res["trials"]
     assert not t["ok"] and t["error"].startswith("exceeded")

@@ -1,9 +1,9 @@
 """Retrieval recall: hand-computed cases, tie rule, chunking, model-level wrapper."""
 import pytest
 import torch
-from torch import nn
 
 import topoclip
+from helpers import FakeDualEncoder, FakeTokenizer
 from topoclip.eval import embed_images, embed_texts, evaluate_retrieval, retrieval_recall
 
 TOPOLOGY_ARGS = {
@@ -159,48 +159,6 @@ def test_bad_inputs_name_the_problem():
 
 
 # --------------------------------------------------------------------------- model level
-class FakeTokenizer:
-    """Characters -> ids, padded to a fixed length; enough to give each caption its own point."""
-
-    def __init__(self, vocab_size=50, context_length=12):
-        self.vocab_size, self.context_length = vocab_size, context_length
-        self.calls = 0
-
-    def __call__(self, texts):
-        self.calls += 1
-        ids = torch.zeros(len(texts), self.context_length, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, text in enumerate(texts):
-            codes = [1 + ord(ch) % (self.vocab_size - 1) for ch in text][: self.context_length]
-            ids[row, : len(codes)] = torch.tensor(codes)
-            mask[row, : len(codes)] = 1
-        return {"input_ids": ids, "attention_mask": mask}
-
-
-class FakeDualEncoder(nn.Module):
-    """Fixed linear maps + topology.project; records whether it was in eval mode when called."""
-
-    def __init__(self, topo, image_numel, vocab_size=50):
-        super().__init__()
-        torch.manual_seed(0)
-        self.topology = topo
-        self.image_head = nn.Linear(image_numel, topo.dim)
-        self.token_embedding = nn.Embedding(vocab_size, topo.dim)
-        self.dropout = nn.Dropout(0.5)  # would make training-mode outputs random
-        self.frozen = nn.BatchNorm1d(topo.dim)  # a submodule deliberately kept in eval mode
-        self.modes_seen = []
-
-    def encode_image(self, images):
-        self.modes_seen.append(self.training)
-        return self.topology.project(self.dropout(self.image_head(images.flatten(1))))
-
-    def encode_text(self, input_ids, attention_mask):
-        self.modes_seen.append(self.training)
-        mask = attention_mask.unsqueeze(-1).float()
-        pooled = (self.token_embedding(input_ids) * mask).sum(1) / mask.sum(1).clamp_min(1)
-        return self.topology.project(self.dropout(pooled))
-
-
 class TinyRetrievalSet(torch.utils.data.Dataset):
     name = "tiny-retrieval"
 
@@ -221,7 +179,7 @@ class TinyRetrievalSet(torch.utils.data.Dataset):
 def test_evaluate_retrieval_matches_tensor_level_and_restores_mode(name):
     topo = topoclip.topology(name, **TOPOLOGY_ARGS[name])
     dataset, tokenizer = TinyRetrievalSet(), FakeTokenizer()
-    model = FakeDualEncoder(topo, image_numel=3 * 4 * 4)
+    model = FakeDualEncoder(topo, image_numel=3 * 4 * 4, dropout=0.5)
     model.train()
     model.frozen.eval()
 
@@ -241,7 +199,7 @@ def test_evaluate_retrieval_matches_tensor_level_and_restores_mode(name):
 def test_embed_helpers_batch_and_order():
     topo = topoclip.topology("euclidean", dim=12)
     dataset, tokenizer = TinyRetrievalSet(), FakeTokenizer()
-    model = FakeDualEncoder(topo, image_numel=3 * 4 * 4).eval()
+    model = FakeDualEncoder(topo, image_numel=3 * 4 * 4, dropout=0.5).eval()
     images = embed_images(model, dataset, batch_size=2)
     texts = embed_texts(model, dataset.captions, tokenizer, batch_size=5)
     assert not images.requires_grad and not texts.requires_grad

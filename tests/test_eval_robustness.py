@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 import topoclip
+from helpers import FakeDualEncoder, FakeTokenizer
 from topoclip.eval import evaluate_robustness
 from topoclip.eval.calibration import retrieval_calibration
+from helpers import QUIET_RUN, TINY_TOWERS
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 TOPOLOGY_ARGS = {"sphere": dict(dim=8), "oblique-geodesic": dict(n=4, m=2)}
@@ -24,45 +25,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-class FakeTokenizer:
-    """Characters -> ids, padded to a fixed length: each distinct caption gets its own point."""
-
-    def __init__(self, vocab_size=50, context_length=24):
-        self.vocab_size, self.context_length = vocab_size, context_length
-
-    def __call__(self, texts):
-        ids = torch.zeros(len(texts), self.context_length, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, text in enumerate(texts):
-            codes = [1 + ord(ch) % (self.vocab_size - 1) for ch in text][: self.context_length]
-            ids[row, : len(codes)] = torch.tensor(codes)
-            mask[row, : len(codes)] = 1
-        return {"input_ids": ids, "attention_mask": mask}
-
-
-class FakeDualEncoder(nn.Module):
-    """Fixed random linear maps + topology.project, with a fixed LogitScale. ``collapse`` maps
-    every image and every caption to one and the same point."""
-
-    def __init__(self, topo, image_numel=48, vocab_size=50, scale=8.0, collapse=False):
-        super().__init__()
-        torch.manual_seed(0)
-        self.topology, self.collapse = topo, collapse
-        self.image_head = nn.Linear(image_numel, topo.dim)
-        self.token_embedding = nn.Embedding(vocab_size, topo.dim)
-        self.logit_scale = topoclip.LogitScale(init=scale, learnable=False)
-
-    def _out(self, x):
-        return self.topology.project(torch.ones_like(x) if self.collapse else x)
-
-    def encode_image(self, images):
-        return self._out(self.image_head(images.flatten(1)))
-
-    def encode_text(self, input_ids, attention_mask):
-        mask = attention_mask.unsqueeze(-1).float()
-        return self._out((self.token_embedding(input_ids) * mask).sum(1) / mask.sum(1).clamp_min(1))
 
 
 class TinyRetrievalSet(torch.utils.data.Dataset):
@@ -291,7 +253,7 @@ def test_bad_input_names_the_problem():
 
 
 # --------------------------------------------------------------------------- eval JSON
-TINY = [
+TINY = TINY_TOWERS + QUIET_RUN + [
     "train.steps=1",
     "train.batch_size=16",
     "optim.warmup_steps=1",
@@ -299,17 +261,9 @@ TINY = [
     "data.shapes.num_val=8",
     "data.shapes.num_test=24",
     "model.image.patch_size=8",
-    "model.image.depth=1",
-    "model.image.width=32",
-    "model.image.heads=2",
-    "model.text.depth=1",
-    "model.text.width=32",
-    "model.text.heads=2",
     "model.text.context_length=24",
     "eval.zeroshot=false",  # the robustness section needs only the retrieval set
     "eval.batch_size=64",
-    "logging.progress=false",
-    "logging.tensorboard=false",
 ]
 
 

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import topoclip
+from helpers import FakeDualEncoder, FakeTokenizer
 from topoclip.eval import embed_class_texts, topk_accuracy, zeroshot_accuracy, zeroshot_classify, zeroshot_logits
 
 TOPOLOGY_ARGS = {
@@ -130,43 +131,6 @@ def test_bad_shapes_name_the_argument():
 
 
 # --------------------------------------------------------------------------- model level
-class FakeTokenizer:
-    def __init__(self, vocab_size=50, context_length=16):
-        self.vocab_size, self.context_length = vocab_size, context_length
-
-    def __call__(self, texts):
-        ids = torch.zeros(len(texts), self.context_length, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, text in enumerate(texts):
-            codes = [1 + ord(ch) % (self.vocab_size - 1) for ch in text][: self.context_length]
-            ids[row, : len(codes)] = torch.tensor(codes)
-            mask[row, : len(codes)] = 1
-        return {"input_ids": ids, "attention_mask": mask}
-
-
-class FakeDualEncoder(nn.Module):
-    """Fixed linear maps + topology.project; dropout would randomise outputs in train mode."""
-
-    def __init__(self, topo, image_numel, vocab_size=50):
-        super().__init__()
-        torch.manual_seed(0)
-        self.topology = topo
-        self.image_head = nn.Linear(image_numel, topo.dim)
-        self.token_embedding = nn.Embedding(vocab_size, topo.dim)
-        self.dropout = nn.Dropout(0.5)
-        self.modes_seen = []
-
-    def encode_image(self, images):
-        self.modes_seen.append(self.training)
-        return self.topology.project(self.dropout(self.image_head(images.flatten(1))))
-
-    def encode_text(self, input_ids, attention_mask):
-        self.modes_seen.append(self.training)
-        mask = attention_mask.unsqueeze(-1).float()
-        pooled = (self.token_embedding(input_ids) * mask).sum(1) / mask.sum(1).clamp_min(1)
-        return self.topology.project(self.dropout(pooled))
-
-
 class TinyClassificationSet(torch.utils.data.Dataset):
     name = "tiny-shapes"
     classnames = ["circle", "square", "star"]
@@ -188,7 +152,7 @@ class TinyClassificationSet(torch.utils.data.Dataset):
 def test_zeroshot_classify_matches_tensor_level_and_restores_mode(name):
     topo = topoclip.topology(name, **TOPOLOGY_ARGS[name])
     dataset, tokenizer = TinyClassificationSet(), FakeTokenizer()
-    model = FakeDualEncoder(topo, image_numel=3 * 4 * 4).train()
+    model = FakeDualEncoder(topo, image_numel=3 * 4 * 4, dropout=0.5).train()
 
     result = zeroshot_classify(model, dataset, tokenizer, batch_size=3, ks=(1, 2, 5))
 

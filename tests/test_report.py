@@ -16,6 +16,7 @@ from topoclip.analysis.run_metrics import ANALYSIS_FILE, SIMILARITY_FILE, load_s
 from topoclip.cli import main
 from topoclip.train import experiment
 from topoclip.train.config import load_config
+from helpers import QUIET_RUN, TINY_TOWERS
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -29,12 +30,15 @@ def _restore_torch_threads():
     torch.set_num_threads(threads)
 
 
-TINY = [
-    "train.steps=4", "train.batch_size=16", "train.checkpoint_every=2", "optim.warmup_steps=1",
-    "data.shapes.num_train=64", "data.shapes.num_val=8", "data.shapes.num_test=40",
-    "model.image.depth=1", "model.image.width=32", "model.image.heads=2",
-    "model.text.depth=1", "model.text.width=32", "model.text.heads=2",
-    "eval.batch_size=64", "logging.progress=false", "logging.tensorboard=false",
+TINY = TINY_TOWERS + QUIET_RUN + [
+    "train.steps=4",
+    "train.batch_size=16",
+    "train.checkpoint_every=2",
+    "optim.warmup_steps=1",
+    "data.shapes.num_train=64",
+    "data.shapes.num_val=8",
+    "data.shapes.num_test=40",
+    "eval.batch_size=64",
     "train.threads=1",  # tiny ops: a second intra-op thread only waits on a busy machine
 ]
 

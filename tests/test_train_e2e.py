@@ -9,10 +9,11 @@ import pytest
 
 from topoclip.train import experiment
 from topoclip.train.config import load_config
+from helpers import QUIET_RUN, TINY_TOWERS
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
-TINY = [
+TINY = TINY_TOWERS + QUIET_RUN + [
     "train.steps=3",
     "train.batch_size=16",
     "train.checkpoint_every=2",
@@ -21,16 +22,8 @@ TINY = [
     "data.shapes.num_val=8",
     "data.shapes.num_test=40",
     "model.image.patch_size=8",
-    "model.image.depth=1",
-    "model.image.width=32",
-    "model.image.heads=2",
-    "model.text.depth=1",
-    "model.text.width=32",
-    "model.text.heads=2",
     "model.text.context_length=24",
     "eval.batch_size=64",
-    "logging.progress=false",
-    "logging.tensorboard=false",
 ]
 
 # config file -> (topology name, k [CLS] tokens)

@@ -13,23 +13,16 @@ from topoclip.train import experiment
 from topoclip.train.config import config_from_dict
 from topoclip.train.logging import read_jsonl
 from topoclip.train.trainer import Trainer
+from helpers import QUIET_RUN, TINY_TOWERS
 
 pytest.importorskip("webdataset")
 
-TINY = [
+TINY = TINY_TOWERS + QUIET_RUN + [
     "model.image.img_size=32",
     "model.image.patch_size=8",
-    "model.image.depth=1",
-    "model.image.width=32",
-    "model.image.heads=2",
-    "model.text.depth=1",
-    "model.text.width=32",
-    "model.text.heads=2",
     "data.shapes.num_val=8",
     "data.shapes.num_test=24",
     "optim.warmup_steps=1",
-    "logging.progress=false",
-    "logging.tensorboard=false",
 ]
 
 

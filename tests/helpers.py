@@ -1,0 +1,67 @@
+"""Test doubles and config overrides shared by several test files (imported as ``helpers``:
+pytest puts this folder on sys.path)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import topoclip
+
+# The smallest towers the default config accepts: one layer of width 32 with two heads each.
+TINY_TOWERS = [
+    "model.image.depth=1", "model.image.width=32", "model.image.heads=2",
+    "model.text.depth=1", "model.text.width=32", "model.text.heads=2",
+]
+# Progress bars and TensorBoard only slow tests down.
+QUIET_RUN = ["logging.progress=false", "logging.tensorboard=false"]
+
+
+class FakeTokenizer:
+    """Characters -> ids, padded to a fixed length: each distinct caption gets its own point."""
+
+    def __init__(self, vocab_size=50, context_length=24):
+        self.vocab_size, self.context_length = vocab_size, context_length
+        self.calls = 0
+
+    def __call__(self, texts):
+        self.calls += 1
+        ids = torch.zeros(len(texts), self.context_length, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, text in enumerate(texts):
+            codes = [1 + ord(ch) % (self.vocab_size - 1) for ch in text][: self.context_length]
+            ids[row, : len(codes)] = torch.tensor(codes)
+            mask[row, : len(codes)] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+
+class FakeDualEncoder(nn.Module):
+    """Fixed random linear maps + topology.project, with a fixed LogitScale.
+
+    ``dropout`` > 0 makes training-mode outputs random (so a test can tell that evaluation ran
+    in eval mode; ``modes_seen`` records the mode of every encode call); ``frozen`` is a
+    submodule a test may keep in eval mode; ``collapse`` maps every image and every caption
+    to one and the same point."""
+
+    def __init__(self, topo, image_numel=48, vocab_size=50, scale=8.0, dropout=0.0, collapse=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.topology, self.collapse = topo, collapse
+        self.image_head = nn.Linear(image_numel, topo.dim)
+        self.token_embedding = nn.Embedding(vocab_size, topo.dim)
+        self.dropout = nn.Dropout(dropout)
+        self.frozen = nn.BatchNorm1d(topo.dim)
+        self.logit_scale = topoclip.LogitScale(init=scale, learnable=False)
+        self.modes_seen = []
+
+    def _out(self, x):
+        self.modes_seen.append(self.training)
+        x = self.dropout(x)
+        return self.topology.project(torch.ones_like(x) if self.collapse else x)
+
+    def encode_image(self, images):
+        return self._out(self.image_head(images.flatten(1)))
+
+    def encode_text(self, input_ids, attention_mask):
+        mask = attention_mask.unsqueeze(-1).float()
+        return self._out((self.token_embedding(input_ids) * mask).sum(1) / mask.sum(1).clamp_min(1))
