@@ -8,8 +8,10 @@ recomputes each tile's logits with autograd enabled and back-propagates
     d loss / d L_ij = g_r / b_u * softmax_rows(L)_ij + g_c / b_v * softmax_cols(L)_ij
 
 through the topology's own similarity, so any topology (including user-registered ones)
-works and gets its own exact gradient. Cost: the forward similarity once more in the backward,
-about 8 b^2 d FLOPs for inner-product topologies (4/3 of the three-GEMM floor).
+works and gets its own exact gradient. Inner-product topologies (sphere, oblique-inner) skip
+autograd: their tiles are GEMMs written into two reused buffers and consumed at once by the
+gradient GEMMs. Cost: the forward similarity once more in the backward, about 8 b^2 d FLOPs
+for inner-product topologies (4/3 of the three-GEMM floor).
 """
 
 from __future__ import annotations
