@@ -127,7 +127,10 @@ def test_shipped_grids_expand_and_validate():
         grid = load_grid(path)
         sizes[path.stem] = len(grid.runs)
         assert all(run.config.train.steps == 400 and run.config.data.shapes.num_train == 5120 for run in grid.runs), path
-    assert sizes == {"table3": 16, "table4_8": 9, "noise": 10}
+    assert sizes == {"table3": 16, "table4_8": 9, "noise": 10, "seeds": 9}
+    seeds = load_grid(CONFIGS / "ablation" / "seeds.yaml")
+    assert sorted({r.config.train.seed for r in seeds.runs}) == [0, 1, 2]
+    assert len({r.config.data.shapes.seed for r in seeds.runs}) == 1  # one data set, three trainings
     table3 = load_grid(CONFIGS / "ablation" / "table3.yaml")
     inits = sorted({(r.config.model.logit_scale.init, r.config.model.logit_scale.learnable) for r in table3.runs})
     assert inits == [(1.0, False), (1.0, True), (pytest.approx(math.exp(2.64), rel=1e-4), True), (pytest.approx(math.exp(5.31), rel=1e-4), True)]
