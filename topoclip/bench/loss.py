@@ -9,9 +9,12 @@ that peak memory is not polluted by earlier runs:
   <topology>        topoclip.ContrastiveLoss, plain (never tiled)
   <topology> tiled  the exact tiled loss (with --tiled, and always from the tiling threshold on)
 
-Time is the median of ``repeats`` fwd+bwd steps after one warm-up. Peak memory is the growth
-of the child's peak resident set over its inputs (CPU), or torch.cuda.max_memory_allocated on
-a GPU. A method whose b x b matrices would not fit in the memory left is skipped.
+Time is the median of ``repeats`` fwd+bwd steps after one warm-up; × floor is the median
+ratio of back-to-back (floor, method) steps inside the method's own child, so that drift of
+the machine's speed between children does not enter it. Peak memory is the growth of the
+child's peak resident set over its inputs (CPU), or torch.cuda.max_memory_allocated on a GPU,
+read before the paired floor is built. A method whose b x b matrices would not fit in the
+memory left is skipped.
 """
 
 from __future__ import annotations
@@ -95,8 +98,27 @@ def _make_step(method: str, b: int, d: int, device: torch.device, tile_size: int
     return step
 
 
-def measure(method: str, b: int, d: int, repeats: int, device: str, tile_size: int = 1024) -> dict:
-    """Median fwd+bwd seconds and peak memory growth (bytes) of one method (run in a child)."""
+def _timed(step: Callable[[], None], cuda: bool, dev: torch.device) -> float:
+    if cuda:
+        torch.cuda.synchronize(dev)
+    t0 = time.perf_counter()
+    step()
+    if cuda:
+        torch.cuda.synchronize(dev)
+    return time.perf_counter() - t0
+
+
+def measure(method: str, b: int, d: int, repeats: int, device: str, tile_size: int = 1024,
+            paired: bool = True) -> dict:
+    """Median fwd+bwd seconds, peak memory growth (bytes) and the ratio to the three-GEMM floor
+    of one method (run in a child).
+
+    The ratio is the median of ``repeats`` back-to-back (floor, method) pairs in this very
+    process: on a shared or throttled machine the speed drifts by tens of percent between
+    child processes, which a ratio of two children's medians would carry straight into the
+    table, while consecutive steps see the same machine. ``paired=False`` (the floor's b x b
+    matrix would not fit) times the method alone.
+    """
     dev = torch.device(device)
     # A tiny run first initialises what is paid once per process (thread pool, autograd engine,
     # lazy imports), so that the peak below is the method's own.
@@ -111,17 +133,22 @@ def measure(method: str, b: int, d: int, repeats: int, device: str, tile_size: i
         reset_peak_rss()
         base = rss_bytes()
     step()  # warm-up (allocator, thread pool)
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            torch.cuda.synchronize(dev)
-        t0 = time.perf_counter()
-        step()
-        if cuda:
-            torch.cuda.synchronize(dev)
-        times.append(time.perf_counter() - t0)
+    times = [_timed(step, cuda, dev)]
+    # The peak is read before the floor's own matrices exist in this process.
     peak = (torch.cuda.max_memory_allocated(dev) if cuda else peak_rss_bytes()) - base
-    return {"time": statistics.median(times), "peak": max(peak, 0)}
+    result = {"peak": max(peak, 0)}
+    if method == "floor" or not paired:
+        times += [_timed(step, cuda, dev) for _ in range(repeats - 1)]
+        return {"time": statistics.median(times), **result, **({"floor_ratio": 1.0} if method == "floor" else {})}
+    floor = _make_step("floor", b, d, dev, tile_size)
+    floor()
+    ratios = []
+    for i in range(repeats):
+        t_floor = _timed(floor, cuda, dev)
+        if i:  # the first method time is the one taken with the peak
+            times.append(_timed(step, cuda, dev))
+        ratios.append(times[-1] / t_floor)
+    return {"time": statistics.median(times), **result, "floor_ratio": statistics.median(ratios)}
 
 
 def plan_methods(b: int, topologies, tiled: bool, openclip: bool = True) -> list[str]:
@@ -172,7 +199,9 @@ def run_loss_bench(batches, dim: int = 512, topologies=TOPOLOGIES, tiled: bool =
                 rows.append({"b": b, "method": method, "skipped": f"skipped (needs ~{need / 2**30:.1f} GiB)"})
                 log(f"  b={b:6d} {method:24s} skipped (needs ~{need / 2**30:.1f} GiB, {budget / 2**30:.1f} GiB free)")
                 continue
-            params = dict(method=method, b=b, d=dim, repeats=repeats, device=device, tile_size=tile_size)
+            floor_done = any(r["b"] == b and r["method"] == "floor" and "time" in r for r in rows)
+            params = dict(method=method, b=b, d=dim, repeats=repeats, device=device, tile_size=tile_size,
+                          paired=floor_done)
             # On the CPU the child is also stopped at the budget, before the kernel's OOM killer
             # picks a victim (it is listed as failed).
             out = run_child("loss", params, limit_bytes=budget if torch.device(device).type == "cpu" else None)
@@ -192,6 +221,13 @@ def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}" if a is not None and b else "-"
 
 
+def _floor_ratio(row: dict, floor: dict | None) -> str:
+    """× floor: the ratio paired in the row's own process where measured, else of the medians."""
+    if "floor_ratio" in row:
+        return f"{row['floor_ratio']:.2f}"
+    return _ratio(row["time"], floor and floor["time"])
+
+
 def format_table(rows: list[dict]) -> str:
     """Markdown table: time and memory with ratios to the floor, to OpenCLIP and tiled/plain."""
     lines = [
@@ -209,7 +245,7 @@ def format_table(rows: list[dict]) -> str:
             plain = done.get(method[: -len(TILED)]) if method.endswith(TILED) else None
             cells = [
                 f"{r['time'] * 1e3:.1f}",
-                _ratio(r["time"], floor and floor["time"]),
+                _floor_ratio(r, floor),
                 _ratio(r["time"], oc and oc["time"]),
                 f"{r['peak'] / 2**20:.1f}",
                 _ratio(r["peak"], oc and oc["peak"]),
@@ -228,8 +264,8 @@ def goal_lines(rows: list[dict]) -> list[str]:
         floor = done.get((b, "floor"))
         if b < 8192:  # the goals are stated from b = 8192 on; small b is dominated by overheads
             continue
-        if b == 8192 and method in ("sphere", "oblique-inner") and floor:
-            ratio = r["time"] / floor["time"]
+        if b == 8192 and method in ("sphere", "oblique-inner") and (floor or "floor_ratio" in r):
+            ratio = r["floor_ratio"] if "floor_ratio" in r else r["time"] / floor["time"]
             out.append(f"b=8192 {method}: {ratio:.2f}× floor (goal ≤ 1.4×) {'ok' if ratio <= 1.4 else 'MISSED'}")
         if method.endswith(TILED) and (b, method[: -len(TILED)]) in done:
             plain = done[(b, method[: -len(TILED)])]
