@@ -204,3 +204,51 @@ def test_two_processes_equal_one_process(tmp_path, name, local_loss):
     torch.testing.assert_close(torch.cat([p["gx"] for p in parts]) / world, x.grad)
     torch.testing.assert_close(torch.cat([p["gy"] for p in parts]) / world, y.grad)
     torch.testing.assert_close(sum(p["gs"] for p in parts) / world, log_scale.grad)
+
+
+def _logits_with_spread(spread: float, dtype) -> torch.Tensor:
+    """11 x 11 logits whose rows lie at offsets 0 .. -spread from each other (plus noise), so
+    that one shift per block is exact when spread is small and would underflow when large."""
+    g = torch.Generator().manual_seed(7)
+    offsets = torch.linspace(0.0, -spread, 11, dtype=torch.float64).unsqueeze(1)
+    return (offsets + 3.0 * torch.randn(11, 11, generator=g, dtype=torch.float64)).to(dtype)
+
+
+@pytest.mark.parametrize("spread", [5.0, 500.0], ids=["one-shift", "two-pass"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_blocked_lse_and_softmax_sum_both_branches(monkeypatch, spread, dtype, tol):
+    """The one-exp branch (a shared shift per block) and the two-pass branch it falls back to
+    when a row or column lies far below the block's largest logit both equal logsumexp and
+    softmax computed row by row and column by column; in fp64 a 500 spread is still one-shift
+    (its margin is 354), so the two-pass branch is also forced through a tiny margin."""
+    from topoclip.losses import contrastive
+
+    L = _logits_with_spread(spread, dtype)
+    monkeypatch.setattr(contrastive, "_BLOCK_ELEMENTS", 3 * 11)  # blocks of 3 rows
+    if spread > 100:
+        monkeypatch.setattr(contrastive, "_shift_margin", lambda dtype: 20.0)
+    lse_rows, lse_cols = contrastive._row_and_column_lse(L)
+    torch.testing.assert_close(lse_rows, torch.logsumexp(L, dim=1), atol=tol, rtol=tol)
+    torch.testing.assert_close(lse_cols, torch.logsumexp(L, dim=0), atol=tol, rtol=tol)
+    want = torch.softmax(L, dim=1) + torch.softmax(L, dim=0) - 2 * torch.eye(11, dtype=dtype)
+    for i, j in contrastive._row_blocks(11, 11):
+        got = contrastive._softmax_sum_block(L[i:j], lse_rows[i:j], lse_cols, i)
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want[i:j], atol=tol, rtol=tol)
+    assert torch.isfinite(lse_rows).all() and torch.isfinite(lse_cols).all()
+
+
+def test_inner_product_loss_at_a_huge_scale_matches_the_reference():
+    """scale 1e4 on the sphere: logits span +-1e4, far past exp's range, so every block takes
+    the two-pass branch; loss and gradients (the scale's too) still match the stable
+    two-cross-entropy form (the written-out reference would overflow)."""
+    topo = topoclip.topology("sphere", dim=16)
+    x, y = rand(9, seed=11).requires_grad_(), rand(9, seed=12).requires_grad_()
+    log_scale = torch.tensor(9.2103, dtype=torch.float64, requires_grad=True)
+    loss = topoclip.ContrastiveLoss(topo)(topo.project(x), topo.project(y), log_scale.exp())
+    L = log_scale.exp() * topo.similarity(topo.project(x), topo.project(y))
+    labels = torch.arange(9)
+    want = 0.5 * (F.cross_entropy(L, labels) + F.cross_entropy(L.T, labels))
+    torch.testing.assert_close(loss, want)
+    for g, w in zip(torch.autograd.grad(loss, (x, y, log_scale)), torch.autograd.grad(want, (x, y, log_scale))):
+        torch.testing.assert_close(g, w)

@@ -15,6 +15,8 @@ gradients flow back through the gather), with OpenCLIP's semantics.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -36,27 +38,65 @@ def _row_blocks(rows: int, cols: int):
         yield start, min(rows, start + step)
 
 
+def _shift_margin(dtype: torch.dtype) -> float:
+    """How far below a block's shift every row's and column's largest logit may lie for one
+    exp pass with a single shift to be exact: half of exp's range above its smallest normal
+    number (43 in fp32, 354 in fp64). A term that then underflows is below
+    exp(-margin) ~ 1e-19 (fp32) of its row's or column's own largest term, far under rounding."""
+    return -0.5 * math.log(torch.finfo(dtype).tiny)
+
+
 def _row_and_column_lse(logits: Tensor) -> tuple[Tensor, Tensor]:
-    """Row-wise and column-wise log-sum-exp in one blocked pass (running max for columns)."""
+    """Row-wise and column-wise log-sum-exp in one blocked pass (running max for columns).
+
+    Each block is normally exponentiated once, shifted by its largest logit, and both its row
+    and its column sums come from that one pass. A block in which some row's or column's
+    largest logit lies more than ``_shift_margin`` below it (a very large scale with a wide
+    similarity range) takes two passes instead, each shifted by its own maxima.
+    """
     rows, cols = logits.shape
+    margin = _shift_margin(logits.dtype)
     lse_rows = torch.empty(rows, dtype=logits.dtype, device=logits.device)
     col_max = torch.full((cols,), -torch.inf, dtype=logits.dtype, device=logits.device)
     col_sum = torch.zeros(cols, dtype=logits.dtype, device=logits.device)
     for i, j in _row_blocks(rows, cols):
         blk = logits[i:j]
-        lse_rows[i:j] = torch.logsumexp(blk, dim=1)
-        new_max = torch.maximum(col_max, blk.amax(dim=0))
+        row_max, blk_col_max = blk.amax(dim=1), blk.amax(dim=0)
+        shift = row_max.max()
+        if bool((shift - torch.minimum(row_max.min(), blk_col_max.min())) <= margin):
+            e = torch.sub(blk, shift).exp_()
+            lse_rows[i:j] = e.sum(dim=1).log_().add_(shift)
+            blk_col_max, blk_col_sum = shift.expand(cols), e.sum(dim=0)
+        else:
+            lse_rows[i:j] = torch.logsumexp(blk, dim=1)
+            blk_col_sum = torch.exp(blk - blk_col_max).sum(dim=0)
+        # Merge the block's column sums (shifted by blk_col_max) into the running ones.
+        new_max = torch.maximum(col_max, blk_col_max)
         # exp(-inf - -inf) would be NaN on the first block; col_sum is 0 there anyway.
         col_sum.mul_(torch.exp(torch.where(torch.isinf(col_max), 0.0, col_max - new_max)))
-        col_sum.add_(torch.exp(blk - new_max).sum(dim=0))
+        col_sum.add_(blk_col_sum.mul_(torch.exp(blk_col_max - new_max)))
         col_max = new_max
     return lse_rows, col_sum.log_().add_(col_max)
 
 
 def _softmax_sum_block(logits_blk: Tensor, lse_rows_blk: Tensor, lse_cols: Tensor, first_row: int) -> Tensor:
-    """softmax_rows + softmax_cols - 2 I for a block of rows: the loss gradient times 2b."""
-    p = torch.sub(logits_blk, lse_rows_blk.unsqueeze(1)).exp_()
-    p.add_(torch.sub(logits_blk, lse_cols.unsqueeze(0)).exp_())
+    """softmax_rows + softmax_cols - 2 I for a block of rows: the loss gradient times 2b.
+
+    Every logit lies at or below its row's log-sum-exp, so with shift = the block's largest
+    row lse, exp(L - shift) never overflows and exp(L - lse_r) + exp(L - lse_c) =
+    exp(L - shift) * (exp(shift - lse_r) + exp(shift - lse_c)): one exp pass instead of two,
+    whenever no row or column lse lies more than ``_shift_margin`` below the shift (otherwise
+    the two-pass form).
+    """
+    shift = lse_rows_blk.max()
+    lowest = torch.minimum(lse_rows_blk.min(), lse_cols.min())
+    if bool(shift - lowest <= _shift_margin(logits_blk.dtype)):
+        e = torch.sub(logits_blk, shift).exp_()
+        p = torch.mul(e, torch.sub(shift, lse_rows_blk).exp_().unsqueeze(1))
+        p.addcmul_(e, torch.sub(shift, lse_cols).exp_().unsqueeze(0))
+    else:
+        p = torch.sub(logits_blk, lse_rows_blk.unsqueeze(1)).exp_()
+        p.add_(torch.sub(logits_blk, lse_cols.unsqueeze(0)).exp_())
     p[:, first_row:first_row + p.shape[0]].diagonal().sub_(2.0)
     return p
 
@@ -94,7 +134,8 @@ class _InnerProductInfoNCE(torch.autograd.Function):
     For inner-product topologies (sphere, oblique-inner) the backward never materialises the
     b x b gradient: each block of rows of it is formed in cache and immediately consumed by
     the two GEMMs (grad_u = G v, grad_v += G^T u). Total work is the three-GEMM floor plus
-    two cache-resident passes; memory is the saved logits plus one block.
+    one exp pass forward and one backward (see _row_and_column_lse, _softmax_sum_block);
+    memory is the saved logits plus one block.
     """
 
     @staticmethod
@@ -112,17 +153,16 @@ class _InnerProductInfoNCE(torch.autograd.Function):
         coef = grad_loss / (2 * logits.shape[0])
         grad_u = torch.empty_like(u)
         grad_v = torch.zeros_like(v)
-        p_dot_logits = torch.zeros((), dtype=logits.dtype, device=logits.device)
         for i, j in _row_blocks(*logits.shape):
             p = _softmax_sum_block(logits[i:j], lse_rows[i:j], lse_cols, i)
-            p_dot_logits += torch.vdot(p.reshape(-1), logits[i:j].reshape(-1))
             torch.mm(p, v, out=grad_u[i:j])
             grad_v.addmm_(p.T, u[i:j])
-        # d loss / d logits = coef * p;  logits = scale * S  =>  d/dS = coef * scale * p and
-        # d/dscale = sum(coef * p * S) = coef * sum(p * logits) / scale.
+        # d loss / d logits = coef * P with logits = scale * u v^T, so d/du = coef * scale * P v,
+        # d/dv = coef * scale * P^T u and d/dscale = coef * sum(P * u v^T) = coef * <u, P v>:
+        # the scale's gradient from the b x d product already at hand, not another b^2 pass.
+        grad_scale = coef * torch.vdot(u.reshape(-1), grad_u.reshape(-1))
         grad_u.mul_(coef * scale)
         grad_v.mul_(coef * scale)
-        grad_scale = coef * p_dot_logits / scale
         return grad_u, grad_v, grad_scale.reshape(scale.shape)
 
 
