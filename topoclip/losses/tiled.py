@@ -163,8 +163,7 @@ class _TiledInnerProductLogSumExp(torch.autograd.Function):
     Each tile is a GEMM into one reused buffer; its gradient is formed in a second buffer and
     consumed at once by two accumulating GEMMs (grad_u[rows] += P v_j, grad_v[cols] += P^T u_i),
     as in the plain fused loss (contrastive._InnerProductInfoNCE). The scale's gradient needs
-    no extra pass: sum_ij P_ij L_ij = sum_i (scale u_i) . (P v)_i, and P v is grad_u's row
-    block before it is scaled. Peak memory beyond the inputs and their gradients: two tiles
+    no extra pass: it is <u, P v>, and P v is grad_u's row block before it is scaled. Peak memory beyond the inputs and their gradients: two tiles
     and one tile x d block, with nothing allocated per tile (the autograd route allocates
     about a dozen tile-sized temporaries per tile, which the allocator then keeps).
     """
@@ -175,10 +174,13 @@ class _TiledInnerProductLogSumExp(torch.autograd.Function):
         kw = dict(dtype=u.dtype, device=u.device)
         logits_buf = torch.empty(min(tile, nu) * min(tile, nv), **kw)
         scaled_u = torch.empty(min(tile, nu), u.shape[1], **kw)
+        scaled_rows = [None]  # the row tile whose scale * u is in scaled_u (the sweep is row-major)
 
         def tile_logits(i0, i1, j0, j1):
-            su = torch.mul(u[i0:i1], scale, out=scaled_u[: i1 - i0])
-            return torch.mm(su, v[j0:j1].T, out=_view(logits_buf, i1 - i0, j1 - j0))
+            if scaled_rows[0] != i0:
+                torch.mul(u[i0:i1], scale, out=scaled_u[: i1 - i0])
+                scaled_rows[0] = i0
+            return torch.mm(scaled_u[: i1 - i0], v[j0:j1].T, out=_view(logits_buf, i1 - i0, j1 - j0))
 
         lse_rows, lse_cols = _sweep_lse(nu, nv, tile, columns, tile_logits, kw)
         positive_sum = _positive_sum(topology, u, v, labels, tile, kw)
@@ -194,7 +196,7 @@ class _TiledInnerProductLogSumExp(torch.autograd.Function):
         g_rows, g_cols, g_pos = grad[0] / nu, grad[1] / nv, grad[2] / nu
         grad_u = torch.zeros_like(u)
         grad_v = torch.zeros_like(v)
-        sum_p_logits = torch.zeros((), dtype=u.dtype, device=u.device)
+        grad_scale = torch.zeros((), dtype=u.dtype, device=u.device)
         logits_buf = torch.empty(min(tile, nu) * min(tile, nv), dtype=u.dtype, device=u.device)
         grad_buf = torch.empty_like(logits_buf)
         scaled_u = torch.empty(min(tile, nu), u.shape[1], dtype=u.dtype, device=u.device)
@@ -209,10 +211,11 @@ class _TiledInnerProductLogSumExp(torch.autograd.Function):
                 _add_positives(g, labels[i0:i1], j0, j1, g_pos)
                 grad_u[i0:i1].addmm_(g, vj)
                 grad_v[j0:j1].addmm_(g.T, ui)
-            sum_p_logits += torch.vdot(su.reshape(-1), grad_u[i0:i1].reshape(-1))
+            # d/dscale of sum P * (scale u v^T) = <u, P v>, and P v is this row block of grad_u.
+            grad_scale += torch.vdot(ui.reshape(-1), grad_u[i0:i1].reshape(-1))
             grad_u[i0:i1].mul_(scale)
         grad_v.mul_(scale)
-        return grad_u, grad_v, (sum_p_logits / scale).reshape(scale.shape), None, None, None, None
+        return grad_u, grad_v, grad_scale.reshape(scale.shape), None, None, None, None
 
 
 def _outputs(lse_rows: Tensor, lse_cols: Tensor, columns: bool, mean_positive: Tensor) -> Tensor:
