@@ -28,9 +28,9 @@ sys.path.insert(0, str(REPO))
 import topoclip  # noqa: E402
 from topoclip.data import build_tokenizer, make_collate, make_shapes  # noqa: E402
 from topoclip.models import build_model  # noqa: E402
-from topoclip.train.config import load_config  # noqa: E402
-from topoclip.train.optim import build_optimizer, build_scheduler  # noqa: E402
-from topoclip.train.trainer import Trainer, seed_everything  # noqa: E402
+from topoclip.config import load_config  # noqa: E402
+from topoclip.engine.optim import build_optimizer, build_scheduler  # noqa: E402
+from topoclip.engine.trainer import Trainer, seed_everything  # noqa: E402
 
 
 def fresh_model(cfg, tokenizer):

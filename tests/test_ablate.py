@@ -280,7 +280,8 @@ def _tiny_grid(tmp_path: Path) -> Path:
 def results_caption(out: Path, run: str) -> str:
     """The first test caption of a grid run's data (the first pair Grad-CAM explains)."""
     from topoclip.data.shapes import make_shapes
-    from topoclip.train.config import load_config, run_config_path
+    from topoclip.config import load_config
+    from topoclip.runs import run_config_path
 
     return make_shapes(load_config(run_config_path(out / "runs" / run)).data.shapes).test.captions[0]
 
@@ -304,9 +305,10 @@ def _map_at_r_by_hand(scores: torch.Tensor, positive: torch.Tensor) -> tuple[flo
 def _check_map_at_r(run_dir: Path, row: dict) -> None:
     """The table's mAP@R / R-P equal a by-hand computation on the run's test retrieval set."""
     from topoclip.eval import embed_images, embed_texts
-    from topoclip.train.checkpoint import load_weights, resolve_checkpoint
-    from topoclip.train.config import load_config, run_config_path
-    from topoclip.train.experiment import build_components
+    from topoclip.runs.checkpoint import load_weights, resolve_checkpoint
+    from topoclip.config import load_config
+    from topoclip.runs import run_config_path
+    from topoclip.recipes.pretrain import build_components
 
     config = load_config(run_config_path(run_dir))
     data, tokenizer, model = build_components(config, run_dir)

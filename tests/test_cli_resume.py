@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from topoclip.data import build_tokenizer, make_shapes
-from topoclip.train.checkpoint import latest_checkpoint, list_checkpoints
+from topoclip.runs.checkpoint import latest_checkpoint, list_checkpoints
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 30

@@ -269,8 +269,8 @@ TINY = TINY_TOWERS + QUIET_RUN + [
 
 def test_train_and_cli_eval_write_robustness(tmp_path, capsys):
     from topoclip.cli import main
-    from topoclip.train import experiment
-    from topoclip.train.config import load_config
+    from topoclip.recipes import pretrain as experiment
+    from topoclip.config import load_config
 
     cfg = load_config(CONFIGS / "default.yaml", TINY + [f"output.dir={tmp_path}"])
     run_dir = Path(experiment.run(cfg)["run_dir"])

@@ -15,12 +15,12 @@ from topoclip.data import build_tokenizer, make_collate, make_shapes
 from topoclip.eval import EmbeddingShiftModel, estimate_modality_gap
 from topoclip.eval.geometry_metrics import embedding_shift, modality_gap
 from topoclip.models import ImageTowerConfig, ModelConfig, TextTowerConfig, build_model, interpolate_weights, wise_ft
-from topoclip.train import experiment
-from topoclip.train.checkpoint import latest_checkpoint
-from topoclip.train.config import load_config
-from topoclip.train.finetune import run_finetune
-from topoclip.train.finetune_config import FinetuneConfig, load_finetune_config
-from topoclip.train.loading import load_run_model
+from topoclip.recipes import pretrain as experiment
+from topoclip.runs.checkpoint import latest_checkpoint
+from topoclip.config import load_config
+from topoclip.recipes.finetune import run_finetune
+from topoclip.config import FinetuneConfig, load_finetune_config
+from topoclip.runs import load_run
 
 TINY_OPENCLIP = "topoclip-test-tiny"  # registered by the openclip_files fixture (conftest.py)
 
@@ -138,7 +138,7 @@ def test_wise_ft_from_a_topoclip_run_evaluates_every_model_on_both_distributions
         for dist in ("target", "reference"):
             assert {"zeroshot", "retrieval", "robustness"} <= set(evaluation[dist])
     # The saved WiSE-FT weights are the lerp of the source and the fine-tuned weights.
-    source = load_run_model(topoclip_run).model.state_dict()
+    source = load_run(topoclip_run).model.state_dict()
     tuned = load_file(str(latest_checkpoint(run_dir) / "model.safetensors"))
     wise = load_file(str(run_dir / "wise_ft" / "model.safetensors"))
     for key in ("logit_scale.log_scale", "projection.image.weight") if "projection.image.weight" in wise else ("logit_scale.log_scale",):
@@ -148,7 +148,7 @@ def test_wise_ft_from_a_topoclip_run_evaluates_every_model_on_both_distributions
     # the target distribution is the light background, the reference the source's dark one
     assert results["models"]["zero_shot"]["target"] != results["models"]["zero_shot"]["reference"]
     # the fine-tuned run reloads (for `topoclip eval` and as a new source)
-    again = load_run_model(run_dir)
+    again = load_run(run_dir)
     assert "fine-tuned from" in again.description
     assert torch.equal(again.model.state_dict()["logit_scale.log_scale"], tuned["logit_scale.log_scale"])
 
@@ -210,7 +210,7 @@ def test_ft_from_a_hugging_face_directory_on_the_oblique_manifold(hf_dir, tmp_pa
         f"output.dir={tmp_path}", "eval.robustness=false",
     ]))
     assert results["train"]["steps"] == 4
-    tuned = load_run_model(tmp_path / "finetune-ft")
+    tuned = load_run(tmp_path / "finetune-ft")
     assert tuned.model.topology.name == "oblique-inner" and tuned.model.topology.num_blocks == 4
     assert tuned.image_size == 32 and tuned.mean == (0.5, 0.5, 0.5)
 
@@ -231,7 +231,7 @@ def test_finetune_config_errors_name_the_field(tmp_path, topoclip_run):
 
 
 def test_finetune_demo_table_and_claims_then_reuses_finished_stages(tmp_path):
-    from topoclip.train.finetune_demo import run_demo
+    from topoclip.recipes.finetune_demo import run_demo
 
     tiny_model = ["model.image.depth=1", "model.image.width=32", "model.image.heads=2",
                   "model.text.depth=1", "model.text.width=32", "model.text.heads=2"]
@@ -348,7 +348,7 @@ def test_two_process_finetune_equals_one_process(topoclip_run, tmp_path):
     run_finetune(load_finetune_config(None, common + [f"output.dir={tmp_path / 'one'}"]))
     two = load_file(str(latest_checkpoint(tmp_path / "two" / "finetune-ft") / "model.safetensors"))
     one = load_file(str(latest_checkpoint(tmp_path / "one" / "finetune-ft") / "model.safetensors"))
-    source = load_run_model(topoclip_run).model.state_dict()
+    source = load_run(topoclip_run).model.state_dict()
     assert any(not torch.equal(one[k], source[k]) for k in one)
     for key in one:
         torch.testing.assert_close(two[key], one[key], atol=1e-5, rtol=0, msg=key)

@@ -298,21 +298,3 @@ def test_load_pretrained_says_what_it_expected(tmp_path):
     with pytest.raises(ValueError, match="model_type='siglip'; expected 'clip'"):
         load_pretrained(other)
 
-
-def test_topoclip_checkpoints_go_to_the_registered_loader(tmp_path):
-    ckpt = tmp_path / "run" / "checkpoints" / "step_00000010"
-    ckpt.mkdir(parents=True)
-    (ckpt / "model.safetensors").write_bytes(b"")
-    (ckpt / "state.pt").write_bytes(b"")
-    previous = pretrained_mod._CHECKPOINT_LOADER  # importing topoclip.train registers the real one
-    calls = []
-    try:
-        pretrained_mod.register_checkpoint_loader(None)
-        with pytest.raises(NotImplementedError, match="topoclip checkpoint"):
-            load_pretrained(tmp_path / "run")
-        pretrained_mod.register_checkpoint_loader(lambda path, topology=None: calls.append(path) or ("m", "t", "x"))
-        assert load_pretrained(ckpt / "model.safetensors") == ("m", "t", "x")
-        assert load_pretrained(tmp_path / "run") == ("m", "t", "x")
-    finally:
-        pretrained_mod.register_checkpoint_loader(previous)
-    assert calls == [ckpt / "model.safetensors", tmp_path / "run"]

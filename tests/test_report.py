@@ -14,8 +14,8 @@ import torch
 from topoclip.analysis.plots import plot_similarity_distributions, plot_temperature_trajectories, plot_uniformity_alignment
 from topoclip.analysis.run_metrics import ANALYSIS_FILE, SIMILARITY_FILE, load_similarities
 from topoclip.cli import main
-from topoclip.train import experiment
-from topoclip.train.config import load_config
+from topoclip.recipes import pretrain as experiment
+from topoclip.config import load_config
 from helpers import QUIET_RUN, TINY_TOWERS
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 import topoclip
-from topoclip.train import checkpoint as ckpt_mod
-from topoclip.train.checkpoint import (
+from topoclip.runs import checkpoint as ckpt_mod
+from topoclip.runs.checkpoint import (
     capture_rng_state,
     latest_checkpoint,
     list_checkpoints,
@@ -19,8 +19,8 @@ from topoclip.train.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from topoclip.train.optim import build_optimizer, build_scheduler
-from topoclip.train.sampler import EpochBatchSampler
+from topoclip.engine.optim import build_optimizer, build_scheduler
+from topoclip.engine.sampler import EpochBatchSampler
 
 
 class _Net(nn.Module):

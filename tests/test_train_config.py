@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from topoclip.train.config import ExperimentConfig, config_from_dict, load_config, save_config
-from topoclip.train.dataclass_io import parse_override
+from topoclip.config import ExperimentConfig, config_from_dict, load_config, save_config
+from topoclip.dataclass_io import parse_override
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -115,7 +115,7 @@ def test_default_yaml_is_the_default_config():
 
 
 def test_shipped_configs_resolve_by_name_from_any_directory(tmp_path, monkeypatch):
-    from topoclip.train.config import PACKAGED_CONFIGS, default_config_path, resolve_config_path
+    from topoclip.config import PACKAGED_CONFIGS, default_config_path, resolve_config_path
 
     monkeypatch.chdir(tmp_path)  # no configs/ here: as for a wheel install
     assert default_config_path() == PACKAGED_CONFIGS / "default.yaml" and default_config_path().is_file()

@@ -15,11 +15,11 @@ import torch
 
 import topoclip
 from topoclip.models import ModelConfig, build_model
-from topoclip.train.checkpoint import list_checkpoints
-from topoclip.train.config import config_from_dict
-from topoclip.train.distributed import DistInfo, init_distributed
-from topoclip.train.logging import read_jsonl
-from topoclip.train.trainer import Trainer, seed_everything
+from topoclip.runs.checkpoint import list_checkpoints
+from topoclip.config import config_from_dict
+from topoclip.engine.distributed import DistInfo, init_distributed
+from topoclip.runs import read_jsonl
+from topoclip.engine.trainer import Trainer, seed_everything
 
 VOCAB, LENGTH, STEPS = 30, 8, 3
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from topoclip.train import experiment
-from topoclip.train.config import load_config
+from topoclip.recipes import pretrain as experiment
+from topoclip.config import load_config
 from helpers import QUIET_RUN, TINY_TOWERS
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

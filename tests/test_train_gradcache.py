@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import topoclip
-from topoclip.train.gradcache import gradcache_backward, split_batch
+from topoclip.engine.gradcache import gradcache_backward, split_batch
 
 
 class TinyDual(nn.Module):

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import topoclip
-from topoclip.train.optim import build_optimizer, build_scheduler, cosine_warmup_factor, no_weight_decay_names, param_groups
+from topoclip.engine.optim import build_optimizer, build_scheduler, cosine_warmup_factor, no_weight_decay_names, param_groups
 
 
 class _Declares(nn.Module):

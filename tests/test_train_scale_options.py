@@ -11,9 +11,9 @@ from torch import nn
 
 import topoclip
 from topoclip.models import ModelConfig, build_model
-from topoclip.train.config import config_from_dict
-from topoclip.train.experiment import build_loss
-from topoclip.train.trainer import Trainer, enable_grad_checkpointing, seed_everything
+from topoclip.config import config_from_dict
+from topoclip.recipes.pretrain import build_loss
+from topoclip.engine.trainer import Trainer, enable_grad_checkpointing, seed_everything
 
 VOCAB, LENGTH = 30, 8
 

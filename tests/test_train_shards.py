@@ -9,10 +9,10 @@ import torch
 import topoclip
 from topoclip.data import make_shapes
 from topoclip.data.shards import ShardStream, tensor_pairs_to_samples, write_shards
-from topoclip.train import experiment
-from topoclip.train.config import config_from_dict
-from topoclip.train.logging import read_jsonl
-from topoclip.train.trainer import Trainer
+from topoclip.recipes import pretrain as experiment
+from topoclip.config import config_from_dict
+from topoclip.runs import read_jsonl
+from topoclip.engine.trainer import Trainer
 from helpers import QUIET_RUN, TINY_TOWERS
 
 pytest.importorskip("webdataset")

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 import topoclip
-from topoclip.train.checkpoint import latest_checkpoint, list_checkpoints
-from topoclip.train.config import config_from_dict
-from topoclip.train.trainer import Trainer, seed_everything
+from topoclip.runs.checkpoint import latest_checkpoint, list_checkpoints
+from topoclip.config import config_from_dict
+from topoclip.engine.trainer import Trainer, seed_everything
 
 
 class TinyDual(nn.Module):

@@ -161,7 +161,7 @@ def _add_finetune_demo_parser(sub) -> None:
 
 
 def _finetune_demo(args: argparse.Namespace) -> int:
-    from topoclip.train.finetune_demo import run_demo
+    from topoclip.recipes.finetune_demo import run_demo
 
     for name in ("pretrain_steps", "steps"):
         if getattr(args, name) < 1:
@@ -174,8 +174,8 @@ def _finetune_demo(args: argparse.Namespace) -> int:
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    from topoclip.train.finetune import run_finetune
-    from topoclip.train.finetune_config import load_finetune_config
+    from topoclip.recipes.finetune import run_finetune
+    from topoclip.config import load_finetune_config
 
     overrides = []
     if args.source is not None:
@@ -186,7 +186,7 @@ def _finetune(args: argparse.Namespace) -> int:
         overrides.append(f"finetune.method={args.method}")
     try:
         if args.resume is not None:
-            from topoclip.train.config import run_config_path
+            from topoclip.runs import run_config_path
 
             config = load_finetune_config(run_config_path(args.resume), overrides + list(args.overrides) + ["train.resume=true"])
         else:
@@ -209,8 +209,9 @@ def _fail(command: str, err: Exception, code: int) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from topoclip.train.config import load_config, run_config_path
-    from topoclip.train import experiment
+    from topoclip.config import load_config
+    from topoclip.runs import run_config_path
+    from topoclip.recipes import pretrain as experiment
 
     if isinstance(args.resume, str) and "=" in args.resume and not Path(args.resume).is_dir():
         # `--resume key=value`: argparse took the first override for the optional RUN_DIR.
@@ -234,7 +235,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from topoclip.train import experiment
+    from topoclip.recipes import pretrain as experiment
 
     try:
         experiment.evaluate_checkpoint(
@@ -266,7 +267,7 @@ def _data_convert(args: argparse.Namespace) -> int:
             count = len(pairs)
         else:
             from topoclip.data.shapes import make_shapes
-            from topoclip.train.dataclass_io import parse_override
+            from topoclip.dataclass_io import parse_override
 
             settings = {}
             for text in args.overrides:

@@ -37,6 +37,7 @@ __all__ = [
     "topology",
     "register_topology",
     "available_topologies",
+    "is_blockwise",
 ]
 
 # Below this norm a block is treated as zero: it has no direction to normalise.
@@ -215,6 +216,9 @@ class Topology:
     # True when similarity(u, v) is the plain dot product of the flattened points, so that
     # losses may fuse it with their own GEMMs.
     inner_product: bool = False
+    # True for product spaces of m blocks of n coordinates (the oblique manifold): their size
+    # is given as (n, m), and a multi-token model puts one [CLS] token on each block.
+    blockwise: bool = False
 
     def __init__(self, dim: int, num_blocks: int = 1):
         if not isinstance(dim, int) or dim < 1:
@@ -244,7 +248,10 @@ class Topology:
         flat = self._flat(x)
         return flat.reshape(*flat.shape[:-1], self.num_blocks, self.block_dim)
 
-    def _pair_2d(self, u: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    def pair_2d(self, u: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Two collections of points as ``[b, d]`` matrices in one compute dtype (fp32 for
+        half-precision inputs): the view every all-pairs computation (losses, retrieval) starts
+        from."""
         u = _compute_dtype(self._flat(u, "u"))
         v = _compute_dtype(self._flat(v, "v"))
         if u.ndim != 2 or v.ndim != 2:
@@ -262,12 +269,12 @@ class Topology:
 
     def similarity(self, u: Tensor, v: Tensor) -> Tensor:
         """All-pairs similarity, ``[b_u, b_v]``; higher means closer (= -distance)."""
-        u, v = self._pair_2d(u, v)
+        u, v = self.pair_2d(u, v)
         return self._similarity(u, v)
 
     def paired_similarity(self, u: Tensor, v: Tensor) -> Tensor:
         """Similarity of row i of u with row i of v, ``[b]``."""
-        u, v = self._pair_2d(u, v)
+        u, v = self.pair_2d(u, v)
         if u.shape[0] != v.shape[0]:
             raise ValueError(
                 f"{self.name}: paired_similarity needs equally many points, got {u.shape[0]} "
@@ -298,6 +305,11 @@ class Topology:
     @property
     def similarity_range(self) -> tuple[float, float]:
         raise NotImplementedError
+
+    @property
+    def label(self) -> str:
+        """A short display name for tables and plots, e.g. ``Sphere(128)``, ``Ob(16,8) inner``."""
+        return f"{self.name}({self.dim})"
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, dim={self.dim}, m={self.num_blocks}, n={self.block_dim})"
@@ -343,6 +355,10 @@ class Euclidean(Topology):
     def similarity_range(self) -> tuple[float, float]:
         return (-math.inf, 0.0)
 
+    @property
+    def label(self) -> str:
+        return f"Euclidean({self.dim})"
+
 
 class Oblique(Topology):
     """Ob(n, m): m unit spheres S^(n-1), one per block of n coordinates (or per [CLS] token).
@@ -358,6 +374,7 @@ class Oblique(Topology):
             raise ValueError(f"oblique distance must be 'inner' or 'geodesic', got {distance!r}")
         self.distance = distance
         self.name = f"oblique-{distance}"
+        self.blockwise = True
         self.inner_product = distance == "inner"
         if not isinstance(n, int) or n < 2:
             raise ValueError(f"{self.name}: n (block dimension) must be an integer >= 2, got {n!r}")
@@ -379,7 +396,7 @@ class Oblique(Topology):
     def scaled_similarity(self, u: Tensor, v: Tensor, scale: Tensor) -> Tensor:
         if self.distance == "geodesic":
             return super().scaled_similarity(u, v, scale)
-        u, v = self._pair_2d(u, v)
+        u, v = self.pair_2d(u, v)
         return (scale.to(u.dtype) * u) @ v.T
 
     def _block_major(self, x: Tensor) -> Tensor:
@@ -409,6 +426,10 @@ class Oblique(Topology):
         return _slerp_last_axis(self.blocks(a), self.blocks(b), t).reshape(a.shape)
 
     @property
+    def label(self) -> str:
+        return f"Ob({self.block_dim},{self.num_blocks}) {self.distance}"
+
+    @property
     def similarity_range(self) -> tuple[float, float]:
         if self.distance == "inner":
             return (-float(self.num_blocks), float(self.num_blocks))
@@ -426,23 +447,35 @@ class Sphere(Oblique):
             raise ValueError(f"sphere: dim must be an integer >= 2, got {dim!r}")
         super().__init__(dim, 1, "inner")
         self.name = "sphere"
+        self.blockwise = False
+
+    @property
+    def label(self) -> str:
+        return f"Sphere({self.dim})"
 
     def __repr__(self) -> str:
         return f"Sphere(dim={self.dim})"
 
 
 # ------------------------------------------------------------------------- registry
+#
+# Every builder takes the same keywords, ``dim``, ``n`` and ``m`` (None when not given), so a
+# caller (a config, a benchmark, a loader) never has to know which kind takes which.
 
-def _build_sphere(dim: int) -> Topology:
-    return Sphere(dim)
 
+def _flat_builder(cls: type, name: str) -> Callable[..., Topology]:
+    def build(dim: int | None = None, n: int | None = None, m: int | None = None) -> Topology:
+        if dim is None:
+            raise ValueError(f"{name}: dim is required")
+        if n is not None or m not in (None, 1):
+            raise ValueError(f"{name} has no blocks: give dim only (got n={n}, m={m})")
+        return cls(dim)
 
-def _build_euclidean(dim: int) -> Topology:
-    return Euclidean(dim)
+    return build
 
 
 def _oblique_builder(distance: str) -> Callable[..., Topology]:
-    def build(n: int | None = None, m: int | None = None, dim: int | None = None) -> Topology:
+    def build(dim: int | None = None, n: int | None = None, m: int | None = None) -> Topology:
         name = f"oblique-{distance}"
         if m is None:
             raise ValueError(f"{name}: m (number of unit spheres) is required")
@@ -462,28 +495,45 @@ def _oblique_builder(distance: str) -> Callable[..., Topology]:
 
 
 _REGISTRY: dict[str, Callable[..., Topology]] = {
-    "sphere": _build_sphere,
-    "euclidean": _build_euclidean,
+    "sphere": _flat_builder(lambda dim: Sphere(dim), "sphere"),
+    "euclidean": _flat_builder(lambda dim: Euclidean(dim), "euclidean"),
     "oblique-inner": _oblique_builder("inner"),
     "oblique-geodesic": _oblique_builder("geodesic"),
 }
+_BLOCKWISE = {"oblique-inner", "oblique-geodesic"}
 
 
-def register_topology(name: str, builder: Callable[..., Topology]) -> None:
-    """Make ``topology(name, **kw)`` build a user-defined topology."""
+def register_topology(name: str, builder: Callable[..., Topology], blockwise: bool = False) -> None:
+    """Make ``topology(name, dim=..., n=..., m=...)`` build a user-defined topology.
+
+    ``builder(dim=None, n=None, m=None)`` takes the same keywords as every other kind;
+    ``blockwise`` says that its size is given as m blocks of n (see ``is_blockwise``).
+    """
     if name in _REGISTRY:
         raise ValueError(f"topology {name!r} is already registered")
     _REGISTRY[name] = builder
+    if blockwise:
+        _BLOCKWISE.add(name)
 
 
 def available_topologies() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def topology(name: str, **kwargs) -> Topology:
-    """Build a topology by name: ``topology("oblique-inner", n=64, m=8)``.
+def is_blockwise(name: str) -> bool:
+    """Whether the topology called ``name`` is sized by (n, m) blocks rather than by dim alone
+    (known before anything is built, e.g. to fill a config's defaults)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown topology {name!r}; available: {', '.join(available_topologies())}")
+    return name in _BLOCKWISE
 
-    sphere / euclidean take ``dim``; oblique-* take ``n`` and ``m`` (or ``dim`` and ``m``).
+
+def topology(name: str, dim: int | None = None, n: int | None = None, m: int | None = None) -> Topology:
+    """Build a topology by name; every kind takes the same keywords.
+
+    ``topology("sphere", dim=128)``, ``topology("euclidean", dim=128)``,
+    ``topology("oblique-inner", n=16, m=8)`` (or ``dim=128, m=8``). A flat kind given blocks,
+    or a blockwise kind without ``m``, is a ValueError that says what it takes.
     """
     try:
         builder = _REGISTRY[name]
@@ -491,7 +541,4 @@ def topology(name: str, **kwargs) -> Topology:
         raise ValueError(
             f"unknown topology {name!r}; available: {', '.join(available_topologies())}"
         ) from None
-    try:
-        return builder(**kwargs)
-    except TypeError as err:  # unexpected keyword: name the topology and what it takes
-        raise ValueError(f"topology {name!r}: {err}") from None
+    return builder(dim=dim, n=n, m=m)

@@ -33,8 +33,8 @@ from typing import Any
 
 import yaml
 
-from topoclip.train.config import ExperimentConfig, config_from_dict, default_config_path, read_config_file, resolve_config_path
-from topoclip.train.dataclass_io import apply_overrides, from_dict, to_dict
+from topoclip.config import ExperimentConfig, config_from_dict, default_config_path, read_config_file, resolve_config_path
+from topoclip.dataclass_io import apply_overrides, from_dict, to_dict
 
 from .run_metrics import AnalysisConfig
 from .table import RESERVED_COLUMNS

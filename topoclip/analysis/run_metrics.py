@@ -37,11 +37,16 @@ import numpy as np
 import torch
 from torch.utils.data import Subset
 
+from topoclip.atomic import atomic_write, atomic_write_json
+from topoclip.config import load_config
 from topoclip.data.shapes import ZEROSHOT_TASKS, ShapesConfig, make_shapes
+from topoclip.dataclass_io import from_dict
+from topoclip.devices import resolve_device
 from topoclip.eval import embed_images, embed_texts, run_linear_probe, temperature_convergence_step
 from topoclip.eval.geometry_metrics import alignment, uniformity
 from topoclip.eval.map_at_r import evaluate_map_at_r
 from topoclip.eval.token_subsets import evaluate_token_subsets
+from topoclip.runs import LOG_FILE, RESULTS_FILE, load_run, read_jsonl, run_config_path
 
 from .run_attribution import write_gradcam_overlays
 
@@ -112,19 +117,13 @@ class AnalysisConfig:
 
 def topology_label(config) -> str:
     """``Sphere(128)``, ``Euclidean(128)``, ``Ob(16,8) inner``, ``Multi(16,8) geodesic``."""
-    topo = config.topology
-    if topo.name == "sphere":
-        return f"Sphere({topo.dim})"
-    if topo.name == "euclidean":
-        return f"Euclidean({topo.dim})"
-    kind = "Multi" if config.model.num_tokens > 1 else "Ob"
-    return f"{kind}({topo.n},{topo.m}) {topo.name.removeprefix('oblique-')}"
+    label = config.topology.build().label
+    # A multi-token oblique model: one [CLS] token per sphere.
+    return label.replace("Ob(", "Multi(", 1) if config.model.num_tokens > 1 else label
 
 
 def scale_trajectory(run_dir: str | os.PathLike) -> list[tuple[int, float]]:
     """``[(step, logit scale)]`` from the run's ``log.jsonl`` (empty if it has none)."""
-    from topoclip.train.logging import LOG_FILE, read_jsonl
-
     path = Path(run_dir) / LOG_FILE
     if not path.is_file():
         return []
@@ -195,12 +194,6 @@ def token_subset_table(model, tokenizer, task_set, draws: int, batch_size: int, 
     return [dict(row, subsets=[list(s) for s in row["subsets"]]) for row in rows]
 
 
-def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
-
-
 def _fingerprint(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -219,10 +212,6 @@ def _headline(results: dict) -> dict[str, Any]:
 
 def compute_run_metrics(run_dir: str | os.PathLike, settings: AnalysisConfig | None = None, device: str | None = None) -> dict:
     """Compute the analysis of a finished run, write ``analysis.json`` + ``similarities.npz``, return it."""
-    from topoclip.train.checkpoint import load_weights, resolve_checkpoint
-    from topoclip.train.config import load_config, run_config_path
-    from topoclip.train.experiment import RESULTS_FILE, build_components, resolve_device
-
     settings = settings or AnalysisConfig()
     run_dir = Path(run_dir)
     results_path = run_dir / RESULTS_FILE
@@ -230,9 +219,9 @@ def compute_run_metrics(run_dir: str | os.PathLike, settings: AnalysisConfig | N
         raise ValueError(f"run {run_dir}: no {RESULTS_FILE}; the run has not finished")
     results = json.loads(results_path.read_text())
     config = load_config(run_config_path(run_dir))
-    checkpoint = resolve_checkpoint(run_dir)
-    data, tokenizer, model = build_components(config, run_dir)
-    load_weights(model, checkpoint)
+    loaded = load_run(run_dir)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    data = make_shapes(config.data.shapes)
     dev = resolve_device(device or config.train.device)
     model.to(dev)
     batch_size = config.eval.batch_size
@@ -276,7 +265,7 @@ def compute_run_metrics(run_dir: str | os.PathLike, settings: AnalysisConfig | N
     analysis = {
         "settings": to_json_settings(settings),
         "results_sha256": _fingerprint(results_path),
-        "checkpoint": checkpoint.name,
+        "checkpoint": Path(loaded.description).name,
         "topology": {
             "label": topology_label(config), "name": config.topology.name, "dim": config.topology.dim,
             "n": config.topology.n, "m": config.topology.m, "num_tokens": config.model.num_tokens,
@@ -295,10 +284,8 @@ def compute_run_metrics(run_dir: str | os.PathLike, settings: AnalysisConfig | N
         "gradcam": gradcam,
         **_headline(results),
     }
-    tmp = run_dir / (SIMILARITY_FILE + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, run_dir / SIMILARITY_FILE)
-    _write_json(run_dir / ANALYSIS_FILE, analysis)  # last: its presence marks a complete analysis
+    atomic_write(run_dir / SIMILARITY_FILE, lambda tmp: np.savez(tmp, **arrays), suffix=".npz")
+    atomic_write_json(run_dir / ANALYSIS_FILE, analysis)  # last: its presence marks a complete analysis
     return analysis
 
 
@@ -311,8 +298,6 @@ def to_json_settings(settings: AnalysisConfig) -> dict:
 def load_run_metrics(run_dir: str | os.PathLike, settings: AnalysisConfig | None = None, device: str | None = None) -> tuple[dict, bool]:
     """``(analysis, computed)``: the cached analysis if it was made with these settings from
     the run's current ``results.json``, else a fresh one."""
-    from topoclip.train.experiment import RESULTS_FILE
-
     settings = settings or AnalysisConfig()
     run_dir = Path(run_dir)
     path, results = run_dir / ANALYSIS_FILE, run_dir / RESULTS_FILE
@@ -337,8 +322,6 @@ def cached_settings(run_dir: str | os.PathLike) -> AnalysisConfig:
     ``topoclip report RUN_DIR`` reuses them, so a grid run's report does not redo its analysis
     with other settings.
     """
-    from topoclip.train.dataclass_io import from_dict
-
     try:
         cached = json.loads((Path(run_dir) / ANALYSIS_FILE).read_text())
         return from_dict(AnalysisConfig, cached["settings"], "analysis")

@@ -23,7 +23,8 @@ from typing import Callable
 
 import yaml
 
-from topoclip.train.config import load_config, run_config_path
+from topoclip.config import load_config
+from topoclip.runs import RESULTS_FILE, run_config_path
 
 from .grid import Grid, GridRun, config_differences, select_runs
 from .plots import plot_similarity_distributions, plot_temperature_trajectories, plot_uniformity_alignment
@@ -34,7 +35,6 @@ __all__ = ["run_grid", "write_grid_outputs", "RUNS_DIR", "PLOTS_DIR"]
 
 RUNS_DIR = "runs"
 PLOTS_DIR = "plots"
-RESULTS_FILE = "results.json"
 
 
 def _check_unchanged(run, run_dir: Path) -> None:
@@ -84,7 +84,7 @@ def run_grid(
     ``only``: shell patterns of the run names to train (default: all). The table lists every
     finished run of the grid, in grid order, whether trained now or before.
     """
-    from topoclip.train import experiment
+    from topoclip.recipes import pretrain as experiment
 
     grid_dir = Path(grid_dir)
     selected = select_runs(grid, list(only)).runs

@@ -24,6 +24,8 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from topoclip.atomic import atomic_write_text
+
 __all__ = ["METRIC_COLUMNS", "RESERVED_COLUMNS", "table_row", "token_subset_tables", "format_cell", "write_table", "format_markdown", "clip_benchmark_rows", "write_clip_benchmark"]
 
 # (key in a row, Markdown header, how Markdown shows it)
@@ -112,12 +114,6 @@ def _csv_text(rows: Sequence[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_table(rows: Sequence[dict[str, Any]], axes: Sequence[str], out_dir: str | os.PathLike, meta: dict[str, Any]) -> dict[str, Path]:
     """Write ``table.md``, ``table.csv`` and ``table.json`` (rows plus ``meta``) into ``out_dir``."""
     if not rows:
@@ -125,10 +121,10 @@ def write_table(rows: Sequence[dict[str, Any]], axes: Sequence[str], out_dir: st
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"md": out_dir / "table.md", "csv": out_dir / "table.csv", "json": out_dir / "table.json"}
-    _write_text(paths["md"], format_markdown(rows, axes))
-    _write_text(paths["csv"], _csv_text(rows))
+    atomic_write_text(paths["md"], format_markdown(rows, axes))
+    atomic_write_text(paths["csv"], _csv_text(rows))
     payload = {**meta, "axes": list(axes), "columns": list(rows[0]), "rows": list(rows)}
-    _write_text(paths["json"], json.dumps(payload, indent=2) + "\n")
+    atomic_write_text(paths["json"], json.dumps(payload, indent=2) + "\n")
     return paths
 
 
@@ -174,6 +170,6 @@ def write_clip_benchmark(rows: Sequence[dict], out_dir: str | os.PathLike) -> di
     """``clip_benchmark.jsonl`` (one object per line, as CLIP_benchmark's files concatenate) and a JSON list."""
     out_dir = Path(out_dir)
     paths = {"jsonl": out_dir / "clip_benchmark.jsonl", "json": out_dir / "clip_benchmark.json"}
-    _write_text(paths["jsonl"], "".join(json.dumps(r) + "\n" for r in rows))
-    _write_text(paths["json"], json.dumps(list(rows), indent=2) + "\n")
+    atomic_write_text(paths["jsonl"], "".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write_text(paths["json"], json.dumps(list(rows), indent=2) + "\n")
     return paths

@@ -45,10 +45,10 @@ _BYTES_PER_PAIR = {"floor": 4 * 2, "openclip": 4 * 10, "sphere": 4 * 6, "oblique
 def _topology(name: str, dim: int):
     import topoclip
 
-    if name.startswith("oblique"):
+    if topoclip.is_blockwise(name):
         if dim % OBLIQUE_BLOCKS:
             raise ValueError(f"--dim: {dim} is not divisible by the {OBLIQUE_BLOCKS} oblique blocks")
-        return topoclip.topology(name, n=dim // OBLIQUE_BLOCKS, m=OBLIQUE_BLOCKS)
+        return topoclip.topology(name, dim=dim, m=OBLIQUE_BLOCKS)
     return topoclip.topology(name, dim=dim)
 
 

@@ -91,8 +91,8 @@ def _openclip_step(model, loss_fn, optimizer, images, texts) -> None:
 def _topoclip_trainer(model, batch: int, embed_dim: int, run_dir: str):
     import topoclip
     from topoclip.models import OpenClipDualEncoder
-    from topoclip.train.config import load_config
-    from topoclip.train.trainer import Trainer
+    from topoclip.config import load_config
+    from topoclip.engine.trainer import Trainer
 
     from .max_batch import _SizedPlaceholder
 

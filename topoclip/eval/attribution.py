@@ -43,7 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from topoclip.eval.embed import eval_mode, resolve_device
+from topoclip.devices import resolve_device
+from topoclip.eval.embed import eval_mode
 
 __all__ = [
     "Attribution",
@@ -163,7 +164,7 @@ def gradcam(
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     vit, image_layer = _image_layer(model)
-    device = resolve_device(model, None)
+    device = resolve_device(None, model)
     images, input_ids, attention_mask = images.to(device), input_ids.to(device), attention_mask.to(device)
     text_layer = _text_layer(model)
     num_blocks = model.topology.num_blocks
@@ -336,7 +337,7 @@ def explain_pair(
     """
     if image.dim() != 3:
         raise ValueError(f"image must be [3, H, W], got {tuple(image.shape)}")
-    device = resolve_device(model, None)
+    device = resolve_device(None, model)
     tokens = tokenizer([caption])
     ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
     images = image.unsqueeze(0).to(device)

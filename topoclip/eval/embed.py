@@ -17,6 +17,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 from tqdm.auto import tqdm
 
+from topoclip.devices import resolve_device
+
 # Below this many items a progress bar is noise in test logs and CLI output.
 PROGRESS_MIN_ITEMS = 2048
 
@@ -31,17 +33,6 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for module, was_training in previous:
             module.training = was_training
-
-
-def resolve_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
-    """``device`` if given, else the device of the model's first parameter (CPU if none)."""
-    if device is not None:
-        return torch.device(device)
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
-    return torch.device("cpu")
 
 
 def _show_progress(progress: bool | None, total: int | None) -> bool:
@@ -110,7 +101,7 @@ def embed_images(
     ``dataset_or_loader`` yields bare images, ``(image, label)`` pairs, or dict batches with
     an ``images`` key. ``progress=None`` shows a bar only for large datasets.
     """
-    device = resolve_device(model, device)
+    device = resolve_device(device, model)
     loader = _as_loader(dataset_or_loader, batch_size, num_workers)
     points, _ = _embed_batches(model, loader, device, progress, "embed images")
     return points
@@ -125,7 +116,7 @@ def embed_labelled_images(
     progress: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(points [N, d], labels LongTensor[N])`` from a set of ``(image, label)`` items, one pass."""
-    device = resolve_device(model, device)
+    device = resolve_device(device, model)
     loader = _as_loader(dataset_or_loader, batch_size, num_workers)
     points, labels = _embed_batches(model, loader, device, progress, "embed images")
     if labels is None or len(labels) != len(points):
@@ -148,7 +139,7 @@ def embed_texts(
         raise ValueError("texts is empty: nothing to embed")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    device = resolve_device(model, device)
+    device = resolve_device(device, model)
     texts = list(texts)
     starts = range(0, len(texts), batch_size)
     points = []

@@ -24,7 +24,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from topoclip.eval.embed import embed_labelled_images, resolve_device
+from topoclip.devices import resolve_device
+from topoclip.eval.embed import embed_labelled_images
 from topoclip.eval.zeroshot import topk_accuracy
 
 __all__ = ["LinearProbe", "fit_logistic_regression", "probe_accuracy", "extract_features", "run_linear_probe"]
@@ -167,7 +168,7 @@ def extract_features(
     """``(features [N, k*width], labels [N])``: pre-projection image features of a labelled set."""
     if not hasattr(model, "image_features"):
         raise ValueError(f"{type(model).__name__} has no image_features(images) method for a linear probe")
-    device = resolve_device(model, device)
+    device = resolve_device(device, model)
     return embed_labelled_images(_FeatureEncoder(model), dataset, batch_size, device, num_workers, progress)
 
 

@@ -27,7 +27,8 @@ import logging
 import torch
 from torch import nn
 
-from topoclip.eval.embed import embed_images, embed_texts, resolve_device
+from topoclip.devices import resolve_device
+from topoclip.eval.embed import embed_images, embed_texts
 from topoclip.eval.retrieval import _check_points, check_caption_to_image
 
 logger = logging.getLogger(__name__)
@@ -188,7 +189,7 @@ def evaluate_map_at_r(
             raise ValueError(f"dataset has no '{attribute}' attribute; expected a RetrievalSet")
     if positive_pairs is None:
         positive_pairs = getattr(dataset, "positive_pairs", None)
-    device = resolve_device(model, device)
+    device = resolve_device(device, model)
     image_points = embed_images(model, dataset, batch_size, device, num_workers=num_workers, progress=progress)
     text_points = embed_texts(model, dataset.captions, tokenizer, batch_size, device, progress=progress)
     return retrieval_map_at_r(

@@ -18,7 +18,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from topoclip.eval.embed import embed_images, embed_texts, resolve_device
+from topoclip.devices import resolve_device
+from topoclip.eval.embed import embed_images, embed_texts
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +144,7 @@ def evaluate_retrieval(
     for attribute in ("captions", "caption_to_image"):
         if not hasattr(dataset, attribute):
             raise ValueError(f"dataset has no '{attribute}' attribute; expected a RetrievalSet")
-    device = resolve_device(model, device)
+    device = resolve_device(device, model)
     image_points = embed_images(
         model, dataset, batch_size, device, num_workers=num_workers, progress=progress
     )

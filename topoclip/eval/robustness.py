@@ -29,7 +29,8 @@ from topoclip.eval.calibration import (
     reliability_bins,
     save_reliability_diagram,
 )
-from topoclip.eval.embed import embed_images, embed_texts, resolve_device
+from topoclip.devices import resolve_device
+from topoclip.eval.embed import embed_images, embed_texts
 from topoclip.eval.geometry_metrics import geometry_report
 from topoclip.eval.retrieval import check_caption_to_image
 from topoclip.losses.mixup import mixup_hardness
@@ -170,7 +171,7 @@ def evaluate_robustness(
     topology = model.topology
     scale = _model_scale(model) if scale is None else float(scale)
 
-    device = resolve_device(model, device)
+    device = resolve_device(device, model)
     v = embed_images(model, retrieval_set, batch_size, device, progress=progress)
     t = embed_texts(model, retrieval_set.captions, tokenizer, batch_size, device, progress=progress)
     caption_to_image = check_caption_to_image(retrieval_set.caption_to_image, t.shape[0])

@@ -14,7 +14,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from .embed import eval_mode, resolve_device
+from topoclip.devices import resolve_device
+
+from .embed import eval_mode
 
 __all__ = ["EmbeddingShiftModel", "estimate_modality_gap"]
 
@@ -28,7 +30,7 @@ def estimate_modality_gap(
         raise ValueError("estimate_modality_gap: the pair set is empty")
     count = len(pairs) if max_pairs is None else min(len(pairs), max_pairs)
     subset = torch.utils.data.Subset(pairs, range(count))
-    device = resolve_device(model, device)
+    device = resolve_device(device, model)
     v_sum = t_sum = None
     with eval_mode(model):
         for batch in DataLoader(subset, batch_size=batch_size, collate_fn=collate_fn):

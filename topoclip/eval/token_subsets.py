@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 import topoclip.geometry as geometry
-from topoclip.eval.embed import embed_labelled_images, resolve_device
+from topoclip.devices import resolve_device
+from topoclip.eval.embed import embed_labelled_images
 from topoclip.eval.zeroshot import embed_class_texts, zeroshot_accuracy
 
 __all__ = ["default_subset_sizes", "draw_subsets", "subset_topology", "token_subset_accuracy", "evaluate_token_subsets"]
@@ -140,7 +141,7 @@ def evaluate_token_subsets(
     topology = model.topology
     subset_topology(topology, 1)  # before any embedding work
     _check_sizes(sizes, topology.num_blocks)
-    device = resolve_device(model, device)
+    device = resolve_device(device, model)
     class_text_points = embed_class_texts(
         model, dataset.classnames, dataset.templates, tokenizer, batch_size, device, progress
     )

@@ -17,7 +17,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from topoclip.eval.embed import embed_labelled_images, embed_texts, resolve_device
+from topoclip.devices import resolve_device
+from topoclip.eval.embed import embed_labelled_images, embed_texts
 from topoclip.eval.retrieval import rank_of_best_positive
 
 
@@ -133,7 +134,7 @@ def zeroshot_classify(
     Texts are ``template.format(classname)`` for ``dataset.classnames`` x ``dataset.templates``,
     unless ``class_text_points`` ``[C, T, d]`` is given (then no text is embedded).
     """
-    device = resolve_device(model, device)
+    device = resolve_device(device, model)
     if class_text_points is None:
         for attribute in ("classnames", "templates"):
             if not hasattr(dataset, attribute):

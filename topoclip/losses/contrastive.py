@@ -302,7 +302,7 @@ class ContrastiveLoss(nn.Module):
             return loss, _details_rectangular(logits_i2t, logits_t2i, labels, scale)
 
         if topo.inner_product:
-            u_flat, v_flat = topo._pair_2d(u_all, v_all)
+            u_flat, v_flat = topo.pair_2d(u_all, v_all)
             loss, logits = _InnerProductInfoNCE.apply(u_flat, v_flat, scale.to(u_flat.dtype))
         else:
             diag = torch.arange(u_all.shape[0], device=u.device)

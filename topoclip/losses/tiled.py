@@ -232,7 +232,7 @@ def tiled_logsumexp(
     """
     if tile < 1:
         raise ValueError(f"tile must be >= 1, got {tile}")
-    u, v = topology._pair_2d(u, v)
+    u, v = topology.pair_2d(u, v)
     scale = torch.as_tensor(scale, dtype=u.dtype, device=u.device)
     fn = _TiledInnerProductLogSumExp if topology.inner_product else _TiledLogSumExp
     return fn.apply(u, v, scale.to(u.dtype), labels, topology, tile, columns)

@@ -19,12 +19,22 @@ __all__ = ["DualEncoder", "TokenProjection", "build_model", "check_tokens_fit_to
 
 
 def check_tokens_fit_topology(num_tokens: int, topology: Topology) -> None:
-    """k = 1 works with every topology; k > 1 needs one unit sphere per token (k = m)."""
-    if num_tokens != 1 and num_tokens != topology.num_blocks:
+    """k = 1 works with every topology; k > 1 needs one unit sphere per token (k = m).
+
+    The one statement of the rule: configs check it up front with the topology they will build.
+    """
+    if num_tokens == 1 or num_tokens == topology.num_blocks:
+        return
+    rule = f"model.num_tokens={num_tokens} must be 1 (single-token) or equal the topology's m={topology.num_blocks}"
+    if not topology.blockwise:
         raise ValueError(
-            f"model.num_tokens={num_tokens} must be 1 (single-token) or equal the topology's m="
-            f"{topology.num_blocks} (multi-token: one sphere per [CLS] token) for {topology!r}"
+            f"model.num_tokens: {num_tokens} [CLS] tokens need an oblique topology (one sphere per token), "
+            f"but topology.name is {topology.name} ({rule})"
         )
+    raise ValueError(
+        f"model.num_tokens: multi-token models need num_tokens == topology.m, got {num_tokens} != "
+        f"{topology.num_blocks} ({rule})"
+    )
 
 
 class TokenProjection(nn.Module):

@@ -38,7 +38,6 @@ __all__ = [
     "load_hf_clip",
     "load_openclip",
     "load_pretrained",
-    "register_checkpoint_loader",
 ]
 
 DEFAULT_MAX_LOGIT_SCALE = 100.0
@@ -46,7 +45,7 @@ WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".safetensors")
 # Parameters that act as offsets or lookup tables rather than weight matrices: weight decay
 # would pull them towards zero for no regularising benefit (the usual CLIP recipe).
 _NO_DECAY_NAME_PARTS = ("class_embedding", "positional_embedding", "position_embedding", "logit_scale", "logit_bias")
-# File names of a topoclip checkpoint (topoclip.train.checkpoint; repeated because library code
+# File names of a topoclip checkpoint (topoclip.runs.checkpoint; repeated because library code
 # may not import topoclip.train).
 _TOPOCLIP_WEIGHTS, _TOPOCLIP_STATE, _TOPOCLIP_CHECKPOINTS = "model.safetensors", "state.pt", "checkpoints"
 
@@ -522,28 +521,6 @@ def load_hf_clip(
 
 # ------------------------------------------------------------------------------- dispatcher
 
-_CHECKPOINT_LOADER: Callable[..., tuple] | None = None
-
-
-def register_checkpoint_loader(loader: Callable[..., tuple] | None) -> None:
-    """Let ``load_pretrained`` open topoclip run/checkpoint directories.
-
-    ``loader(path, topology=...) -> (model, tokenizer, image_transform)``. The trainer package
-    registers it, since library code cannot import topoclip.train; ``None`` unregisters.
-    """
-    global _CHECKPOINT_LOADER
-    if loader is not None and not callable(loader):
-        raise ValueError(f"loader must be callable or None, got {type(loader).__name__}")
-    _CHECKPOINT_LOADER = loader
-
-
-def _is_topoclip_checkpoint(path: Path) -> bool:
-    if path.is_file():
-        return path.name == _TOPOCLIP_WEIGHTS and (path.parent / _TOPOCLIP_STATE).is_file()
-    is_checkpoint = (path / _TOPOCLIP_WEIGHTS).is_file() and (path / _TOPOCLIP_STATE).is_file()
-    return is_checkpoint or (path / _TOPOCLIP_CHECKPOINTS).is_dir()
-
-
 def load_pretrained(
     source: str | os.PathLike,
     *,
@@ -557,20 +534,22 @@ def load_pretrained(
     - a directory whose ``config.json`` has model_type "clip": Hugging Face CLIP;
     - a directory with ``open_clip_config.json``: OpenCLIP (``local-dir:``);
     - a weights file (.bin/.pt/.pth/.safetensors) plus ``model_name``: OpenCLIP;
-    - a topoclip run or checkpoint directory: the loader registered with
-      :func:`register_checkpoint_loader` (NotImplementedError until one is).
+    - a topoclip run, checkpoints or checkpoint directory (``topoclip.load_run``); it keeps
+      its own topology.
     """
+    # topoclip.runs builds on this module (a fine-tuning run's source is an OpenCLIP or HF
+    # model), so it is imported when a run is actually opened.
+    from topoclip import runs
+
     path = Path(source)
     where = os.fspath(path)
     if not path.exists():
         raise ValueError(f"pretrained source {where!r} does not exist (expected a model directory or weights file)")
-    if _is_topoclip_checkpoint(path):
-        if _CHECKPOINT_LOADER is None:
-            raise NotImplementedError(
-                f"{where!r} is a topoclip checkpoint; no checkpoint loader is registered "
-                f"(import topoclip.train to register it, or see register_checkpoint_loader)"
-            )
-        return _CHECKPOINT_LOADER(path, topology=topology)
+    if runs.is_run(path):
+        loaded = runs.load_run(path, device=device)
+        if topology is not None and topology.name != loaded.topology.name:
+            raise ValueError(f"{where}: a topoclip model keeps its topology ({loaded.topology.name}), got {topology.name}")
+        return loaded.model, loaded.tokenizer, loaded.transform
     if path.is_dir():
         if (path / "config.json").is_file():
             if model_name is not None:

@@ -38,22 +38,24 @@ from topoclip.losses import ContrastiveLoss
 from topoclip.data.shapes import ShapesConfig
 from topoclip.models import build_model
 
-from .checkpoint import latest_checkpoint, resolve_checkpoint
-from .config import RUN_CONFIG_FILE, ExperimentConfig, save_config
-from .dataclass_io import apply_overrides, from_dict, to_dict
-from .distributed import DistInfo, barrier, broadcast_object, process_group
-from .loading import TOKENIZER_DIR, load_run_model
-from .trainer import Trainer, TrainResult, seed_everything
+from topoclip.atomic import atomic_write_json
+from topoclip.config import ExperimentConfig, load_config, save_config
+from topoclip.dataclass_io import apply_overrides, from_dict, to_dict
+from topoclip.devices import resolve_device
+from topoclip.engine.distributed import DistInfo, barrier, broadcast_object, process_group
+from topoclip.engine.trainer import Trainer, TrainResult, seed_everything
+from topoclip.runs import (
+    CONFIG_FILE,
+    PLOTS_DIR,
+    RESULTS_FILE,
+    TOKENIZER_DIR,
+    latest_checkpoint,
+    load_run,
+    resolve_checkpoint,
+    write_run_info,
+)
 
-__all__ = ["run", "build_loss", "evaluate", "evaluate_checkpoint", "shapes_eval_sets", "prepare_run_dir", "resolve_device", "format_summary"]
-
-RESULTS_FILE = "results.json"
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+__all__ = ["run", "build_loss", "evaluate", "evaluate_checkpoint", "shapes_eval_sets", "prepare_run_dir", "format_summary"]
 
 
 def prepare_run_dir(config: ExperimentConfig, run_dir: str | os.PathLike | None = None) -> tuple[Path, bool]:
@@ -182,12 +184,6 @@ def format_summary(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def _config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
     keys = []
     for key in sorted(set(a) | set(b)):
@@ -263,10 +259,8 @@ def _record_training_config(config: ExperimentConfig) -> Callable[[Path, bool], 
     """Save the config of a fresh run; warn when a resumed run's config has changed."""
 
     def record(run_dir: Path, resume: bool) -> None:
-        saved_config = run_dir / RUN_CONFIG_FILE
+        saved_config = run_dir / CONFIG_FILE
         if resume and saved_config.is_file():
-            from .config import load_config
-
             changed = [
                 k for k in _config_differences(to_dict(load_config(saved_config)), to_dict(config)) if k != "train.resume"
             ]
@@ -274,6 +268,7 @@ def _record_training_config(config: ExperimentConfig) -> Callable[[Path, bool], 
                 print(f"warning: resuming with a config that differs from the run's in: {', '.join(changed)}")
         else:
             save_config(config, saved_config)
+            write_run_info(run_dir, "pretrain")
 
     return record
 
@@ -323,11 +318,11 @@ def _run(config: ExperimentConfig, run_dir: str | os.PathLike | None, info: Dist
         tasks, retrieval_set = shapes_eval_sets(data, config)
         results["eval"] = evaluate(
             model, tokenizer, tasks, retrieval_set, config.eval.batch_size, device,
-            robustness=config.eval.robustness, plot_dir=run_dir / "plots",
+            robustness=config.eval.robustness, plot_dir=run_dir / PLOTS_DIR,
         )
         results["eval"]["seconds"] = time.perf_counter() - start
     results["total_seconds"] = time.perf_counter() - started  # data + model + training + evaluation
-    write_json(run_dir / RESULTS_FILE, results)
+    atomic_write_json(run_dir / RESULTS_FILE, results)
     print(format_summary(results))
     print(f"results: {run_dir / RESULTS_FILE}")
     return results
@@ -359,7 +354,7 @@ def evaluate_checkpoint(
     if karpathy is not None and image_root is None:
         raise ValueError("--image-root: needed with --karpathy (the directory the JSON's file names are under)")
     # A trained or a fine-tuned run: the model, its tokenizer and the data it was trained on.
-    loaded = load_run_model(ckpt)
+    loaded = load_run(ckpt)
     model, tokenizer, eval_config = loaded.model, loaded.tokenizer, loaded.eval
     bs = batch_size if batch_size is not None else eval_config.batch_size
     if bs < 1:
@@ -387,7 +382,7 @@ def evaluate_checkpoint(
             model, tokenizer, tasks, retrieval_set, bs, dev, robustness=eval_config.robustness, plot_dir=plot_dir
         ),
     }
-    write_json(out, results)
+    atomic_write_json(out, results)
     print(format_summary(results))
     print(f"results: {out}")
     return results

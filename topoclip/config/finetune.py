@@ -8,12 +8,13 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-import topoclip
 from topoclip.data.shapes import ShapesConfig
+from topoclip.dataclass_io import apply_overrides, from_dict, to_dict
+from topoclip.geometry import available_topologies
 from topoclip.losses.mixup import MixupWeights
 
-from .config import EvalConfig, LoggingConfig, LossConfig, OptimConfig, OutputConfig, ScheduleConfig, TrainConfig, _deep_merge, _read_yaml, resolve_config_path
-from .dataclass_io import apply_overrides, from_dict, to_dict
+from .files import deep_merge, read_config_file, resolve_config_path
+from .sections import OptimConfig, RunSettings, TrainConfig
 
 __all__ = [
     "METHODS",
@@ -46,8 +47,8 @@ class SourceConfig:
     m: Optional[int] = None
 
     def __post_init__(self):
-        if self.topology is not None and self.topology not in topoclip.available_topologies():
-            known = ", ".join(topoclip.available_topologies())
+        if self.topology is not None and self.topology not in available_topologies():
+            known = ", ".join(available_topologies())
             raise ValueError(f"source.topology: unknown topology {self.topology!r} (known: {known})")
         if self.m is not None and self.m < 1:
             raise ValueError(f"source.m: must be >= 1, got {self.m}")
@@ -141,17 +142,17 @@ def _finetune_train() -> TrainConfig:
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(RunSettings):
+    """A fine-tuning run: the source model, the method, the target data, plus the shared run
+    settings with fine-tuning defaults (lr 1e-5, weight decay 0.2, 9 epochs)."""
+
+    __field_order__ = ("source", "finetune", "data", "optim", "loss", "schedule", "train", "eval", "output", "logging")
+
     source: SourceConfig = field(default_factory=SourceConfig)
     finetune: FinetuneMethodConfig = field(default_factory=FinetuneMethodConfig)
     data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
     optim: OptimConfig = field(default_factory=_finetune_optim)
-    loss: LossConfig = field(default_factory=LossConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=_finetune_train)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    output: OutputConfig = field(default_factory=OutputConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self):
         if self.output.name is None:
@@ -161,11 +162,8 @@ class FinetuneConfig:
             steps = self.train.steps
             if steps is not None:  # else set once the data's length is known (run_finetune)
                 self.optim.warmup_steps = int(round(ratio * steps))
-        elif self.train.steps is not None and self.optim.warmup_steps > self.train.steps:
-            raise ValueError(f"optim.warmup_steps: {self.optim.warmup_steps} is longer than the run ({self.train.steps} steps)")
-
-    def to_dict(self) -> dict[str, Any]:
-        return to_dict(self)
+        else:
+            self.check_warmup_fits()
 
 
 def load_finetune_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> FinetuneConfig:
@@ -175,5 +173,5 @@ def load_finetune_config(path: str | os.PathLike | None = None, overrides: list[
     # keeps the fine-tuning values (lr 1e-5, ...) rather than the training ones.
     defaults = to_dict(FinetuneConfig())
     defaults["output"]["name"] = None  # derived from the method unless set
-    data = _deep_merge(defaults, _read_yaml(resolve_config_path(path))) if path is not None else defaults
+    data = deep_merge(defaults, read_config_file(resolve_config_path(path))) if path is not None else defaults
     return from_dict(FinetuneConfig, apply_overrides(data, list(overrides)))

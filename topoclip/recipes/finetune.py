@@ -42,12 +42,13 @@ from topoclip.eval import EmbeddingShiftModel, estimate_modality_gap
 from topoclip.losses.mixup import M3MixLoss
 from topoclip.models import interpolate_weights
 
-from .config import RUN_CONFIG_FILE
-from .distributed import DistInfo, process_group
-from .experiment import build_loss, evaluate, start_run, write_json
-from .finetune_config import MIXUP_TERMS, FinetuneConfig, load_finetune_config
-from .loading import LoadedModel, load_source
-from .trainer import Trainer, seed_everything
+from topoclip.atomic import atomic_write, atomic_write_json
+from topoclip.config import MIXUP_TERMS, FinetuneConfig, load_finetune_config, save_config
+from topoclip.engine.distributed import DistInfo, process_group
+from topoclip.engine.trainer import Trainer, seed_everything
+from topoclip.runs import CONFIG_FILE, PLOTS_DIR, RESULTS_FILE, LoadedRun, load_source, write_run_info
+
+from .pretrain import build_loss, evaluate, start_run
 
 __all__ = ["WISE_DIR", "run_finetune", "format_finetune_table", "load_finetune_config"]
 
@@ -56,7 +57,7 @@ WISE_DIR = "wise_ft"
 
 # ------------------------------------------------------------------------------ fine-tuning
 
-def _rendered_for(shapes: ShapesConfig, loaded: LoadedModel, **extra) -> ShapesConfig:
+def _rendered_for(shapes: ShapesConfig, loaded: LoadedRun, **extra) -> ShapesConfig:
     return dataclasses.replace(shapes, image_size=loaded.image_size, mean=loaded.mean, std=loaded.std, **extra)
 
 
@@ -73,7 +74,7 @@ def _shapes_distribution(data, config: FinetuneConfig) -> _Distribution:
     )
 
 
-def _target_data(config: FinetuneConfig, loaded: LoadedModel):
+def _target_data(config: FinetuneConfig, loaded: LoadedRun):
     """(training pairs, target evaluation sets) of the fine-tuning distribution."""
     if config.data.source == "csv":
         c = config.data.csv
@@ -87,7 +88,7 @@ def _target_data(config: FinetuneConfig, loaded: LoadedModel):
     return data.train, _shapes_distribution(data, config)
 
 
-def _evaluate_both(model, loaded: LoadedModel, distributions: dict[str, _Distribution], config: FinetuneConfig, device, plot_dir: Path | None):
+def _evaluate_both(model, loaded: LoadedRun, distributions: dict[str, _Distribution], config: FinetuneConfig, device, plot_dir: Path | None):
     out: dict[str, Any] = {}
     if not config.eval.enabled:
         return out
@@ -100,10 +101,7 @@ def _evaluate_both(model, loaded: LoadedModel, distributions: dict[str, _Distrib
 
 
 def _save_weights_atomic(model: nn.Module, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_model(model, str(tmp))
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_model(model, str(tmp)))
 
 
 def run_finetune(config: FinetuneConfig, run_dir: str | os.PathLike | None = None) -> dict[str, Any]:
@@ -119,9 +117,11 @@ def run_finetune(config: FinetuneConfig, run_dir: str | os.PathLike | None = Non
 
 def _run_finetune(config: FinetuneConfig, run_dir: str | os.PathLike | None, info: DistInfo) -> dict[str, Any]:
     started = time.perf_counter()
-    run_dir, resume, device, say = start_run(
-        config, run_dir, info, lambda directory, _resume: (directory / RUN_CONFIG_FILE).write_text(_yaml(config))
-    )
+    def record_config(directory: Path, _resume: bool) -> None:
+        save_config(config, directory / CONFIG_FILE)
+        write_run_info(directory, "finetune")
+
+    run_dir, resume, device, say = start_run(config, run_dir, info, record_config)
 
     seed_everything(config.train.seed)
     loaded = load_source(config.source, device)
@@ -136,7 +136,7 @@ def _run_finetune(config: FinetuneConfig, run_dir: str | os.PathLike | None, inf
         config.optim.warmup_steps = int(round(ratio * config.train.epochs * (len(train_set) // config.train.batch_size)))
     collate = make_collate(loaded.tokenizer)
     method = config.finetune.method
-    plots = run_dir / "plots"
+    plots = run_dir / PLOTS_DIR
     processes = f", {info.world_size} processes" if info.distributed else ""
     say(f"finetune {run_dir}: {method} from {loaded.description} on {model.topology.name}, device {device}{processes}")
 
@@ -180,16 +180,10 @@ def _run_finetune(config: FinetuneConfig, run_dir: str | os.PathLike | None, inf
             results["wise_alpha"] = config.finetune.wise_alpha
             results["models"]["wise_ft"] = _evaluate_both(wise, loaded, distributions, config, device, plots / "wise_ft")
     results["total_seconds"] = time.perf_counter() - started
-    write_json(run_dir / "results.json", results)
+    atomic_write_json(run_dir / RESULTS_FILE, results)
     print(format_finetune_table({method: results}))
-    print(f"results: {run_dir / 'results.json'}")
+    print(f"results: {run_dir / RESULTS_FILE}")
     return results
-
-
-def _yaml(config: FinetuneConfig) -> str:
-    import yaml
-
-    return yaml.safe_dump(config.to_dict(), sort_keys=False)
 
 
 # --------------------------------------------------------------------------------- the table

@@ -28,6 +28,8 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from topoclip.atomic import fsync_dir
+
 __all__ = [
     "CHECKPOINTS_DIR",
     "save_checkpoint",
@@ -53,20 +55,6 @@ _TMP_PREFIX = ".tmp-"
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    # Makes the rename itself durable; not every platform can open a directory.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -150,11 +138,11 @@ def save_checkpoint(
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for name in (WEIGHTS_FILE, STATE_FILE, CONFIG_FILE):
             _fsync_file(tmp / name)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # an incomplete leftover (no state file): replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -40,7 +40,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
-from .checkpoint import (
+from topoclip.dataclass_io import to_dict
+from topoclip.runs.checkpoint import (
     CHECKPOINTS_DIR,
     capture_rng_state,
     latest_checkpoint,
@@ -50,8 +51,6 @@ from .checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from .config import ExperimentConfig
-from .dataclass_io import to_dict
 from .distributed import (
     DistInfo,
     all_gather_object,
@@ -159,7 +158,7 @@ class Trainer:
         loss_fn: Callable[..., Any],
         train_set: Dataset,
         collate_fn: Callable,
-        config: ExperimentConfig,
+        config,
         run_dir: str | os.PathLike,
         device: torch.device | str | None = None,
         *,

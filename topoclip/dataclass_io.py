@@ -172,7 +172,12 @@ def from_dict(cls: type, data: dict, path: str = "") -> Any:
 def to_dict(obj: Any) -> Any:
     """Plain-data (YAML/JSON-safe) form of a dataclass tree; tuples become lists."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
+        names = [f.name for f in dataclasses.fields(obj) if f.init]
+        # A class may list its fields in the order a reader expects (an inherited dataclass
+        # otherwise puts the base class's fields first).
+        order = getattr(type(obj), "__field_order__", ())
+        names.sort(key=lambda n: order.index(n) if n in order else len(order))
+        return {n: to_dict(getattr(obj, n)) for n in names}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     if isinstance(obj, dict):

@@ -1,5 +1,11 @@
-"""Load a model to evaluate or fine-tune: a topoclip run (trained or fine-tuned) or a
-pretrained OpenCLIP / Hugging Face CLIP model, with its tokenizer and input settings."""
+"""Open a model to evaluate or fine-tune: a topoclip run (pretrained or fine-tuned) or a
+pretrained OpenCLIP / Hugging Face CLIP model, with its tokenizer and input settings.
+
+    run = topoclip.load_run("runs/default")
+    run.model, run.tokenizer, run.topology, run.transform
+
+Nothing here imports the trainer: a run directory is read as a file format.
+"""
 
 from __future__ import annotations
 
@@ -12,57 +18,75 @@ from typing import Any
 import torch
 from torch import nn
 
-import topoclip
+from topoclip.config import EvalConfig, FinetuneConfig, SourceConfig, config_from_dict
 from topoclip.data import ImageTransform, TextTokenizer
 from topoclip.data.shapes import ShapesConfig
-from topoclip.models import build_model, load_pretrained
-from topoclip.models.pretrained import register_checkpoint_loader
+from topoclip.dataclass_io import from_dict
+from topoclip.geometry import Topology, is_blockwise, topology
+from topoclip.models import build_model
+from topoclip.models.pretrained import load_pretrained
 
 from .checkpoint import load_weights, read_checkpoint_config, resolve_checkpoint
-from .config import EvalConfig, config_from_dict
-from .dataclass_io import from_dict
-from .finetune_config import FinetuneConfig, SourceConfig
+from .layout import TOKENIZER_DIR, read_run_info
 
-__all__ = ["TOKENIZER_DIR", "LoadedModel", "load_run_model", "load_source"]
-
-TOKENIZER_DIR = "tokenizer"
+__all__ = ["LoadedRun", "load_run", "load_source"]
 
 
 @dataclass
-class LoadedModel:
+class LoadedRun:
+    """A model ready to evaluate, with what it needs around it.
+
+    ``image_size``/``mean``/``std``: the input the model expects. ``reference``: the shapes
+    distribution the model (or its source) was trained on, or the default shapes rendered at its
+    input size. ``data``: the shapes data the run itself trained on (None for other data or
+    foreign models). ``kind``: ``pretrain``, ``finetune`` or ``foreign`` (OpenCLIP/HF).
+    """
+
     model: nn.Module
     tokenizer: Any
     image_size: int
     mean: tuple
     std: tuple
-    reference: ShapesConfig  # the distribution the source was trained on (or the default shapes)
+    reference: ShapesConfig
     description: str
-    data: ShapesConfig | None = None  # the data the model was last trained on (None: not trained here)
+    data: ShapesConfig | None = None
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    kind: str = "foreign"
 
-    def image_transform(self) -> ImageTransform:
-        """Files -> tensors at this model's input size and normalisation."""
+    @property
+    def topology(self) -> Topology:
+        return self.model.topology
+
+    @property
+    def transform(self) -> ImageTransform:
+        """Image files -> tensors at this model's input size and normalisation."""
         return ImageTransform(self.image_size, self.mean, self.std)
 
+    def image_transform(self) -> ImageTransform:
+        return self.transform
 
-def _source_topology(source: SourceConfig, embed_dim: int) -> topoclip.Topology | None:
+
+def _source_topology(source: SourceConfig, embed_dim: int) -> Topology | None:
     if source.topology is None:
         return None
-    if source.topology.startswith("oblique"):
+    if is_blockwise(source.topology):
         m = source.m or 8
         if embed_dim % m:
             raise ValueError(f"source.m: the embedding size {embed_dim} is not divisible by m={m}")
-        return topoclip.topology(source.topology, n=embed_dim // m, m=m)
+        return topology(source.topology, dim=embed_dim, m=m)
     if source.m is not None:
         raise ValueError(f"source.m: {source.topology} has no blocks")
-    return topoclip.topology(source.topology, dim=embed_dim)
+    return topology(source.topology, dim=embed_dim)
 
 
-def load_run_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> LoadedModel:
-    """A model saved by ``topoclip train`` or ``topoclip finetune`` (run or checkpoint dir)."""
+def load_run(path: str | os.PathLike, device: torch.device | str = "cpu") -> LoadedRun:
+    """The model of a run directory (its latest checkpoint) or of one checkpoint directory,
+    written by ``topoclip train`` or ``topoclip finetune`` in any format version."""
     ckpt = resolve_checkpoint(path)
     saved = read_checkpoint_config(ckpt)
-    if "source" in saved:  # a fine-tuning run: rebuild its source, then load its weights
+    run_dir = ckpt.parent.parent
+    kind = read_run_info(run_dir, config=saved).kind
+    if kind == "finetune":  # rebuild the source's architecture, then load the fine-tuned weights
         config = from_dict(FinetuneConfig, saved)
         loaded = load_source(config.source, device)
         load_weights(loaded.model, ckpt)
@@ -70,9 +94,10 @@ def load_run_model(path: str | os.PathLike, device: torch.device | str = "cpu") 
         if config.data.source == "shapes":  # else `topoclip eval` falls back to the reference shapes
             loaded.data = dataclasses.replace(config.data.shapes, image_size=loaded.image_size, mean=loaded.mean, std=loaded.std)
         loaded.eval = config.eval
+        loaded.kind = kind
         return loaded
     config = config_from_dict(saved)
-    tokenizer_dir = ckpt.parent.parent / TOKENIZER_DIR
+    tokenizer_dir = run_dir / TOKENIZER_DIR
     if not tokenizer_dir.is_dir():
         raise ValueError(f"checkpoint: no tokenizer directory at {tokenizer_dir}")
     tokenizer = TextTokenizer.load(tokenizer_dir)
@@ -81,12 +106,13 @@ def load_run_model(path: str | os.PathLike, device: torch.device | str = "cpu") 
     )
     load_weights(model, ckpt)
     shapes = config.data.shapes
-    return LoadedModel(
-        model.to(device), tokenizer, shapes.image_size, shapes.mean, shapes.std, shapes, str(ckpt), shapes, config.eval
+    return LoadedRun(
+        model.to(device), tokenizer, shapes.image_size, shapes.mean, shapes.std, shapes, str(ckpt), shapes, config.eval, kind
     )
 
 
-def _is_run(path: Path) -> bool:
+def is_run(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a topoclip run, checkpoints or checkpoint directory (or a file in one)."""
     try:
         resolve_checkpoint(path)
         return True
@@ -94,30 +120,31 @@ def _is_run(path: Path) -> bool:
         return False
 
 
-def load_source(source: SourceConfig, device) -> LoadedModel:
+def load_source(source: SourceConfig, device) -> LoadedRun:
+    """The model a fine-tuning run starts from: a topoclip run, or an OpenCLIP / HF model."""
     if source.path is None:
         raise ValueError("source.path: give the pretrained model (--from PATH): a topoclip run, an OpenCLIP weights file or directory, or a Hugging Face CLIP directory")
     path = Path(source.path)
     if not path.exists():
         raise ValueError(f"source.path: {path} does not exist")
-    if _is_run(path):
+    if is_run(path):
         if source.model_name is not None:
             raise ValueError(f"source.model_name: {path} is a topoclip run; model_name does not apply")
-        loaded = load_run_model(path, device)
+        loaded = load_run(path, device)
         if source.topology is not None and source.topology != loaded.model.topology.name:
             raise ValueError(
                 f"source.topology: {path} was trained on {loaded.model.topology.name}; a topoclip model keeps its topology"
             )
         return loaded
     model, tokenizer, transform = load_pretrained(path, model_name=source.model_name, device=device)
-    topology = _source_topology(source, model.embed_dim)
-    if topology is not None:
-        model.topology = topology
+    topo = _source_topology(source, model.embed_dim)
+    if topo is not None:
+        model.topology = topo
     size, mean, std = _input_settings(model, transform)
     if not 16 <= size <= 512:
         raise ValueError(f"source.path: the model's image size {size} is outside the shapes generator's 16..512")
     reference = ShapesConfig(image_size=size, mean=mean, std=std)
-    return LoadedModel(model.to(device), tokenizer, size, mean, std, reference, str(path))
+    return LoadedRun(model.to(device), tokenizer, size, mean, std, reference, str(path))
 
 
 def _input_settings(model: nn.Module, transform) -> tuple[int, tuple, tuple]:
@@ -135,16 +162,3 @@ def _input_settings(model: nn.Module, transform) -> tuple[int, tuple, tuple]:
     if size is None or "mean" not in cfg or "std" not in cfg:
         raise ValueError("source.path: cannot read the model's input size and normalisation")
     return int(size), tuple(cfg["mean"]), tuple(cfg["std"])
-
-
-
-
-def _as_pretrained(path, topology: topoclip.Topology | None = None):
-    """``load_pretrained``'s hook for topoclip runs: (model, tokenizer, image transform)."""
-    loaded = load_run_model(path)
-    if topology is not None and topology.name != loaded.model.topology.name:
-        raise ValueError(f"{path}: a topoclip model keeps its topology ({loaded.model.topology.name}), got {topology.name}")
-    return loaded.model, loaded.tokenizer, loaded.image_transform()
-
-
-register_checkpoint_loader(_as_pretrained)

@@ -13,11 +13,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RunLogger", "read_jsonl"]
+from topoclip.atomic import atomic_write_text
+from topoclip.runs.layout import LOG_FILE, TENSORBOARD_DIR, read_jsonl
 
-LOG_FILE = "log.jsonl"
-TENSORBOARD_DIR = "tensorboard"
-
+__all__ = ["RunLogger"]
 
 def _clean(value: Any) -> Any:
     # JSON has no NaN/inf: write them as strings so the file stays standard JSON.
@@ -26,24 +25,11 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    lines = Path(path).read_text().splitlines()
-    records = []
-    for line in lines:
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # a line cut by a kill: everything after it is unreliable
-    return records
-
-
 def _truncate_after(path: Path, step: int) -> None:
     if not path.exists():
         return
     kept = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 class RunLogger:
@@ -81,13 +67,6 @@ class RunLogger:
             step = int(record["step"])
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self._writer.add_scalar(f"{prefix}/{key}", value, step)
-
-    def log_scalars(self, values: dict[str, float], step: int, prefix: str) -> None:
-        """TensorBoard-only scalars (e.g. final evaluation metrics)."""
-        if self._writer is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
                     self._writer.add_scalar(f"{prefix}/{key}", value, step)
 
     def close(self) -> None:

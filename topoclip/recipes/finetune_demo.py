@@ -20,9 +20,12 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import load_config
-from .experiment import RESULTS_FILE, run, write_json
-from .finetune import format_finetune_table, load_finetune_config, run_finetune
+from topoclip.atomic import atomic_write_json
+from topoclip.config import load_config, load_finetune_config
+from topoclip.runs import RESULTS_FILE
+
+from .finetune import format_finetune_table, run_finetune
+from .pretrain import run
 
 __all__ = ["run_demo", "check_claims", "DEMO_METHODS"]
 
@@ -149,7 +152,7 @@ def run_demo(
         f"{table}\n\n{_claims_markdown(claims)}\n"
     )
     (out / "table.md").write_text(text)
-    write_json(out / "table.json", {"results": results, "claims": claims})
+    atomic_write_json(out / "table.json", {"results": results, "claims": claims})
     print(text)
     print(f"table: {out / 'table.md'}")
     return {"results": results, "claims": claims}

@@ -1,0 +1,74 @@
+"""Write a file so that a reader (or a run resumed after a kill) sees the old file or the new
+one, never a half-written one: write a temporary file beside it, fsync, then ``os.replace``.
+
+Every file topoclip writes that another process or a later run reads goes through here:
+configs, results, logs rewritten on resume, analysis arrays, weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+__all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "fsync_dir"]
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename inside ``path`` durable; not every platform can open a directory."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any], suffix: str = "") -> Path:
+    """Call ``write(tmp_path)`` to produce the file, then move it to ``path`` in one step.
+
+    ``suffix`` is appended to the temporary name for writers that insist on an extension
+    (``numpy.savez`` adds ``.npz`` unless the name ends with it). A writer that fails leaves
+    no temporary file behind and the previous ``path`` untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{suffix}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def _finite_or_none(value: Any) -> Any:
+    # JSON has no NaN or Infinity; strict parsers reject Python's extensions, so a
+    # non-finite number is written as null.
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+def atomic_write_json(path: str | os.PathLike, payload: Any, sort_keys: bool = False) -> Path:
+    """``payload`` as indented JSON; NaN and infinities become null (valid JSON for every parser)."""
+    text = json.dumps(_finite_or_none(payload), indent=2, sort_keys=sort_keys, allow_nan=False) + "\n"
+    return atomic_write_text(path, text)

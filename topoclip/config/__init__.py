@@ -1,0 +1,62 @@
+"""The config schema: every run's config is nested dataclasses, read from YAML plus
+``key=value`` overrides by ``topoclip.dataclass_io`` and validated before any work starts.
+
+- ``sections``: what every run has (loss, optim, schedule, train, eval, output, logging);
+- ``experiment``: a pretraining run (data, model, topology);
+- ``finetune``: a fine-tuning run (source, method, target data);
+- ``files``: YAML files with ``base:``, the configs shipped in the package.
+"""
+
+from .experiment import DataConfig, ExperimentConfig, ShardsConfig, TopologyConfig, config_from_dict, load_config
+from .files import PACKAGED_CONFIGS, deep_merge, default_config_path, read_config_file, resolve_config_path, save_config
+from .finetune import (
+    METHODS,
+    MIXUP_TERMS,
+    CsvDataConfig,
+    FinetuneConfig,
+    FinetuneDataConfig,
+    FinetuneMethodConfig,
+    SourceConfig,
+    load_finetune_config,
+)
+from .sections import (
+    EvalConfig,
+    LoggingConfig,
+    LossConfig,
+    OptimConfig,
+    OutputConfig,
+    RunSettings,
+    ScheduleConfig,
+    TrainConfig,
+)
+
+__all__ = [
+    "METHODS",
+    "MIXUP_TERMS",
+    "PACKAGED_CONFIGS",
+    "CsvDataConfig",
+    "DataConfig",
+    "EvalConfig",
+    "ExperimentConfig",
+    "FinetuneConfig",
+    "FinetuneDataConfig",
+    "FinetuneMethodConfig",
+    "LoggingConfig",
+    "LossConfig",
+    "OptimConfig",
+    "OutputConfig",
+    "RunSettings",
+    "ScheduleConfig",
+    "ShardsConfig",
+    "SourceConfig",
+    "TopologyConfig",
+    "TrainConfig",
+    "config_from_dict",
+    "deep_merge",
+    "default_config_path",
+    "load_config",
+    "load_finetune_config",
+    "read_config_file",
+    "resolve_config_path",
+    "save_config",
+]

@@ -1,0 +1,184 @@
+"""Experiment configuration: nested dataclasses loaded from YAML plus ``key=value`` overrides.
+
+Everything is validated when the config is built, before any data is generated or a model is
+created; a problem raises ``ValueError`` whose message starts with the dotted field name
+(``optim.lr: must be > 0, got -0.1``).
+
+    cfg = load_config("configs/default.yaml", ["optim.lr=1e-3", "topology.name=sphere"])
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from topoclip.data.shapes import ShapesConfig
+from topoclip.dataclass_io import apply_overrides, from_dict
+from topoclip.geometry import Topology, available_topologies, is_blockwise, topology
+from topoclip.models import ModelConfig, check_tokens_fit_topology
+
+from .files import default_config_path, read_config_file, resolve_config_path
+from .sections import RunSettings
+
+__all__ = [
+    "DataConfig",
+    "ShardsConfig",
+    "TopologyConfig",
+    "ExperimentConfig",
+    "load_config",
+    "config_from_dict",
+]
+
+DEFAULT_DIM = 128
+DEFAULT_BLOCKS = 8
+
+
+@dataclass
+class ShardsConfig:
+    """Training pairs streamed from webdataset tar shards (``topoclip data convert`` writes them).
+
+    ``urls``: a directory of .tar files, a brace pattern ``dir/shard-{000000..000099}.tar``
+    or ``::``-joined patterns (``pipe:``/http URLs work). ``epoch_length``: samples per epoch
+    over all processes (an epoch is epoch_length // train.batch_size steps). Each shard goes to
+    one (rank, DataLoader worker); without ``resample`` every sample is read once per epoch when
+    the shards split evenly. ``resample`` draws shards with replacement (any shard count works).
+    ``tokenizer_captions``: captions read from the shards to train the tokenizer when
+    ``data.tokenizer`` is null.
+    """
+
+    urls: Optional[str] = None
+    epoch_length: Optional[int] = None
+    shuffle_buffer: int = 1000
+    resample: bool = False
+    strict: bool = False
+    tokenizer_captions: int = 100_000
+
+    def __post_init__(self):
+        if self.epoch_length is not None and self.epoch_length < 1:
+            raise ValueError(f"data.shards.epoch_length: must be >= 1, got {self.epoch_length}")
+        if self.shuffle_buffer < 0:
+            raise ValueError(f"data.shards.shuffle_buffer: must be >= 0 (0 = no shuffling), got {self.shuffle_buffer}")
+        if self.tokenizer_captions < 1:
+            raise ValueError(f"data.shards.tokenizer_captions: must be >= 1, got {self.tokenizer_captions}")
+
+
+@dataclass
+class DataConfig:
+    """Training and evaluation data: the embedded captioned shapes, and the tokenizer.
+
+    ``source: shards`` trains on webdataset shards (``data.shards``) instead of the embedded
+    training split; evaluation stays on the embedded data's test sets.
+    ``tokenizer`` None trains a WordPiece tokenizer of ``vocab_size`` on the training
+    captions; a path loads a saved one (or any Hugging Face tokenizer directory). Its context
+    length is ``model.text.context_length``.
+    """
+
+    source: Literal["shapes", "shards"] = "shapes"
+    shapes: ShapesConfig = field(default_factory=ShapesConfig)
+    shards: ShardsConfig = field(default_factory=ShardsConfig)
+    tokenizer: Optional[str] = None
+    vocab_size: int = 1000
+
+    def __post_init__(self):
+        if self.source == "shards":
+            if not self.shards.urls:
+                raise ValueError("data.shards.urls: needed with data.source=shards (a directory, pattern or list of shards)")
+            if self.shards.epoch_length is None:
+                raise ValueError("data.shards.epoch_length: needed with data.source=shards (samples per epoch)")
+        if self.vocab_size < 6:
+            raise ValueError(f"data.vocab_size: must be > 5 (the special tokens), got {self.vocab_size}")
+        if self.tokenizer is not None and not Path(self.tokenizer).is_dir():
+            raise ValueError(f"data.tokenizer: no tokenizer directory at {self.tokenizer}")
+
+
+@dataclass
+class TopologyConfig:
+    """The embedding space: ``name`` and its size.
+
+    Unset sizes follow the seed's rule of keeping the embedding dimension fixed: ``dim``
+    defaults to 128, an oblique topology's ``m`` to 8 and ``n`` to dim / m. sphere and
+    euclidean take ``dim`` only.
+    """
+
+    name: str = "oblique-inner"
+    dim: Optional[int] = None
+    n: Optional[int] = None
+    m: Optional[int] = None
+
+    def __post_init__(self):
+        known = available_topologies()
+        if self.name not in known:
+            raise ValueError(f"topology.name: unknown topology {self.name!r} (known: {', '.join(known)})")
+        for key in ("dim", "n", "m"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ValueError(f"topology.{key}: must be >= 1, got {value}")
+        if not is_blockwise(self.name):
+            for key in ("n", "m"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"topology.{key}: {self.name} has no blocks; set topology.dim only")
+            self.dim = DEFAULT_DIM if self.dim is None else self.dim
+            return
+        if self.m is None:
+            self.m = DEFAULT_BLOCKS
+        if self.n is None:
+            dim = DEFAULT_DIM if self.dim is None else self.dim
+            if dim % self.m:
+                raise ValueError(f"topology.dim: {dim} is not divisible by topology.m={self.m}")
+            self.n = dim // self.m
+        if self.dim is None:
+            self.dim = self.n * self.m
+        if self.n * self.m != self.dim:
+            raise ValueError(f"topology.dim: n*m = {self.n}*{self.m} = {self.n * self.m} does not equal dim={self.dim}")
+
+    def build(self) -> Topology:
+        return topology(self.name, dim=self.dim, n=self.n, m=self.m)
+
+
+@dataclass
+class ExperimentConfig(RunSettings):
+    """A pretraining run: its data, model and topology, plus the shared run settings."""
+
+    # Saved configs list the sections in the order a reader looks for them.
+    __field_order__ = ("data", "model", "topology", "loss", "optim", "schedule", "train", "eval", "output", "logging")
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    topology: TopologyConfig = field(default_factory=TopologyConfig)
+
+    def __post_init__(self):
+        image_size = self.model.image.img_size
+        if image_size is not None and image_size != self.data.shapes.image_size:
+            raise ValueError(
+                f"model.image.img_size: {image_size} differs from data.shapes.image_size={self.data.shapes.image_size}"
+            )
+        check_tokens_fit_topology(self.model.num_tokens, self.topology.build())
+        shards = self.data.shards
+        if self.data.source == "shards" and shards.epoch_length < self.train.batch_size:
+            raise ValueError(
+                f"data.shards.epoch_length: {shards.epoch_length} samples is less than one batch "
+                f"(train.batch_size={self.train.batch_size})"
+            )
+        self.check_warmup_fits()
+
+
+def config_from_dict(data: dict[str, Any] | None, overrides: list[str] = ()) -> ExperimentConfig:
+    """Build and validate a config from a nested dict plus ``key=value`` overrides."""
+    return from_dict(ExperimentConfig, apply_overrides(data or {}, list(overrides)))
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> ExperimentConfig:
+    """Read a YAML config (default ``configs/default.yaml``), apply overrides, validate.
+
+    A top-level ``base: other.yaml`` key loads that file first and merges this one over it.
+    The run name defaults to the config file's stem, so ``configs/sphere.yaml`` runs in
+    ``runs/sphere``.
+    """
+    path = resolve_config_path(path) if path is not None else default_config_path()
+    data = read_config_file(path)
+    output = data.setdefault("output", {})
+    if isinstance(output, dict) and output.get("name") is None:
+        output["name"] = path.stem
+    return config_from_dict(data, overrides)

@@ -1,0 +1,218 @@
+"""The config sections every run has, whatever its recipe: the loss's computation, the optimizer
+and its schedule, length/batch/device/checkpointing, evaluation, output and logging.
+
+``RunSettings`` holds them once; the pretraining and the fine-tuning configs extend it with
+their own sections (data, model, topology; source, method). Each section validates itself on
+construction, and a problem raises ``ValueError`` whose message starts with the dotted field
+name (``optim.lr: must be > 0, got -0.1``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+__all__ = [
+    "LossConfig",
+    "OptimConfig",
+    "ScheduleConfig",
+    "TrainConfig",
+    "EvalConfig",
+    "OutputConfig",
+    "LoggingConfig",
+    "RunSettings",
+]
+
+
+def _positive(value: float, name: str) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name}: must be > 0, got {value!r}")
+
+
+def _non_negative(value: float, name: str) -> None:
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name}: must be >= 0, got {value!r}")
+
+
+@dataclass
+class LossConfig:
+    """How the contrastive loss is computed (never what it computes).
+
+    From a global batch of ``tile_threshold`` pairs on, the exact tiled loss keeps memory at
+    O(b d + tile_size^2) instead of O(b^2); null never tiles, 0 always tiles.
+    """
+
+    tile_threshold: Optional[int] = 16384
+    tile_size: int = 1024
+
+    def __post_init__(self):
+        if self.tile_threshold is not None and self.tile_threshold < 0:
+            raise ValueError(f"loss.tile_threshold: must be >= 0 or null (never tile), got {self.tile_threshold}")
+        if self.tile_size < 1:
+            raise ValueError(f"loss.tile_size: must be >= 1, got {self.tile_size}")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW; weight decay applies to weight matrices only (see ``optim.param_groups``)."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup_steps: int = 60
+    grad_clip: Optional[float] = 1.0
+    # Peak lr of the logit scale (the temperature); null: optim.lr. Short runs need a larger
+    # one to let the temperature move as far as a long run would (see optim.param_groups).
+    logit_scale_lr: Optional[float] = None
+
+    def __post_init__(self):
+        _positive(self.lr, "optim.lr")
+        if self.logit_scale_lr is not None:
+            _positive(self.logit_scale_lr, "optim.logit_scale_lr")
+        _non_negative(self.weight_decay, "optim.weight_decay")
+        for i, beta in enumerate(self.betas):
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"optim.betas[{i}]: must lie in [0, 1), got {beta}")
+        _positive(self.eps, "optim.eps")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps: must be >= 0, got {self.warmup_steps}")
+        if self.grad_clip is not None:
+            _non_negative(self.grad_clip, "optim.grad_clip")
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule after the linear warm-up."""
+
+    name: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = 0.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"schedule.min_lr_ratio: must lie in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass
+class TrainConfig:
+    """Length, batch, seed, device and checkpointing of a run. Give ``steps`` or ``epochs``."""
+
+    steps: Optional[int] = 900
+    epochs: Optional[int] = None
+    batch_size: int = 128
+    seed: int = 0
+    device: str = "auto"
+    num_workers: int = 0
+    threads: Optional[int] = None
+    # Encode the batch in chunks of this many pairs with the gradient cache (an exact
+    # full-batch step in the memory of one chunk); null: encode the whole batch at once.
+    grad_cache_chunk: Optional[int] = None
+    # Autocast dtype of the towers: fp32 (off), bf16 or fp16 (fp16: CUDA only, with loss
+    # scaling). The geometry and the loss always compute in fp32.
+    precision: str = "fp32"
+    # Multi-process runs: each rank scores only its own rows against all gathered columns
+    # (b x B logits instead of B x B); the same gradients, less memory and compute per rank.
+    local_loss: bool = False
+    # Recompute the towers' activations in backward (less memory, ~1/3 more compute).
+    grad_checkpointing: bool = False
+    # torch.compile the model (first steps are slow while it compiles).
+    compile: bool = False
+    checkpoint_every: int = 300
+    keep_last: int = 2
+    resume: bool = False
+
+    def __post_init__(self):
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError("train.steps: give exactly one of train.steps and train.epochs (set the other to null)")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"train.steps: must be >= 1, got {self.steps}")
+        if self.epochs is not None and self.epochs < 1:
+            raise ValueError(f"train.epochs: must be >= 1, got {self.epochs}")
+        if self.batch_size < 2:
+            raise ValueError(f"train.batch_size: must be >= 2 (a contrastive batch needs negatives), got {self.batch_size}")
+        if self.device != "auto":
+            try:
+                import torch
+
+                torch.device(self.device)
+            except (RuntimeError, ValueError):
+                raise ValueError(f"train.device: not a device: {self.device!r} (use auto, cpu, cuda, cuda:1, ...)") from None
+        if self.num_workers < 0:
+            raise ValueError(f"train.num_workers: must be >= 0, got {self.num_workers}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"train.threads: must be >= 1, got {self.threads}")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"train.precision: must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.grad_cache_chunk is not None and self.grad_cache_chunk < 1:
+            raise ValueError(f"train.grad_cache_chunk: must be >= 1 or null, got {self.grad_cache_chunk}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"train.checkpoint_every: must be >= 0 (0 = only at the end), got {self.checkpoint_every}")
+        if self.keep_last < 1:
+            raise ValueError(f"train.keep_last: must be >= 1, got {self.keep_last}")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation after training: zero-shot on every task and retrieval on the test set.
+
+    ``robustness``: on the retrieval set also ECE (I->T, T->I), alignment / uniformity /
+    relative alignment / modality gap and the m²-Mix hardness histogram, with PNG plots.
+    """
+
+    enabled: bool = True
+    zeroshot: bool = True
+    retrieval: bool = True
+    robustness: bool = True
+    batch_size: int = 512
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"eval.batch_size: must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class OutputConfig:
+    """Runs go to ``dir/name``; an existing non-empty run dir gets a ``-1``, ``-2`` suffix
+    unless the run resumes."""
+
+    dir: str = "runs"
+    name: Optional[str] = None
+
+    def __post_init__(self):
+        if not self.dir:
+            raise ValueError("output.dir: must not be empty")
+        if self.name is not None and (not self.name or os.sep in self.name or self.name in (".", "..")):
+            raise ValueError(f"output.name: must be a plain directory name, got {self.name!r}")
+
+
+@dataclass
+class LoggingConfig:
+    progress: bool = True
+    jsonl: bool = True
+    tensorboard: bool = True
+
+
+@dataclass
+class RunSettings:
+    """The sections shared by every run's config (see the module docstring)."""
+
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def check_warmup_fits(self) -> None:
+        if self.optim.warmup_steps and self.train.steps is not None and self.optim.warmup_steps > self.train.steps:
+            raise ValueError(
+                f"optim.warmup_steps: {self.optim.warmup_steps} is longer than the run (train.steps={self.train.steps})"
+            )
+
+    def to_dict(self) -> dict:
+        from topoclip.dataclass_io import to_dict
+
+        return to_dict(self)
