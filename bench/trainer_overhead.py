@@ -30,6 +30,7 @@ from topoclip.data import build_tokenizer, make_collate, make_shapes  # noqa: E4
 from topoclip.models import build_model  # noqa: E402
 from topoclip.config import load_config  # noqa: E402
 from topoclip.engine.optim import build_optimizer, build_scheduler  # noqa: E402
+from topoclip.engine import ContrastiveTask, TrainingSettings
 from topoclip.engine.trainer import Trainer, seed_everything  # noqa: E402
 
 
@@ -68,7 +69,7 @@ def bare_loop(cfg, model, dataset, collate, steps: int) -> list[float]:
 
 
 def trainer_loop(cfg, model, dataset, collate, run_dir: Path) -> list[float]:
-    trainer = Trainer(model, topoclip.ContrastiveLoss(model.topology), dataset, collate, cfg, run_dir)
+    trainer = Trainer(ContrastiveTask(model, topoclip.ContrastiveLoss(model.topology)), dataset, collate, TrainingSettings.of(cfg), run_dir)
     return trainer.fit().step_times
 
 

@@ -24,7 +24,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(autouse=True)
 def _restore_torch_threads():
-    # experiment.run applies train.threads process-wide; later tests get their threads back.
+    # pretrain.run applies train.threads process-wide; later tests get their threads back.
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)

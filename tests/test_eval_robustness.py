@@ -269,11 +269,11 @@ TINY = TINY_TOWERS + QUIET_RUN + [
 
 def test_train_and_cli_eval_write_robustness(tmp_path, capsys):
     from topoclip.cli import main
-    from topoclip.recipes import pretrain as experiment
+    from topoclip.recipes import evaluate, pretrain
     from topoclip.config import load_config
 
     cfg = load_config(CONFIGS / "default.yaml", TINY + [f"output.dir={tmp_path}"])
-    run_dir = Path(experiment.run(cfg)["run_dir"])
+    run_dir = Path(pretrain.run(cfg)["run_dir"])
     saved = json.loads((run_dir / "results.json").read_text())["eval"]["robustness"]
     assert {"i2t_ece_10", "t2i_ece_10", "i2t_ece_15", "t2i_ece_15"} <= set(saved["calibration"])
     assert set(saved["plots"]) == {"reliability_i2t", "reliability_t2i", "hardness"}
@@ -291,5 +291,5 @@ def test_train_and_cli_eval_write_robustness(tmp_path, capsys):
     assert "mixup hardness" in capsys.readouterr().out
 
     cfg_off = load_config(CONFIGS / "default.yaml", TINY + [f"output.dir={tmp_path}", "eval.robustness=false", "output.name=no-robustness"])
-    off = experiment.run(cfg_off)
+    off = pretrain.run(cfg_off)
     assert "robustness" not in off["eval"] and "retrieval" in off["eval"]

@@ -15,7 +15,7 @@ from topoclip.data import build_tokenizer, make_collate, make_shapes
 from topoclip.eval import EmbeddingShiftModel, estimate_modality_gap
 from topoclip.eval.geometry_metrics import embedding_shift, modality_gap
 from topoclip.models import ImageTowerConfig, ModelConfig, TextTowerConfig, build_model, interpolate_weights, wise_ft
-from topoclip.recipes import pretrain as experiment
+from topoclip.recipes import evaluate, pretrain
 from topoclip.runs.checkpoint import latest_checkpoint
 from topoclip.config import load_config
 from topoclip.recipes.finetune import run_finetune
@@ -120,7 +120,7 @@ def topoclip_run(tmp_path_factory):
         "model.image.depth=1", "model.image.width=32", "model.image.heads=2",
         "model.text.depth=1", "model.text.width=32", "model.text.heads=2",
     ])
-    experiment.run(cfg)
+    pretrain.run(cfg)
     return root / "pre"
 
 

@@ -14,7 +14,7 @@ import torch
 from topoclip.analysis.plots import plot_similarity_distributions, plot_temperature_trajectories, plot_uniformity_alignment
 from topoclip.analysis.run_metrics import ANALYSIS_FILE, SIMILARITY_FILE, load_similarities
 from topoclip.cli import main
-from topoclip.recipes import pretrain as experiment
+from topoclip.recipes import evaluate, pretrain
 from topoclip.config import load_config
 from helpers import QUIET_RUN, TINY_TOWERS
 
@@ -24,7 +24,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(autouse=True)
 def _restore_torch_threads():
-    # experiment.run applies train.threads process-wide; later tests get their threads back.
+    # pretrain.run applies train.threads process-wide; later tests get their threads back.
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
@@ -67,7 +67,7 @@ def test_plots_are_written_as_non_empty_pngs(tmp_path):
 
 def test_run_report_computes_the_analysis_and_embeds_every_plot(tmp_path, capsys):
     config = load_config(CONFIGS / "default.yaml", TINY + [f"output.dir={tmp_path}"])
-    run_dir = Path(experiment.run(config)["run_dir"])
+    run_dir = Path(pretrain.run(config)["run_dir"])
     assert not (run_dir / ANALYSIS_FILE).exists()
 
     assert main(["report", str(run_dir), "--output", str(tmp_path / "page.html")]) == 0

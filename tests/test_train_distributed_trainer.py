@@ -19,6 +19,7 @@ from topoclip.runs.checkpoint import list_checkpoints
 from topoclip.config import config_from_dict
 from topoclip.engine.distributed import DistInfo, init_distributed
 from topoclip.runs import read_jsonl
+from topoclip.engine import ContrastiveTask, TrainingSettings
 from topoclip.engine.trainer import Trainer, seed_everything
 
 VOCAB, LENGTH, STEPS = 30, 8, 3
@@ -97,7 +98,7 @@ def make_trainer(cfg, run_dir, info: DistInfo, local_loss=False, nan_at=None):
     loss_fn = topoclip.ContrastiveLoss(model.topology, local_loss=local_loss)
     if nan_at is not None:
         loss_fn = NaNOnLastRank(loss_fn, info, nan_at)
-    return Trainer(model, loss_fn, PairSet(), collate, cfg, run_dir, device="cpu", dist_info=info)
+    return Trainer(ContrastiveTask(model, loss_fn), PairSet(), collate, TrainingSettings.of(cfg), run_dir, device="cpu", dist_info=info)
 
 
 def weights(trainer):

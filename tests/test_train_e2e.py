@@ -1,5 +1,5 @@
 """Every topology end to end on the real towers and the embedded data: a few steps of
-`experiment.run`, then evaluation, results JSON, and re-evaluation from the checkpoint."""
+`pretrain.run`, then evaluation, results JSON, and re-evaluation from the checkpoint."""
 
 import json
 import math
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from topoclip.recipes import pretrain as experiment
+from topoclip.recipes import evaluate, pretrain
 from topoclip.config import load_config
 from helpers import QUIET_RUN, TINY_TOWERS
 
@@ -49,7 +49,7 @@ def test_every_shipped_config_is_listed_and_valid():
 @pytest.mark.parametrize("config_file", sorted(EXPECTED))
 def test_topology_end_to_end(tmp_path, config_file, capsys):
     cfg = load_config(CONFIGS / config_file, TINY + [f"output.dir={tmp_path}"])
-    results = experiment.run(cfg)
+    results = pretrain.run(cfg)
     run_dir = tmp_path / Path(config_file).stem
     assert results["run_dir"] == str(run_dir)
     saved = json.loads((run_dir / "results.json").read_text())
@@ -64,15 +64,15 @@ def test_topology_end_to_end(tmp_path, config_file, capsys):
     assert "zero-shot task" in capsys.readouterr().out
 
     # The checkpoint alone (weights + config + the run's tokenizer) reproduces the numbers.
-    again = experiment.evaluate_checkpoint(run_dir, output=tmp_path / "again.json")
+    again = evaluate.evaluate_checkpoint(run_dir, output=tmp_path / "again.json")
     assert again["eval"]["zeroshot"] == {k: v for k, v in saved["eval"]["zeroshot"].items()}
     assert again["eval"]["retrieval"] == saved["eval"]["retrieval"]
 
 
 def test_fresh_run_never_overwrites(tmp_path):
     cfg = load_config(CONFIGS / "default.yaml", TINY + [f"output.dir={tmp_path}", "eval.enabled=false", "train.steps=1"])
-    first = experiment.run(cfg)["run_dir"]
-    second = experiment.run(cfg)["run_dir"]
+    first = pretrain.run(cfg)["run_dir"]
+    second = pretrain.run(cfg)["run_dir"]
     assert (first, second) == (str(tmp_path / "default"), str(tmp_path / "default-1"))
 
 
@@ -82,7 +82,7 @@ def test_eval_cli_on_image_folder_and_karpathy_json(tmp_path, capsys):
     from topoclip.cli import main
 
     cfg = load_config(CONFIGS / "default.yaml", TINY + [f"output.dir={tmp_path}", "eval.enabled=false", "train.steps=1"])
-    run_dir = Path(experiment.run(cfg)["run_dir"])
+    run_dir = Path(pretrain.run(cfg)["run_dir"])
     folder = tmp_path / "colours"
     entries = []
     for name, rgb in (("red", (220, 40, 40)), ("blue", (45, 90, 230))):

@@ -12,7 +12,8 @@ from torch import nn
 import topoclip
 from topoclip.models import ModelConfig, build_model
 from topoclip.config import config_from_dict
-from topoclip.recipes.pretrain import build_loss
+from topoclip.recipes.common import build_loss
+from topoclip.engine import ContrastiveTask, TrainingSettings
 from topoclip.engine.trainer import Trainer, enable_grad_checkpointing, seed_everything
 
 VOCAB, LENGTH = 30, 8
@@ -99,7 +100,7 @@ def test_grad_checkpointing_recomputes_the_towers_and_gives_the_same_gradients(t
 def test_grad_checkpointing_needs_a_tower_that_supports_it(tmp_path):
     cfg = small_config(tmp_path, "train.grad_checkpointing=true")
     with pytest.raises(ValueError, match="train.grad_checkpointing"):
-        Trainer(Points(cfg.topology.build()), topoclip.ContrastiveLoss(cfg.topology.build()), PairSet(), collate, cfg, tmp_path / "r")
+        Trainer(ContrastiveTask(Points(cfg.topology.build()), topoclip.ContrastiveLoss(cfg.topology.build())), PairSet(), collate, TrainingSettings.of(cfg), tmp_path / "r")
 
 
 def test_loss_section_and_local_loss_reach_the_loss(tmp_path):
@@ -136,7 +137,7 @@ def test_loss_scaler_state_is_checkpointed_and_restored(tmp_path):
 
     def trainer():
         seed_everything(0)
-        t = Trainer(Points(topo), topoclip.ContrastiveLoss(topo), PairSet(), collate, cfg, tmp_path / "run")
+        t = Trainer(ContrastiveTask(Points(topo), topoclip.ContrastiveLoss(topo)), PairSet(), collate, TrainingSettings.of(cfg), tmp_path / "run")
         t.grad_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1)
         return t
 
@@ -155,7 +156,7 @@ def test_compile_builds_and_runs_a_step(tmp_path):
     cfg = small_config(tmp_path, "train.compile=true", "train.steps=1")
     topo = cfg.topology.build()
     seed_everything(0)
-    trainer = Trainer(Points(topo), topoclip.ContrastiveLoss(topo), PairSet(), collate, cfg, tmp_path / "run")
+    trainer = Trainer(ContrastiveTask(Points(topo), topoclip.ContrastiveLoss(topo)), PairSet(), collate, TrainingSettings.of(cfg), tmp_path / "run")
     try:
         result = trainer.fit()
     except Exception as err:  # no working C++ toolchain / inductor backend here

@@ -1,5 +1,5 @@
 """Training from webdataset shards (data.source: shards): a run end to end through
-experiment.run with DataLoader workers, evaluation on the embedded test sets, config checks."""
+pretrain.run with DataLoader workers, evaluation on the embedded test sets, config checks."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import torch
 import topoclip
 from topoclip.data import make_shapes
 from topoclip.data.shards import ShardStream, tensor_pairs_to_samples, write_shards
-from topoclip.recipes import pretrain as experiment
+from topoclip.recipes import evaluate, pretrain
 from topoclip.config import config_from_dict
 from topoclip.runs import read_jsonl
+from topoclip.engine import ContrastiveTask, TrainingSettings
 from topoclip.engine.trainer import Trainer
 from helpers import QUIET_RUN, TINY_TOWERS
 
@@ -50,7 +51,7 @@ def test_run_trains_on_shards_and_evaluates_on_embedded_test_sets(tmp_path, shar
         f"output.dir={tmp_path}",
         "output.name=shards",
     ])
-    results = experiment.run(cfg)
+    results = pretrain.run(cfg)
     assert results["train"]["steps"] == 6 and results["train"]["skipped_steps"] == 0
     log = read_jsonl(tmp_path / "shards" / "log.jsonl")
     assert [r["epoch"] for r in log] == [0, 0, 0, 0, 1, 1]
@@ -82,7 +83,7 @@ def test_a_stream_that_ends_early_is_an_error_not_a_short_epoch(tmp_path, shard_
         ids = torch.ones(len(items), 4, dtype=torch.long)
         return {"images": torch.stack([i for i, _ in items]), "input_ids": ids, "attention_mask": ids}
 
-    trainer = Trainer(Points(), topoclip.ContrastiveLoss(topo), stream, collate, cfg, tmp_path / "run")
+    trainer = Trainer(ContrastiveTask(Points(), topoclip.ContrastiveLoss(topo)), stream, collate, TrainingSettings.of(cfg), tmp_path / "run")
     assert trainer.batches_per_epoch == 2
     with pytest.raises(ValueError, match="stream ended after 1 of 2 batches"):
         trainer.fit()

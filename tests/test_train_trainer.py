@@ -11,6 +11,7 @@ from torch import nn
 import topoclip
 from topoclip.runs.checkpoint import latest_checkpoint, list_checkpoints
 from topoclip.config import config_from_dict
+from topoclip.engine import ContrastiveTask, TrainingSettings
 from topoclip.engine.trainer import Trainer, seed_everything
 
 
@@ -91,7 +92,7 @@ def make_trainer(cfg, run_dir, model_seed=0, loss_fn=None, **model_kw):
     seed_everything(model_seed)
     topo = cfg.topology.build()
     model = TinyDual(topo, **model_kw)
-    return Trainer(model, loss_fn or topoclip.ContrastiveLoss(topo), PairSet(), collate, cfg, run_dir)
+    return Trainer(ContrastiveTask(model, loss_fn or topoclip.ContrastiveLoss(topo)), PairSet(), collate, TrainingSettings.of(cfg), run_dir)
 
 
 class CrashAt:
@@ -263,7 +264,7 @@ def test_bf16_autocast_trains_without_nan_and_fp16_needs_cuda(tmp_path):
     after = trainer.model.state_dict()
     assert all(torch.isfinite(v).all() for v in after.values())
     assert any(not torch.equal(before[k], after[k]) for k in before)
-    u, v = trainer._encode(torch.randn(4, 3, 4, 4), torch.ones(4, 5, dtype=torch.long), torch.ones(4, 5, dtype=torch.long))
+    u, v, _ = trainer._encode({"images": torch.randn(4, 3, 4, 4), "input_ids": torch.ones(4, 5, dtype=torch.long), "attention_mask": torch.ones(4, 5, dtype=torch.long)})
     assert u.dtype == v.dtype == torch.float32
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="train.precision"):

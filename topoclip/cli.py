@@ -211,7 +211,6 @@ def _fail(command: str, err: Exception, code: int) -> int:
 def _train(args: argparse.Namespace) -> int:
     from topoclip.config import load_config
     from topoclip.runs import run_config_path
-    from topoclip.recipes import pretrain as experiment
 
     if isinstance(args.resume, str) and "=" in args.resume and not Path(args.resume).is_dir():
         # `--resume key=value`: argparse took the first override for the optional RUN_DIR.
@@ -228,17 +227,20 @@ def _train(args: argparse.Namespace) -> int:
     except ValueError as err:
         return _fail("train", err, 2)
     try:
-        experiment.run(config, run_dir=run_dir)
+        from topoclip.recipes.pretrain import run
+
+        run(config, run_dir=run_dir)
     except ValueError as err:
         return _fail("train", err, 1)
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from topoclip.recipes import pretrain as experiment
 
     try:
-        experiment.evaluate_checkpoint(
+        from topoclip.recipes.evaluate import evaluate_checkpoint
+
+        evaluate_checkpoint(
             args.checkpoint,
             data_overrides=args.data,
             output=args.output,

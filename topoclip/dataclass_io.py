@@ -16,7 +16,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-__all__ = ["from_dict", "to_dict", "parse_override", "apply_overrides"]
+__all__ = ["from_dict", "to_dict", "parse_override", "apply_overrides", "flatten", "config_differences"]
 
 _NONE_WORDS = {"none", "null", "~"}
 _TRUE_WORDS = {"true", "yes", "on"}
@@ -221,3 +221,23 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             node = child
         node[keys[-1]] = value
     return result
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested dict (or dataclass tree) as ``{"dotted.key": value}``."""
+    if dataclasses.is_dataclass(data) and not isinstance(data, type):
+        data = to_dict(data)
+    if not isinstance(data, dict):
+        return {prefix[:-1]: data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out.update(flatten(value, f"{prefix}{key}."))
+    return out
+
+
+def config_differences(a: Any, b: Any, ignore: tuple[str, ...] = ()) -> list[str]:
+    """The dotted fields in which two configs (dataclasses or nested dicts) differ, sorted;
+    fields equal to or under a prefix in ``ignore`` are left out."""
+    fa, fb = flatten(a), flatten(b)
+    ignored = lambda key: any(key == p or key.startswith(p.rstrip(".") + ".") for p in ignore)  # noqa: E731
+    return [k for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k) and not ignored(k)]

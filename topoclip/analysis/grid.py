@@ -35,6 +35,7 @@ import yaml
 
 from topoclip.config import ExperimentConfig, config_from_dict, default_config_path, read_config_file, resolve_config_path
 from topoclip.dataclass_io import apply_overrides, from_dict, to_dict
+from topoclip.dataclass_io import config_differences as _config_differences
 
 from .run_metrics import AnalysisConfig
 from .table import RESERVED_COLUMNS
@@ -247,17 +248,6 @@ def select_runs(grid: Grid, patterns: list[str]) -> Grid:
     return dataclasses.replace(grid, runs=runs)
 
 
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(data, dict):
-        return {prefix[:-1]: data}
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        out.update(_flatten(value, f"{prefix}{key}."))
-    return out
-
-
 def config_differences(a: ExperimentConfig, b: ExperimentConfig) -> list[str]:
     """Dotted fields in which two configs would train differently (output and logging ignored)."""
-    fa, fb = _flatten(to_dict(a)), _flatten(to_dict(b))
-    keys = sorted(set(fa) | set(fb))
-    return [k for k in keys if fa.get(k) != fb.get(k) and not k.startswith(_NOT_COMPARED)]
+    return _config_differences(a, b, ignore=_NOT_COMPARED)

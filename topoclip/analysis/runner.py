@@ -8,7 +8,7 @@
       plots/temperature.png  plots/uniformity_alignment.png  plots/similarity/<run>.png
 
 Resumable: a run with ``results.json`` is finished and skipped; one with checkpoints but no
-results continues from its latest checkpoint (``experiment.run`` does that). A finished run
+results continues from its latest checkpoint (``topoclip.recipes.pretrain.run`` does that). A finished run
 whose saved config differs from the grid's is an error rather than a silently stale row.
 """
 
@@ -24,6 +24,7 @@ from typing import Callable
 import yaml
 
 from topoclip.config import load_config
+from topoclip.recipes import pretrain
 from topoclip.runs import RESULTS_FILE, run_config_path
 
 from .grid import Grid, GridRun, config_differences, select_runs
@@ -84,7 +85,6 @@ def run_grid(
     ``only``: shell patterns of the run names to train (default: all). The table lists every
     finished run of the grid, in grid order, whether trained now or before.
     """
-    from topoclip.recipes import pretrain as experiment
 
     grid_dir = Path(grid_dir)
     selected = select_runs(grid, list(only)).runs
@@ -104,7 +104,7 @@ def run_grid(
             config = run.config
             if device is not None:
                 config = dataclasses.replace(config, train=dataclasses.replace(config.train, device=device))
-            experiment.run(config, run_dir)
+            pretrain.run(config, run_dir)
         analysis, computed = load_run_metrics(run_dir, grid.analysis, device)
         row = rows_by_name[run.name] = table_row(run.name, run.axes, analysis)
         status = "trained" if not finished else ("analysed" if computed else "done already")

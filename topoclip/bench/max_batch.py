@@ -41,8 +41,8 @@ def trial(batch: int, chunk: int, tile_size: int = 1024, config: str | None = No
     """One exact training step at global batch ``batch`` (run in a child); returns its time and loss."""
     from topoclip.models import build_model
     from topoclip.config import load_config
-    from topoclip.recipes.pretrain import build_loss
-    from topoclip.engine.trainer import Trainer, seed_everything
+    from topoclip.recipes.common import build_loss
+    from topoclip.engine import ContrastiveTask, Trainer, TrainingSettings, seed_everything
 
     settings = [
         f"train.batch_size={batch}", f"train.grad_cache_chunk={chunk}", "train.steps=1", "train.device=cpu",
@@ -62,7 +62,7 @@ def trial(batch: int, chunk: int, tile_size: int = 1024, config: str | None = No
         "attention_mask": torch.ones(batch, length, dtype=torch.long),
     }
     with tempfile.TemporaryDirectory() as run_dir:
-        trainer = Trainer(model, build_loss(cfg, topology), _SizedPlaceholder(batch), None, cfg, run_dir)
+        trainer = Trainer(ContrastiveTask(model, build_loss(cfg, topology)), _SizedPlaceholder(batch), None, TrainingSettings.of(cfg), run_dir)
         t0 = time.perf_counter()
         metrics = trainer.train_step(data)
         seconds = time.perf_counter() - t0

@@ -92,7 +92,7 @@ def _topoclip_trainer(model, batch: int, embed_dim: int, run_dir: str):
     import topoclip
     from topoclip.models import OpenClipDualEncoder
     from topoclip.config import load_config
-    from topoclip.engine.trainer import Trainer
+    from topoclip.engine import ContrastiveTask, Trainer, TrainingSettings
 
     from .max_batch import _SizedPlaceholder
 
@@ -104,7 +104,7 @@ def _topoclip_trainer(model, batch: int, embed_dim: int, run_dir: str):
     ])
     encoder = OpenClipDualEncoder(model, topology=topoclip.topology("sphere", dim=embed_dim))
     loss_fn = topoclip.ContrastiveLoss(encoder.topology)
-    return Trainer(encoder, loss_fn, _SizedPlaceholder(batch), None, cfg, run_dir)
+    return Trainer(ContrastiveTask(encoder, loss_fn), _SizedPlaceholder(batch), None, TrainingSettings.of(cfg), run_dir)
 
 
 def run_train_step_bench(batch: int = 256, model: str = "topoclip-bench-small", steps: int = 5, warmup: int = 1,

@@ -6,10 +6,15 @@ The library (geometry, losses, models, data, eval, runs, config) never imports t
 
 from .optim import build_optimizer, build_scheduler, cosine_warmup_factor, param_groups
 from .sampler import EpochBatchSampler
+from .settings import TrainingSettings
+from .task import ContrastiveTask, Task
 from .trainer import Trainer, TrainResult, seed_everything
 
 __all__ = [
+    "ContrastiveTask",
     "EpochBatchSampler",
+    "Task",
+    "TrainingSettings",
     "TrainResult",
     "Trainer",
     "build_optimizer",

@@ -1,7 +1,11 @@
 """The training loop: contrastive steps, checkpoints, exact resume, logs.
 
-One step:  forward both towers -> loss(u, v, scale) -> backward -> clip grad norm ->
-AdamW step -> lr schedule step -> clamp the logit scale to its max.
+The engine of every recipe. It trains a ``Task`` (``task.py``: the model and its loss) with
+``TrainingSettings`` (``settings.py``: optimizer, schedule, length, precision, checkpointing,
+logging) and knows nothing else of the recipe.
+
+One step:  task.encode(batch) -> task.loss(...) -> backward -> clip grad norm -> AdamW step ->
+lr schedule step -> task.after_step() (e.g. clamp the logit scale to its max).
 
 A non-finite loss (or gradient norm) skips the update: no optimizer step, nothing changes
 in the weights or the optimizer moments. The step still counts (the schedule and the data
@@ -14,8 +18,8 @@ same random numbers and ends with the same weights as an uninterrupted run.
 
 Multi-process (``distributed.py``, launched by torchrun): ``train.batch_size`` is the global
 batch; every rank draws the same global batch and keeps its slice, the model runs under
-DistributedDataParallel, and the loss gathers the features with gradients. The logit scale is
-computed inside the DDP forward so that its gradient is averaged like every other one. Rank 0
+DistributedDataParallel, and the loss gathers the features with gradients. ``task.encode`` (the
+towers and the logit scale) is the DDP forward, so that every gradient is averaged. Rank 0
 alone writes logs and checkpoints; every rank loads a checkpoint on resume.
 
 A streaming training set (an IterableDataset such as ``topoclip.data.shards.ShardStream``)
@@ -65,6 +69,8 @@ from .gradcache import gradcache_backward, split_batch
 from .logging import RunLogger
 from .optim import build_optimizer, build_scheduler
 from .sampler import EpochBatchSampler, RankBatchSampler, epoch_seed
+from .settings import TrainingSettings
+from .task import Task
 
 __all__ = ["Trainer", "TrainResult", "seed_everything", "seed_worker", "enable_grad_checkpointing"]
 
@@ -112,18 +118,16 @@ def enable_grad_checkpointing(model: nn.Module) -> int:
     return switched
 
 
-class _ForwardWithScale(nn.Module):
-    """``model(images, ids, mask)`` plus the logit scale, computed inside one forward: under
-    DistributedDataParallel a parameter used outside the wrapped forward would get a gradient
-    that is never averaged across ranks."""
+class _Encode(nn.Module):
+    """``task.encode`` as a module's forward: the module DistributedDataParallel wraps (a
+    parameter used outside the wrapped forward would get a gradient that is never averaged)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, task: Task):
         super().__init__()
-        self.model = model
+        self.task = task
 
-    def forward(self, images, input_ids, attention_mask):
-        u, v = self.model(images, input_ids, attention_mask)
-        return u, v, self.model.logit_scale()
+    def forward(self, batch):
+        return self.task.encode(batch)
 
 
 @dataclass
@@ -137,14 +141,26 @@ class TrainResult:
     checkpoint: Path | None
     step_times: list[float] = field(default_factory=list, repr=False)
 
+    def summary(self) -> dict[str, Any]:
+        """The ``train`` section of a run's results."""
+        return {
+            "steps": self.steps,
+            "skipped_steps": self.skipped_steps,
+            "resumed_from": self.resumed_from,
+            "final_loss": self.final_loss,
+            "final_scale": self.final_scale,
+            "seconds": self.train_seconds,
+            "checkpoint": str(self.checkpoint) if self.checkpoint else None,
+        }
+
 
 class Trainer:
-    """Trains ``model`` (a DualEncoder-like module) with ``loss_fn`` on ``train_set``.
+    """Trains ``task`` (a :class:`~topoclip.engine.task.Task`) on ``train_set``.
 
-    ``model(images, input_ids, attention_mask) -> (u, v)`` and ``model.logit_scale()`` give the
-    points and the scale; ``collate_fn`` turns a list of dataset items into a dict with
-    ``images``, ``input_ids``, ``attention_mask``. ``config`` supplies the optim, schedule,
-    train and logging sections; ``run_dir`` receives checkpoints and logs.
+    ``collate_fn`` turns a list of dataset items into the batch dict the task encodes;
+    ``settings`` supplies the optimizer, schedule, train and logging sections; ``run_dir``
+    receives checkpoints and logs. ``run_config`` is the recipe's whole config as plain data,
+    saved beside every checkpoint so that the run can be opened again (default: the settings).
 
     ``dist_info``: this process's place in a multi-process run (default: the initialised
     torch.distributed group, if any). ``train_set`` may be an IterableDataset with an
@@ -154,28 +170,29 @@ class Trainer:
 
     def __init__(
         self,
-        model: nn.Module,
-        loss_fn: Callable[..., Any],
+        task: Task,
         train_set: Dataset,
         collate_fn: Callable,
-        config,
+        settings: TrainingSettings,
         run_dir: str | os.PathLike,
         device: torch.device | str | None = None,
         *,
         dist_info: DistInfo | None = None,
+        run_config: dict[str, Any] | None = None,
     ):
-        self.config = config
+        model = task.model
+        self.settings = config = settings
+        self.run_config = run_config if run_config is not None else to_dict(settings)
         self.run_dir = Path(run_dir)
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.dist = dist_info if dist_info is not None else current_info(self.device)
-        self.model = model.to(self.device)
+        self.task = task.to(self.device)
         precision = config.train.precision
         if precision == "fp16" and self.device.type != "cuda":
             raise ValueError("train.precision: fp16 needs a CUDA device (use bf16 on the CPU)")
         self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
         # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
         self.grad_scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-        self.loss_fn = loss_fn
         self.train_set = train_set
         self.collate_fn = collate_fn
 
@@ -203,7 +220,7 @@ class Trainer:
 
         if tc.grad_checkpointing:
             enable_grad_checkpointing(model)
-        self._forward: nn.Module = _ForwardWithScale(self.model)
+        self._forward: nn.Module = _Encode(self.task)
         self._ddp = None
         if self.dist.distributed:
             self._ddp = wrap_model(self._forward, self.dist)
@@ -229,6 +246,10 @@ class Trainer:
         self.resumed_from = 0
         self.step_times: list[float] = []
 
+    @property
+    def model(self) -> nn.Module:
+        return self.task.model
+
     # ----------------------------------------------------------------- state
     @property
     def checkpoints_dir(self) -> Path:
@@ -247,7 +268,7 @@ class Trainer:
             "skipped_steps": self.skipped_steps,
             "total_steps": self.total_steps,
             # A loss with state of its own (the mixup losses' lambda generator) resumes too.
-            "loss": self.loss_fn.state_dict() if isinstance(self.loss_fn, nn.Module) else {},
+            "loss": self.task.loss_state(),
             # fp16 loss scaling: the current scale and its growth tracker.
             "grad_scaler": self.grad_scaler.state_dict() if self.grad_scaler is not None else {},
         }
@@ -263,10 +284,10 @@ class Trainer:
             path = save_checkpoint(
                 self.checkpoints_dir,
                 self.step,
-                self.model,
+                self.task.model,
                 state,
-                to_dict(self.config),
-                keep_last=self.config.train.keep_last,
+                self.run_config,
+                keep_last=self.settings.train.keep_last,
             )
         barrier(self.dist)
         return path
@@ -291,7 +312,7 @@ class Trainer:
                 f"but this run has {self.num_items} pairs in batches of {self.batch_size}; "
                 "the data order cannot be continued"
             )
-        load_weights(self.model, path)
+        load_weights(self.task.model, path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         # The saved lr was computed for the saved run length; recompute it from the schedule
@@ -301,8 +322,7 @@ class Trainer:
             self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas
         ):
             group["lr"] = base_lr * factor(self.scheduler.last_epoch)
-        if isinstance(self.loss_fn, nn.Module) and state.get("loss"):
-            self.loss_fn.load_state_dict(state["loss"])
+        self.task.load_loss_state(state.get("loss") or {})
         if self.grad_scaler is not None and state.get("grad_scaler"):
             self.grad_scaler.load_state_dict(state["grad_scaler"])
         rng_ranks = state.get("rng_ranks")
@@ -319,8 +339,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ data
     def _loader(self, epoch: int, start_batch: int) -> DataLoader:
-        seed = self.config.train.seed
-        workers = self.config.train.num_workers
+        seed = self.settings.train.seed
+        workers = self.settings.train.num_workers
         loader_seed = epoch_seed(seed, epoch)
         if self.dist.distributed:  # each rank's workers draw their own augmentations
             loader_seed = (loader_seed + self.dist.rank * 2**40) % (2**63 - 1)
@@ -346,8 +366,7 @@ class Trainer:
         """Batches from the current step on, across epoch boundaries, until total_steps."""
         while self.step < self.total_steps:
             epoch, start = divmod(self.step, self.batches_per_epoch)
-            if hasattr(self.loss_fn, "set_epoch"):
-                self.loss_fn.set_epoch(epoch)  # epoch-dependent losses (mixup weight decay)
+            self.task.set_epoch(epoch)
             loader = self._loader(epoch, start)
             if self.streaming:
                 # Every rank must take the same number of steps: exactly the epoch's remaining
@@ -372,35 +391,29 @@ class Trainer:
     # ------------------------------------------------------------------ step
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
         """One update on ``batch``; returns the step's metrics (floats)."""
-        model = self.model
-        images = batch["images"].to(self.device, non_blocking=True)
-        input_ids = batch["input_ids"].to(self.device, non_blocking=True)
-        attention_mask = batch["attention_mask"].to(self.device, non_blocking=True)
+        batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
         self.optimizer.zero_grad(set_to_none=True)
         grad_norm = math.nan
-        chunk = self.config.train.grad_cache_chunk
+        chunk = self.settings.train.grad_cache_chunk
         scaler = self.grad_scaler
-        if chunk is not None and chunk < images.shape[0]:
+        rows = next(v.shape[0] for v in batch.values() if torch.is_tensor(v))
+        if chunk is not None and chunk < rows:
             # Exact full-batch step, encoded chunk by chunk (gradcache.py); it back-propagates
             # itself, so a non-finite loss is caught afterwards and its gradients dropped.
             if scaler is not None:
                 raise ValueError("train.grad_cache_chunk: not supported with train.precision=fp16 (use bf16)")
-            chunks = split_batch({"images": images, "input_ids": input_ids, "attention_mask": attention_mask}, chunk)
-            # The scale comes out of the (DDP) forward and its gradient goes back through the
-            # last chunk's backward, where DDP averages it (gradcache.py).
+            tensors = {k: v for k, v in batch.items() if torch.is_tensor(v)}
+            # Shared outputs (the scale) come out of the (DDP) forward and their gradient goes
+            # back through the last chunk's backward, where DDP averages it (gradcache.py).
             loss, info = gradcache_backward(
-                lambda c: self._encode_with_scale(c["images"], c["input_ids"], c["attention_mask"]),
-                chunks,
-                lambda a, b, s: self.loss_fn(a, b, s, return_details=True),
+                self._encode, split_batch(tensors, chunk), self.task.loss,
                 no_sync=self._ddp.no_sync if self._ddp is not None else None,
             )
-            scale = model.logit_scale().detach()
             loss_value, info = self._mean_over_ranks(loss.item(), info)
             skipped = not math.isfinite(loss_value)
         else:
-            u, v, scale = self._encode_with_scale(images, input_ids, attention_mask)
-            loss, info = self.loss_fn(u, v, scale, return_details=True)
+            loss, info = self.task.loss(*self._encode(batch))
             # Every rank must take the same decision (a backward runs collectives).
             loss_value, info = self._mean_over_ranks(loss.item(), info)
             skipped = not math.isfinite(loss_value)
@@ -423,16 +436,16 @@ class Trainer:
                 scaler.update()
             else:
                 self.optimizer.step()
-            model.logit_scale.clamp_()
+            self.task.after_step()
         # The schedule follows the step count even over a skipped step, so the run's length
         # and lr curve do not depend on how many batches were bad.
         self.scheduler.step()
         # Whatever else the loss reports (e.g. the mixup terms and their lambdas) is logged too.
-        extra = {k: v for k, v in info.items() if k not in ("pos_sim", "neg_sim", "accuracy")}
+        extra = {k: v for k, v in info.items() if k not in ("pos_sim", "neg_sim", "accuracy", "scale")}
         return {
             **extra,
             "loss": loss_value,
-            "scale": scale.item(),
+            "scale": info.get("scale", math.nan),
             "lr": lr,
             "grad_norm": grad_norm,
             "pos_sim": info.get("pos_sim", math.nan),
@@ -450,24 +463,19 @@ class Trainer:
         means = mean_across_ranks([loss_value] + [float(info[k]) for k in keys], self.dist)
         return means[0], {**info, **dict(zip(keys, means[1:]))}
 
-    def _encode(self, images, input_ids, attention_mask):
-        """(u, v): the points of a batch, as the training step computes them."""
-        u, v, _ = self._encode_with_scale(images, input_ids, attention_mask)
-        return u, v
-
-    def _encode_with_scale(self, images, input_ids, attention_mask):
-        """(u, v, scale): the towers under autocast when configured; points come out in fp32
-        (the topology's project computes half precision in fp32), so the loss never sees
-        bf16/fp16."""
+    def _encode(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """``task.encode(batch)`` through the (DDP) forward, the towers under autocast when
+        configured; floating outputs come out in fp32 (the topology's project computes half
+        precision in fp32), so the loss never sees bf16/fp16."""
         if self.autocast_dtype is None:
-            return self._forward(images, input_ids, attention_mask)
+            return self._forward(batch)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype):
-            u, v, scale = self._forward(images, input_ids, attention_mask)
-        return u.float(), v.float(), scale.float()
+            outputs = self._forward(batch)
+        return tuple(t.float() if t.is_floating_point() else t for t in outputs)
 
     # ------------------------------------------------------------------- fit
     def fit(self) -> TrainResult:
-        tc, lc = self.config.train, self.config.logging
+        tc, lc = self.settings.train, self.settings.logging
         self._forward.train()
         every = tc.checkpoint_every
         main = self.dist.is_main  # rank 0 alone logs and shows progress
@@ -480,7 +488,7 @@ class Trainer:
             dynamic_ncols=True,
             mininterval=0.5,
         )
-        metrics: dict[str, Any] = {"loss": math.nan, "scale": self.model.logit_scale.value}
+        metrics: dict[str, Any] = {"loss": math.nan, "scale": self.task.current_scale()}
         checkpoint: Path | None = None
         start = time.perf_counter()
         try:

@@ -27,13 +27,12 @@ import logging
 import torch
 from torch import nn
 
-from topoclip.devices import resolve_device
-from topoclip.eval.embed import embed_images, embed_texts
+from topoclip.eval.embedded import EmbeddedSet, embed_dataset
 from topoclip.eval.retrieval import _check_points, check_caption_to_image
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["retrieval_map_at_r", "map_at_r_scores", "evaluate_map_at_r", "positive_pairs_from_captions"]
+__all__ = ["retrieval_map_at_r", "map_at_r_scores", "map_at_r_metrics", "evaluate_map_at_r", "positive_pairs_from_captions"]
 
 
 def positive_pairs_from_captions(caption_to_image: torch.Tensor) -> torch.Tensor:
@@ -187,12 +186,17 @@ def evaluate_map_at_r(
     for attribute in ("captions", "caption_to_image"):
         if not hasattr(dataset, attribute):
             raise ValueError(f"dataset has no '{attribute}' attribute; expected a RetrievalSet")
+    emb = embed_dataset(model, dataset, tokenizer, batch_size, device, num_workers, progress)
+    return map_at_r_metrics(emb, positive_pairs, chunk_size)
+
+
+def map_at_r_metrics(emb: EmbeddedSet, positive_pairs: torch.Tensor | None = None, chunk_size: int = 1024) -> dict[str, float]:
+    """mAP@R / R-Precision / R@1 of an embedded retrieval set; ``positive_pairs`` defaults to
+    the set's own annotated pairs, else its ``caption_to_image``."""
+    emb.require("retrieval")
     if positive_pairs is None:
-        positive_pairs = getattr(dataset, "positive_pairs", None)
-    device = resolve_device(device, model)
-    image_points = embed_images(model, dataset, batch_size, device, num_workers=num_workers, progress=progress)
-    text_points = embed_texts(model, dataset.captions, tokenizer, batch_size, device, progress=progress)
+        positive_pairs = emb.positive_pairs
     return retrieval_map_at_r(
-        model.topology, image_points, text_points, dataset.caption_to_image,
+        emb.topology, emb.image_points, emb.text_points, emb.caption_to_image,
         positive_pairs=positive_pairs, chunk_size=chunk_size,
     )

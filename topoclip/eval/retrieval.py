@@ -18,8 +18,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from topoclip.devices import resolve_device
-from topoclip.eval.embed import embed_images, embed_texts
+from topoclip.eval.embedded import check_caption_to_image, embed_dataset
+
 
 logger = logging.getLogger(__name__)
 
@@ -40,19 +40,6 @@ def _check_points(name: str, points: torch.Tensor, dim: int) -> None:
         raise ValueError(f"{name} must have shape [count, {dim}] (topology.dim), got {tuple(points.shape)}")
     if points.shape[0] == 0:
         raise ValueError(f"{name} is empty")
-
-
-def check_caption_to_image(caption_to_image, num_texts: int) -> torch.Tensor:
-    """caption_to_image as a tensor of integer image indices, one per caption, or a ValueError."""
-    caption_to_image = torch.as_tensor(caption_to_image)
-    if caption_to_image.dim() != 1 or caption_to_image.shape[0] != num_texts:
-        raise ValueError(
-            f"caption_to_image must have shape [{num_texts}] (one image index per caption), "
-            f"got {tuple(caption_to_image.shape)}"
-        )
-    if caption_to_image.dtype.is_floating_point or caption_to_image.dtype == torch.bool:
-        raise ValueError(f"caption_to_image must hold integer image indices, got dtype {caption_to_image.dtype}")
-    return caption_to_image
 
 
 def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
@@ -144,11 +131,11 @@ def evaluate_retrieval(
     for attribute in ("captions", "caption_to_image"):
         if not hasattr(dataset, attribute):
             raise ValueError(f"dataset has no '{attribute}' attribute; expected a RetrievalSet")
-    device = resolve_device(device, model)
-    image_points = embed_images(
-        model, dataset, batch_size, device, num_workers=num_workers, progress=progress
-    )
-    text_points = embed_texts(model, dataset.captions, tokenizer, batch_size, device, progress=progress)
-    return retrieval_recall(
-        model.topology, image_points, text_points, dataset.caption_to_image, ks, chunk_size
-    )
+    emb = embed_dataset(model, dataset, tokenizer, batch_size, device, num_workers, progress)
+    return retrieval_metrics(emb, ks, chunk_size)
+
+
+def retrieval_metrics(emb, ks: Sequence[int] = (1, 5, 10), chunk_size: int = 1024) -> dict[str, float]:
+    """R@k of an embedded retrieval set (``topoclip.eval.embedded.EmbeddedSet``)."""
+    emb.require("retrieval")
+    return retrieval_recall(emb.topology, emb.image_points, emb.text_points, emb.caption_to_image, ks, chunk_size)

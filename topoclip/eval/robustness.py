@@ -29,13 +29,11 @@ from topoclip.eval.calibration import (
     reliability_bins,
     save_reliability_diagram,
 )
-from topoclip.devices import resolve_device
-from topoclip.eval.embed import embed_images, embed_texts
+from topoclip.eval.embedded import EmbeddedSet, embed_dataset
 from topoclip.eval.geometry_metrics import geometry_report
-from topoclip.eval.retrieval import check_caption_to_image
 from topoclip.losses.mixup import mixup_hardness
 
-__all__ = ["evaluate_robustness", "first_caption_pairs", "save_hardness_histogram"]
+__all__ = ["evaluate_robustness", "robustness_metrics", "first_caption_pairs", "save_hardness_histogram"]
 
 GEOMETRY_KEYS = ("alignment", "uniformity", "relative_alignment", "modality_gap")
 
@@ -52,22 +50,22 @@ def first_caption_pairs(caption_to_image: Tensor, num_images: int) -> tuple[Tens
     return images, first[images]
 
 
-def _model_scale(model: nn.Module) -> float:
-    scale = getattr(model, "logit_scale", None)
-    if scale is None:
-        raise ValueError("model has no logit_scale; pass scale= explicitly")
-    if hasattr(scale, "value"):  # topoclip.LogitScale
-        return float(scale.value)
-    if callable(scale):
-        return float(scale())
-    raise ValueError(f"model.logit_scale must be a LogitScale or callable, got {type(scale).__name__}")
-
-
 def _check_bins(bins: int | Sequence[int]) -> tuple[int, ...]:
     bins = (bins,) if isinstance(bins, int) else tuple(bins)
     if not bins or any(not isinstance(b, int) or b < 1 for b in bins):
         raise ValueError(f"bins must be a non-empty list of integers >= 1, got {bins}")
     return tuple(dict.fromkeys(bins))  # drop repeats, keep order
+
+
+def _check_options(bins, hardness_lam: float, hardness_bins: int, chunk_size: int) -> tuple[int, ...]:
+    bins = _check_bins(bins)
+    if not 0.0 <= hardness_lam <= 1.0:
+        raise ValueError(f"hardness_lam must be in [0, 1], got {hardness_lam}")
+    if hardness_bins < 1:
+        raise ValueError(f"hardness_bins must be >= 1, got {hardness_bins}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return bins
 
 
 def _json_safe(value):
@@ -81,9 +79,9 @@ def _json_safe(value):
     return value
 
 
-def _calibration(topology, v: Tensor, t: Tensor, caption_to_image: Tensor, scale: float, bins, chunk_size: int):
-    images = torch.arange(v.shape[0], device=v.device)
-    has_caption = torch.zeros(v.shape[0], dtype=torch.bool, device=v.device)
+def _calibration(topology, image: Tensor, text: Tensor, caption_to_image: Tensor, scale: float, bins, chunk_size: int):
+    images = torch.arange(image.shape[0], device=image.device)
+    has_caption = torch.zeros(image.shape[0], dtype=torch.bool, device=image.device)
     has_caption[caption_to_image] = True
     # Same ground truth as retrieval_calibration / retrieval_recall.
     # I->T predicts an image's caption set (probabilities summed over its captions);
@@ -91,8 +89,8 @@ def _calibration(topology, v: Tensor, t: Tensor, caption_to_image: Tensor, scale
     i2t_pos = images[has_caption].unsqueeze(1) == images.unsqueeze(0)
     t2i_pos = caption_to_image.unsqueeze(1) == images.unsqueeze(0)
     directions = {
-        "i2t": confidences(topology, v[has_caption], t, i2t_pos, scale, chunk_size, caption_to_image),
-        "t2i": confidences(topology, t, v, t2i_pos, scale, chunk_size),
+        "i2t": confidences(topology, image[has_caption], text, i2t_pos, scale, chunk_size, caption_to_image),
+        "t2i": confidences(topology, text, image, t2i_pos, scale, chunk_size),
     }
     out: dict = {"bins": list(bins)}
     for b in bins:
@@ -161,36 +159,50 @@ def evaluate_robustness(
     for attribute in ("captions", "caption_to_image"):
         if not hasattr(retrieval_set, attribute):
             raise ValueError(f"retrieval_set has no '{attribute}' attribute; expected a RetrievalSet")
-    bins = _check_bins(bins)
-    if not 0.0 <= hardness_lam <= 1.0:
-        raise ValueError(f"hardness_lam must be in [0, 1], got {hardness_lam}")
-    if hardness_bins < 1:
-        raise ValueError(f"hardness_bins must be >= 1, got {hardness_bins}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    topology = model.topology
-    scale = _model_scale(model) if scale is None else float(scale)
+    _check_options(bins, hardness_lam, hardness_bins, chunk_size)  # before the embedding's cost
+    emb = embed_dataset(model, retrieval_set, tokenizer, batch_size, device, progress=progress)
+    return robustness_metrics(
+        emb, bins=bins, hardness_lam=hardness_lam, hardness_bins=hardness_bins, scale=scale,
+        plot_dir=plot_dir, chunk_size=chunk_size,
+    )
 
-    device = resolve_device(device, model)
-    v = embed_images(model, retrieval_set, batch_size, device, progress=progress)
-    t = embed_texts(model, retrieval_set.captions, tokenizer, batch_size, device, progress=progress)
-    caption_to_image = check_caption_to_image(retrieval_set.caption_to_image, t.shape[0])
-    if caption_to_image.min() < 0 or caption_to_image.max() >= v.shape[0]:
-        raise ValueError(f"retrieval_set.caption_to_image has indices outside [0, {v.shape[0]}) (the number of images)")
-    caption_to_image = caption_to_image.to(device=v.device, dtype=torch.long)
-    pair_images, pair_captions = first_caption_pairs(caption_to_image, v.shape[0])
+
+def robustness_metrics(
+    emb: EmbeddedSet,
+    *,
+    bins: int | Sequence[int] = (10, 15),
+    hardness_lam: float = 0.5,
+    hardness_bins: int = 50,
+    scale: float | None = None,
+    plot_dir: str | os.PathLike | None = None,
+    chunk_size: int = 1024,
+) -> dict:
+    """``evaluate_robustness`` on an embedded retrieval set (see there for the keys);
+    ``scale`` defaults to the embedded model's logit scale."""
+    emb.require("retrieval")
+    bins = _check_options(bins, hardness_lam, hardness_bins, chunk_size)
+    topology = emb.topology
+    if scale is None and emb.scale is None:
+        raise ValueError("model has no logit_scale; pass scale= explicitly")
+    scale = emb.scale if scale is None else float(scale)
+    image, text = emb.image_points, emb.text_points
+    caption_to_image = emb.caption_to_image
+    if caption_to_image.min() < 0 or caption_to_image.max() >= image.shape[0]:
+        raise ValueError(f"retrieval_set.caption_to_image has indices outside [0, {image.shape[0]}) (the number of images)")
+    caption_to_image = caption_to_image.to(device=image.device, dtype=torch.long)
+    pair_images, pair_captions = first_caption_pairs(caption_to_image, image.shape[0])
     if pair_images.numel() < 2:
         raise ValueError("retrieval_set: robustness metrics need at least two images with a caption")
-    v_pairs, t_pairs = v[pair_images], t[pair_captions]
+    image_pairs, text_pairs = image[pair_images], text[pair_captions]
 
-    calibration = _calibration(topology, v, t, caption_to_image, scale, bins, chunk_size)
-    geometry = {**geometry_report(v_pairs.cpu(), t_pairs.cpu()), "num_pairs": int(pair_images.numel())}
-    hardness = {"lam": float(hardness_lam), **mixup_hardness(topology, v_pairs, t_pairs, hardness_lam, hardness_bins)}
+    calibration = _calibration(topology, image, text, caption_to_image, scale, bins, chunk_size)
+    geometry = {**geometry_report(image_pairs.cpu(), text_pairs.cpu()), "num_pairs": int(pair_images.numel())}
+    hardness = {"lam": float(hardness_lam), **mixup_hardness(topology, image_pairs, text_pairs, hardness_lam, hardness_bins)}
     better = {f"{d}_ece_{b}": "lower" for b in bins for d in ("i2t", "t2i")}
     better.update({key: "lower" for key in GEOMETRY_KEYS})
     result = {
-        "num_images": int(v.shape[0]),
-        "num_captions": int(t.shape[0]),
+        "num_images": int(image.shape[0]),
+        "num_captions": int(text.shape[0]),
         "scale": scale,
         "calibration": calibration,
         "geometry": geometry,

@@ -17,8 +17,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from topoclip.devices import resolve_device
-from topoclip.eval.embed import embed_labelled_images, embed_texts
+from topoclip.eval.embed import embed_texts
+from topoclip.eval.embedded import EmbeddedSet, embed_dataset
 from topoclip.eval.retrieval import rank_of_best_positive
 
 
@@ -134,15 +134,15 @@ def zeroshot_classify(
     Texts are ``template.format(classname)`` for ``dataset.classnames`` x ``dataset.templates``,
     unless ``class_text_points`` ``[C, T, d]`` is given (then no text is embedded).
     """
-    device = resolve_device(device, model)
     if class_text_points is None:
         for attribute in ("classnames", "templates"):
             if not hasattr(dataset, attribute):
                 raise ValueError(f"dataset has no '{attribute}' attribute; expected a ClassificationSet")
-        class_text_points = embed_class_texts(
-            model, dataset.classnames, dataset.templates, tokenizer, batch_size, device, progress
-        )
-    image_points, labels = embed_labelled_images(
-        model, dataset, batch_size, device, num_workers=num_workers, progress=progress
-    )
-    return zeroshot_accuracy(model.topology, image_points, labels, class_text_points, ks, chunk_size)
+    emb = embed_dataset(model, dataset, tokenizer, batch_size, device, num_workers, progress, class_text_points)
+    return zeroshot_metrics(emb, ks, chunk_size)
+
+
+def zeroshot_metrics(emb: EmbeddedSet, ks: Sequence[int] = (1, 5), chunk_size: int = 256) -> dict[str, float]:
+    """Zero-shot top-k accuracy of an embedded classification set: ``{"top1", "top5", "n"}``."""
+    emb.require("classification")
+    return zeroshot_accuracy(emb.topology, emb.image_points, emb.labels, emb.class_text_points, ks, chunk_size)

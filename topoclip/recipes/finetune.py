@@ -45,10 +45,12 @@ from topoclip.models import interpolate_weights
 from topoclip.atomic import atomic_write, atomic_write_json
 from topoclip.config import MIXUP_TERMS, FinetuneConfig, load_finetune_config, save_config
 from topoclip.engine.distributed import DistInfo, process_group
-from topoclip.engine.trainer import Trainer, seed_everything
+from topoclip.engine.task import ContrastiveTask
+from topoclip.engine.trainer import seed_everything
 from topoclip.runs import CONFIG_FILE, PLOTS_DIR, RESULTS_FILE, LoadedRun, load_source, write_run_info
 
-from .pretrain import build_loss, evaluate, start_run
+from .common import build_loss, make_trainer, start_run
+from .evaluate import evaluate
 
 __all__ = ["WISE_DIR", "run_finetune", "format_finetune_table", "load_finetune_config"]
 
@@ -153,23 +155,13 @@ def _run_finetune(config: FinetuneConfig, run_dir: str | os.PathLike | None, inf
         results["gap_norm"] = float(gap.norm())
     else:
         zero_shot_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        clip_loss = build_loss(config, model.topology)
+        loss_fn: nn.Module = build_loss(config, model.topology)
         if method in MIXUP_TERMS:
-            loss_fn: nn.Module = M3MixLoss(model.topology, config.finetune.mixup_weights(), config.train.seed, clip_loss)
-        else:
-            loss_fn = clip_loss
-        trainer = Trainer(model, loss_fn, train_set, collate, config, run_dir, device=device, dist_info=info)
+            loss_fn = M3MixLoss(model.topology, config.finetune.mixup_weights(), config.train.seed, loss_fn)
+        trainer = make_trainer(ContrastiveTask(model, loss_fn), train_set, collate, config, run_dir, device, info)
         if resume and trainer.resume():
             say(f"resuming {run_dir} at step {trainer.step}/{trainer.total_steps}")
-        result = trainer.fit()
-        results["train"] = {
-            "steps": result.steps,
-            "skipped_steps": result.skipped_steps,
-            "final_loss": result.final_loss,
-            "final_scale": result.final_scale,
-            "seconds": result.train_seconds,
-            "checkpoint": str(result.checkpoint) if result.checkpoint else None,
-        }
+        results["train"] = trainer.fit().summary()
         if not info.is_main:
             return results  # rank 0 evaluates and writes results.json
         results["models"]["finetuned"] = _evaluate_both(model, loaded, distributions, config, device, plots / "finetuned")

@@ -1,0 +1,143 @@
+"""A dataset embedded once, and the metrics computed from it.
+
+Embedding is the expensive part of an evaluation; every metric after it is a function of the
+points. ``embed_dataset`` runs the model once over a dataset and returns an ``EmbeddedSet``:
+image points, text points, how they relate (which image each caption describes, or each
+image's class and the class prompts' points), the topology that scores them and the model's
+logit scale. R@K, mAP@R, zero-shot accuracy, calibration, alignment / uniformity / gap and the
+mixup hardness all read it; none embeds again.
+
+    emb = embed_dataset(model, retrieval_set, tokenizer, batch_size=512)
+    recall = retrieval_recall(emb.topology, emb.image_points, emb.text_points, emb.caption_to_image)
+
+Conventions: ``u`` / image points come first and ``v`` / text points second everywhere in
+topoclip, as in the loss ``ContrastiveLoss(u, v, scale)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from topoclip.devices import resolve_device
+from topoclip.geometry import Topology
+
+from .embed import embed_images, embed_labelled_images, embed_texts
+
+__all__ = ["EmbeddedSet", "embed_dataset", "model_scale", "check_caption_to_image", "is_retrieval_set", "is_classification_set"]
+
+
+def is_retrieval_set(dataset) -> bool:
+    return hasattr(dataset, "captions") and hasattr(dataset, "caption_to_image")
+
+
+def is_classification_set(dataset) -> bool:
+    return hasattr(dataset, "classnames") and hasattr(dataset, "templates")
+
+
+def check_caption_to_image(caption_to_image, num_texts: int) -> torch.Tensor:
+    """caption_to_image as a tensor of integer image indices, one per caption, or a ValueError."""
+    caption_to_image = torch.as_tensor(caption_to_image)
+    if caption_to_image.dim() != 1 or caption_to_image.shape[0] != num_texts:
+        raise ValueError(
+            f"caption_to_image must have shape [{num_texts}] (one image index per caption), "
+            f"got {tuple(caption_to_image.shape)}"
+        )
+    if caption_to_image.dtype.is_floating_point or caption_to_image.dtype == torch.bool:
+        raise ValueError(f"caption_to_image must hold integer image indices, got dtype {caption_to_image.dtype}")
+    return caption_to_image
+
+
+def model_scale(model: nn.Module) -> float:
+    """The model's logit scale as a float (a ``topoclip.LogitScale`` or a callable)."""
+    scale = getattr(model, "logit_scale", None)
+    if scale is None:
+        raise ValueError("model has no logit_scale; pass scale= explicitly")
+    if hasattr(scale, "value"):  # topoclip.LogitScale
+        return float(scale.value)
+    if callable(scale):
+        return float(scale())
+    raise ValueError(f"model.logit_scale must be a LogitScale or callable, got {type(scale).__name__}")
+
+
+@dataclass
+class EmbeddedSet:
+    """The points of one dataset under one model.
+
+    A retrieval set has ``text_points`` ``[M, d]`` and ``caption_to_image`` ``[M]`` (the image
+    of each caption); a classification set has ``labels`` ``[N]`` and ``class_text_points``
+    ``[C, T, d]`` (every class name in every template). ``image_points`` is ``[N, d]`` in both.
+    """
+
+    name: str
+    topology: Topology
+    scale: float | None
+    image_points: Tensor
+    text_points: Tensor | None = None
+    caption_to_image: Tensor | None = None
+    labels: Tensor | None = None
+    class_text_points: Tensor | None = None
+    positive_pairs: Tensor | None = None  # extra annotated (image, caption) positives, if any
+
+    @property
+    def is_retrieval(self) -> bool:
+        return self.text_points is not None and self.caption_to_image is not None
+
+    @property
+    def is_classification(self) -> bool:
+        return self.labels is not None and self.class_text_points is not None
+
+    def require(self, kind: str) -> None:
+        ok = self.is_retrieval if kind == "retrieval" else self.is_classification
+        if not ok:
+            expected = "a RetrievalSet (captions, caption_to_image)" if kind == "retrieval" else "a ClassificationSet (classnames, templates)"
+            raise ValueError(f"{self.name}: this metric needs {expected}")
+
+
+def embed_dataset(
+    model: nn.Module,
+    dataset,
+    tokenizer,
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+    num_workers: int = 0,
+    progress: bool | None = None,
+    class_text_points: Tensor | None = None,
+) -> EmbeddedSet:
+    """Embed every image and text of ``dataset`` once (see the module docstring).
+
+    ``dataset``: a ``RetrievalSet`` (images; ``captions``, ``caption_to_image``) or a
+    ``ClassificationSet`` (``(image, label)`` items; ``classnames``, ``templates``).
+    ``class_text_points`` ``[C, T, d]`` replaces the class prompts' embedding.
+    """
+    device = resolve_device(device, model)
+    name = getattr(dataset, "name", type(dataset).__name__)
+    # A model without a logit scale (a bare encoder) can still be scored; only metrics that
+    # need probabilities (calibration) then ask for an explicit scale.
+    scale = model_scale(model) if getattr(model, "logit_scale", None) is not None else None
+    common = dict(name=name, topology=model.topology, scale=scale)
+    if is_retrieval_set(dataset):
+        image_points = embed_images(model, dataset, batch_size, device, num_workers=num_workers, progress=progress)
+        text_points = embed_texts(model, dataset.captions, tokenizer, batch_size, device, progress=progress)
+        caption_to_image = check_caption_to_image(dataset.caption_to_image, text_points.shape[0])
+        return EmbeddedSet(
+            **common, image_points=image_points, text_points=text_points, caption_to_image=caption_to_image,
+            positive_pairs=getattr(dataset, "positive_pairs", None),
+        )
+    if is_classification_set(dataset):
+        from .zeroshot import embed_class_texts
+
+        if class_text_points is None:
+            class_text_points = embed_class_texts(
+                model, dataset.classnames, dataset.templates, tokenizer, batch_size, device, progress
+            )
+        image_points, labels = embed_labelled_images(
+            model, dataset, batch_size, device, num_workers=num_workers, progress=progress
+        )
+        return EmbeddedSet(**common, image_points=image_points, labels=labels, class_text_points=class_text_points)
+    raise ValueError(
+        f"{name}: cannot embed a {type(dataset).__name__}; expected a RetrievalSet (captions, caption_to_image) "
+        "or a ClassificationSet (classnames, templates)"
+    )

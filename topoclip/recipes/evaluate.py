@@ -1,0 +1,155 @@
+"""Evaluation in the recipes: the shapes data's suite (zero-shot tasks, the retrieval set with
+calibration and geometry), the printed summary, and ``topoclip eval`` on a saved run."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from topoclip.atomic import atomic_write_json
+from topoclip.config import EvalConfig
+from topoclip.data import ClassificationSet, ImageFolderClassification, KarpathyRetrieval, RetrievalSet, ShapesData, make_shapes
+from topoclip.data.shapes import ShapesConfig
+from topoclip.dataclass_io import apply_overrides, from_dict, to_dict
+from topoclip.devices import resolve_device
+from topoclip.eval import EvalEntry, nest_records, run_evaluation
+from topoclip.runs import load_run, resolve_checkpoint
+
+__all__ = ["eval_entries", "evaluate", "shapes_eval_sets", "format_summary", "evaluate_checkpoint"]
+
+
+def eval_entries(
+    tasks: Sequence[ClassificationSet], retrieval_set: RetrievalSet | None, robustness: bool = True
+) -> list[EvalEntry]:
+    """Zero-shot on each classification set; R@K (and, with ``robustness``, calibration,
+    geometry and mixup hardness) on the retrieval set, embedded once."""
+    entries = [EvalEntry(task, ("zeroshot",)) for task in tasks]
+    if retrieval_set is not None:
+        entries.append(EvalEntry(retrieval_set, ("retrieval", "robustness") if robustness else ("retrieval",)))
+    return entries
+
+
+def evaluate(
+    model,
+    tokenizer,
+    tasks: Sequence[ClassificationSet],
+    retrieval_set: RetrievalSet | None,
+    batch_size: int,
+    device: torch.device,
+    robustness: bool = True,
+    plot_dir: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Zero-shot accuracy on each classification task and recall on the retrieval set; with
+    ``robustness`` also calibration, geometry and mixup hardness on the retrieval set (its
+    PNG plots go to ``plot_dir`` when given). Every dataset is embedded once."""
+    records = run_evaluation(model, tokenizer, eval_entries(tasks, retrieval_set, robustness), batch_size, device, plot_dir)
+    return nest_records(records)
+
+
+def shapes_eval_sets(data: ShapesData, eval_config: EvalConfig) -> tuple[list[ClassificationSet], RetrievalSet | None]:
+    """The embedded data's test-split zero-shot tasks and retrieval set, as the config asks."""
+    tasks = data.zeroshot_tasks("test") if eval_config.zeroshot else []
+    return tasks, (data.retrieval_set("test") if eval_config.retrieval else None)
+
+
+def format_summary(results: dict[str, Any]) -> str:
+    """A short table of the headline numbers."""
+    lines = []
+    train = results.get("train")
+    if train:
+        total = f" ({results['total_seconds']:.0f}s in all)" if "total_seconds" in results else ""
+        lines.append(
+            f"trained {train['steps']} steps in {train['seconds']:.0f}s{total}; final loss {train['final_loss']:.3f}, "
+            f"scale {train['final_scale']:.2f}, skipped steps {train['skipped_steps']}"
+        )
+    zeroshot = results.get("eval", {}).get("zeroshot", {})
+    if zeroshot:
+        lines.append(f"{'zero-shot task':<16}{'top1':>8}{'top5':>8}")
+        for name, metrics in zeroshot.items():
+            lines.append(f"{name:<16}{100 * metrics['top1']:>7.1f}%{100 * metrics.get('top5', float('nan')):>7.1f}%")
+    retrieval = results.get("eval", {}).get("retrieval", {})
+    if retrieval:
+        lines.append(f"{'retrieval':<16}{'R@1':>8}{'R@5':>8}{'R@10':>8}")
+        for direction in ("i2t", "t2i"):
+            cells = "".join(f"{100 * retrieval.get(f'{direction}_R@{k}', float('nan')):>7.1f}%" for k in (1, 5, 10))
+            lines.append(f"{direction:<16}{cells}")
+    robustness = results.get("eval", {}).get("robustness", {})
+    if robustness:
+        def num(x):  # None: a non-finite value made JSON-safe
+            return "n/a" if x is None else f"{x:.3f}"
+
+        cal, geo, hard = robustness["calibration"], robustness["geometry"], robustness["hardness"]
+        b = cal["reliability_bins"]
+        lines.append(f"{'ECE (' + str(b) + ' bins)':<16}i2t {num(cal[f'i2t_ece_{b}'])}  t2i {num(cal[f't2i_ece_{b}'])}")
+        lines.append(
+            f"{'geometry':<16}align {num(geo['alignment'])}  unif {num(geo['uniformity'])}  "
+            f"gap {num(geo['modality_gap'])}  (lower is better)"
+        )
+        lines.append(
+            f"{'mixup hardness':<16}similarity to positives {num(hard['mean_positive'])}, original negatives "
+            f"{num(hard['mean_original'])}, mixed negatives {num(hard['mean_mixed'])} (lam {hard['lam']:g})"
+        )
+    return "\n".join(lines)
+
+
+
+def evaluate_checkpoint(
+    checkpoint: str | os.PathLike,
+    data_overrides: Sequence[str] = (),
+    output: str | os.PathLike | None = None,
+    device: str = "auto",
+    batch_size: int | None = None,
+    folders: Sequence[str | os.PathLike] = (),
+    karpathy: str | os.PathLike | None = None,
+    image_root: str | os.PathLike | None = None,
+    split: str = "test",
+) -> dict[str, Any]:
+    """Evaluate a saved model and write the results JSON.
+
+    Without ``folders``/``karpathy`` it evaluates on the embedded data of its config (with
+    ``data.*`` overrides applied). ``folders``: image-folder classification sets for
+    zero-shot; ``karpathy``: a Karpathy-style JSON retrieval set whose images are under
+    ``image_root``. Real images are resized to the size the model was trained on.
+    Robustness plots (``eval.robustness``) go to ``<output stem>_plots/`` beside the JSON.
+    """
+    ckpt = resolve_checkpoint(checkpoint)
+    for text in data_overrides:
+        if not text.startswith("data.shapes."):
+            raise ValueError(f"--data {text}: data overrides must start with data.shapes., e.g. data.shapes.noise=0.0")
+    if karpathy is not None and image_root is None:
+        raise ValueError("--image-root: needed with --karpathy (the directory the JSON's file names are under)")
+    # A trained or a fine-tuned run: the model, its tokenizer and the data it was trained on.
+    loaded = load_run(ckpt)
+    model, tokenizer, eval_config = loaded.model, loaded.tokenizer, loaded.eval
+    bs = batch_size if batch_size is not None else eval_config.batch_size
+    if bs < 1:
+        raise ValueError(f"--batch-size: must be >= 1, got {bs}")
+
+    if folders or karpathy is not None:
+        image = dict(image_size=loaded.image_size, mean=loaded.mean, std=loaded.std)
+        # verify: drop unreadable files up front, so every image is evaluated once under its own label.
+        tasks = [ImageFolderClassification(folder, verify=True, **image) for folder in folders]
+        retrieval_set = KarpathyRetrieval(karpathy, image_root, split, **image) if karpathy is not None else None
+    else:
+        shapes = apply_overrides({"shapes": to_dict(loaded.data or loaded.reference)}, [t[len("data."):] for t in data_overrides])
+        data = make_shapes(from_dict(ShapesConfig, shapes["shapes"], "data.shapes"))
+        tasks, retrieval_set = shapes_eval_sets(data, eval_config)
+
+    dev = resolve_device(device)
+    model.to(dev)
+    out = Path(output) if output is not None else ckpt.parent.parent / "eval_results.json"
+    # <stem>_plots beside the JSON: never overwrites the training run's own plots/.
+    plot_dir = out.parent / f"{out.stem}_plots"
+    results = {
+        "checkpoint": str(ckpt),
+        "eval": evaluate(
+            model, tokenizer, tasks, retrieval_set, bs, dev, robustness=eval_config.robustness, plot_dir=plot_dir
+        ),
+    }
+    atomic_write_json(out, results)
+    print(format_summary(results))
+    print(f"results: {out}")
+    return results
