@@ -1,5 +1,6 @@
-"""Shared fixtures: tiny pretrained CLIP models saved to disk (OpenCLIP and Hugging Face),
-built from configs with random weights, so loading and fine-tuning can be tested offline."""
+"""Shared fixtures: one intra-op thread for tests of tiny tensors, and tiny pretrained CLIP
+models saved to disk (OpenCLIP and Hugging Face), built from configs with random weights, so
+loading and fine-tuning can be tested offline. Test doubles live in ``tests/helpers.py``."""
 
 import json
 import math
@@ -10,6 +11,17 @@ from safetensors.torch import save_file
 
 TINY = "topoclip-test-tiny"  # the registered OpenCLIP architecture name (tests use the same string)
 EMBED = 16
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread, restored afterwards: on tiny tensors a second thread only adds
+    synchronisation, and on a shared machine a busy core makes it wait (seen: 10x slower).
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

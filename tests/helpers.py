@@ -1,5 +1,5 @@
-"""Test doubles and config overrides shared by several test files (imported as ``helpers``:
-pytest puts this folder on sys.path)."""
+"""Test doubles and config overrides shared by several test files (``from tests.helpers import
+...``; ``tests`` is a package, so pytest puts the checkout's root on the import path)."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from topoclip.analysis.grid import config_differences, load_grid, parse_grid, se
 from topoclip.analysis.run_metrics import ANALYSIS_FILE, similarity_samples
 from topoclip.analysis.table import clip_benchmark_rows, format_markdown, table_row
 from topoclip.cli import main
-from helpers import QUIET_RUN, TINY_TOWERS
+from tests.helpers import QUIET_RUN, TINY_TOWERS
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"

@@ -6,7 +6,7 @@ import pytest
 
 from topoclip.bench.loss import AUTO_TILE_BATCH, format_table, goal_lines, plan_methods, run_loss_bench
 from topoclip.bench.max_batch import format_trials, run_max_batch, search_max_batch
-from helpers import TINY_TOWERS
+from tests.helpers import TINY_TOWERS
 
 
 

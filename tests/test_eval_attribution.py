@@ -17,12 +17,7 @@ from topoclip.models import ImageTowerConfig, ModelConfig, TextTowerConfig, buil
 VOCAB, CLS, PAD, L = 20, 1, 0, 8
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(topo, num_tokens=1, depth=2, seed=0):

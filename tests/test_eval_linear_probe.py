@@ -10,13 +10,7 @@ from topoclip.eval.linear_probe import extract_features, fit_logistic_regression
 from topoclip.models import ImageTowerConfig, ModelConfig, TextTowerConfig, build_model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny problems: extra intra-op threads only add contention on a shared machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def clusters(n_per_class=40, num_classes=3, dim=5, spread=1.0, seed=0, dtype=torch.float32):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import topoclip
-from helpers import FakeDualEncoder, FakeTokenizer
+from tests.helpers import FakeDualEncoder, FakeTokenizer
 from topoclip.eval import embed_images, embed_texts, evaluate_retrieval, retrieval_recall
 
 TOPOLOGY_ARGS = {

@@ -9,22 +9,16 @@ import pytest
 import torch
 
 import topoclip
-from helpers import FakeDualEncoder, FakeTokenizer
+from tests.helpers import FakeDualEncoder, FakeTokenizer
 from topoclip.eval import evaluate_robustness
 from topoclip.eval.calibration import retrieval_calibration
-from helpers import QUIET_RUN, TINY_TOWERS
+from tests.helpers import QUIET_RUN, TINY_TOWERS
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 TOPOLOGY_ARGS = {"sphere": dict(dim=8), "oblique-geodesic": dict(n=4, m=2)}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny tensors on a shared machine: a second intra-op thread only adds waiting.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class TinyRetrievalSet(torch.utils.data.Dataset):

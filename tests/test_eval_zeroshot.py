@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import topoclip
-from helpers import FakeDualEncoder, FakeTokenizer
+from tests.helpers import FakeDualEncoder, FakeTokenizer
 from topoclip.eval import embed_class_texts, topk_accuracy, zeroshot_accuracy, zeroshot_classify, zeroshot_logits
 
 TOPOLOGY_ARGS = {

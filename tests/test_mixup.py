@@ -10,7 +10,7 @@ import torch
 import topoclip
 from topoclip.losses.mixup import (
     M3MixLoss,
-    MixupWeights,
+    MixupConfig,
     geodesic_mix,
     l_mix_loss,
     m2_mix_loss,
@@ -140,7 +140,7 @@ def test_finite_on_identical_pairs_repeated_captions_odd_batch_half_precision(na
     x = torch.randn(5, 6, generator=torch.Generator().manual_seed(9)).to(dtype).requires_grad_()
     # every text identical (class-name prompts), image 2 identical to the text: θ = 0 everywhere
     y = x[2:3].detach().expand(5, -1).clone().requires_grad_()
-    loss_fn = M3MixLoss(topo, MixupWeights(m2=0.5, v=0.5, l=0.5, vl=0.5), seed=0)
+    loss_fn = M3MixLoss(topo, MixupConfig(m2=0.5, v=0.5, l=0.5, vl=0.5), seed=0)
     loss = loss_fn(topo.project(x), topo.project(y), torch.tensor(100.0))
     loss.backward()
     assert torch.isfinite(loss)
@@ -150,7 +150,7 @@ def test_finite_on_identical_pairs_repeated_captions_odd_batch_half_precision(na
 def test_m3_is_weighted_sum_of_terms_with_seeded_lams():
     topo = topoclip.topology("oblique-inner", n=3, m=2)
     v, t = points(topo, 10), points(topo, 11)
-    w = MixupWeights(m2=0.1, v=0.2, l=0.3, vl=0.4, m2_scale=5.0)
+    w = MixupConfig(m2=0.1, v=0.2, l=0.3, vl=0.4, m2_scale=5.0)
     loss, info = M3MixLoss(topo, w, seed=3)(v, t, torch.tensor(2.0, dtype=torch.float64), return_details=True)
     want = (
         topoclip.ContrastiveLoss(topo)(v, t, torch.tensor(2.0, dtype=torch.float64))
@@ -174,14 +174,14 @@ def test_epoch_decay_and_disabled_terms():
     topo = topoclip.topology("sphere", dim=6)
     v, t = points(topo, 12), points(topo, 13)
     clip = topoclip.ContrastiveLoss(topo)(v, t, 2.0)
-    off = M3MixLoss(topo, MixupWeights(m2=0, v=0, l=0, vl=0))
+    off = M3MixLoss(topo, MixupConfig(m2=0, v=0, l=0, vl=0))
     torch.testing.assert_close(off(v, t, 2.0), clip)
-    w = MixupWeights(m2=0.0, v=0.0, l=0.0, vl=1.0, decay=True)
+    w = MixupConfig(m2=0.0, v=0.0, l=0.0, vl=1.0, decay=True)
     _, info = M3MixLoss(topo, w, seed=0)(v, t, 2.0, epoch=3, return_details=True)
     total = M3MixLoss(topo, w, seed=0)(v, t, 2.0, epoch=3)
     torch.testing.assert_close(total, clip + 0.25 * vl_mix_loss(topo, v, t, 2.0, info["lam_vl"]))
     with pytest.raises(ValueError, match="mixup.vl"):
-        MixupWeights(vl=-1.0)
+        MixupConfig(vl=-1.0)
 
 
 @pytest.mark.parametrize("name", list(SPECS))

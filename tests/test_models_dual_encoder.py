@@ -22,14 +22,7 @@ VOCAB, PAD, CLS = 40, 0, 1
 B = 6
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny tensors: a second intra-op thread only adds synchronisation, and on a shared
-    # machine a busy core makes it wait (seen: 10x slower). Restored after each test.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_cfg(num_tokens=1, **kw):

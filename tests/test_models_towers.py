@@ -9,14 +9,7 @@ from topoclip.models import DEFAULT_IMAGE_MODEL, ImageTower, ImageTowerConfig, T
 VOCAB, PAD, CLS, SEP = 50, 0, 1, 2
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny tensors: a second intra-op thread only adds synchronisation, and on a shared
-    # machine a busy core makes it wait (seen: 10x slower). Restored after each test.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_image_cfg(**kw):

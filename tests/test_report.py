@@ -16,7 +16,7 @@ from topoclip.analysis.run_metrics import ANALYSIS_FILE, SIMILARITY_FILE, load_s
 from topoclip.cli import main
 from topoclip.recipes import evaluate, pretrain
 from topoclip.config import load_config
-from helpers import QUIET_RUN, TINY_TOWERS
+from tests.helpers import QUIET_RUN, TINY_TOWERS
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import topoclip
-from helpers import QUIET_RUN, TINY_TOWERS
+from tests.helpers import QUIET_RUN, TINY_TOWERS
 from topoclip.config import load_config
 from topoclip.models import load_pretrained
 from topoclip.recipes import pretrain

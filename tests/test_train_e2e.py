@@ -9,7 +9,7 @@ import pytest
 
 from topoclip.recipes import evaluate, pretrain
 from topoclip.config import load_config
-from helpers import QUIET_RUN, TINY_TOWERS
+from tests.helpers import QUIET_RUN, TINY_TOWERS
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

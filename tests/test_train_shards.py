@@ -14,7 +14,7 @@ from topoclip.config import config_from_dict
 from topoclip.runs import read_jsonl
 from topoclip.engine import ContrastiveTask, TrainingSettings
 from topoclip.engine.trainer import Trainer
-from helpers import QUIET_RUN, TINY_TOWERS
+from tests.helpers import QUIET_RUN, TINY_TOWERS
 
 pytest.importorskip("webdataset")
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import numbers
 import types
 import typing
 from typing import Any, Literal, Union
 
 import yaml
 
-__all__ = ["from_dict", "to_dict", "parse_override", "apply_overrides", "flatten", "config_differences"]
+__all__ = ["from_dict", "to_dict", "check_types", "parse_override", "apply_overrides", "flatten", "config_differences"]
 
 _NONE_WORDS = {"none", "null", "~"}
 _TRUE_WORDS = {"true", "yes", "on"}
@@ -27,8 +28,12 @@ def _name(path: str) -> str:
     return path or "<config>"
 
 
-def _coerce(value: Any, tp: Any, path: str) -> Any:
-    """Convert ``value`` (as YAML or an override produced it) to the annotated type ``tp``."""
+def _coerce(value: Any, tp: Any, path: str, strict: bool = False) -> Any:
+    """Convert ``value`` (as YAML or an override produced it) to the annotated type ``tp``.
+
+    ``strict``: only values that already have the type pass (an int for a float, a list for a
+    tuple); no strings are read as numbers or booleans. That is the check a dataclass built
+    directly in Python gets (``check_types``)."""
     if tp is Any:
         return value
     origin = typing.get_origin(tp)
@@ -49,7 +54,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _coerce(value, arg, path)
+                return _coerce(value, arg, path, strict)
             except ValueError as err:
                 errors.append(str(err))
         raise ValueError(errors[0] if len(errors) == 1 else f"{_name(path)}: {value!r} matches none of {tp}")
@@ -66,11 +71,11 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         args = typing.get_args(tp)
         if origin is list or (len(args) == 2 and args[1] is Ellipsis):
             item_tp = args[0] if args else Any
-            items = [_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
+            items = [_coerce(v, item_tp, f"{path}[{i}]", strict) for i, v in enumerate(value)]
         else:
             if len(value) != len(args):
                 raise ValueError(f"{_name(path)}: expected {len(args)} items, got {len(value)} ({value!r})")
-            items = [_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
+            items = [_coerce(v, a, f"{path}[{i}]", strict) for i, (v, a) in enumerate(zip(value, args))]
         return tuple(items) if origin is tuple else items
 
     if tp in (tuple, list):  # bare container annotation: items are taken as they are
@@ -86,18 +91,18 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in _TRUE_WORDS | _FALSE_WORDS:
+        if not strict and isinstance(value, str) and value.lower() in _TRUE_WORDS | _FALSE_WORDS:
             return value.lower() in _TRUE_WORDS
         raise ValueError(f"{_name(path)}: expected true or false, got {value!r}")
 
     if tp is int:
         if isinstance(value, bool):
             raise ValueError(f"{_name(path)}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
+        if isinstance(value, numbers.Integral):  # int, numpy integers
+            return int(value)
+        if not strict and isinstance(value, float) and value.is_integer():
             return int(value)  # 1e3 in YAML is a float
-        if isinstance(value, str):
+        if not strict and isinstance(value, str):
             try:
                 return int(value)
             except ValueError:
@@ -112,9 +117,9 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if tp is float:
         if isinstance(value, bool):
             raise ValueError(f"{_name(path)}: expected a number, got {value!r}")
-        if isinstance(value, (int, float)):
+        if isinstance(value, numbers.Real):  # int, float, numpy scalars
             return float(value)
-        if isinstance(value, str):
+        if not strict and isinstance(value, str):
             # YAML 1.1 reads "1e-3" (no dot) as a string.
             try:
                 return float(value)
@@ -125,7 +130,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if tp is str:
         if isinstance(value, str):
             return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not strict and isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)  # e.g. output.name=2024
         raise ValueError(f"{_name(path)}: expected a string, got {value!r}")
 
@@ -133,6 +138,17 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if isinstance(tp, type) and not isinstance(value, tp):
         raise ValueError(f"{_name(path)}: expected {tp.__name__}, got {value!r}")
     return value
+
+
+def check_types(obj: Any, path: str) -> None:
+    """Check every field of dataclass ``obj`` against its annotation (strictly: see ``_coerce``)
+    and store the normalised value (lists become the annotated tuples). Config dataclasses call
+    this first in ``__post_init__``, so one mechanism types a config read from YAML and one
+    built in Python; the ``__post_init__`` itself checks only ranges and relations."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        if f.init:
+            setattr(obj, f.name, _coerce(getattr(obj, f.name), hints[f.name], f"{path}.{f.name}", strict=True))
 
 
 def from_dict(cls: type, data: dict, path: str = "") -> Any:

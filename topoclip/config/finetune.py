@@ -11,7 +11,7 @@ from typing import Any, Optional
 from topoclip.data.shapes import ShapesConfig
 from topoclip.dataclass_io import apply_overrides, from_dict, to_dict
 from topoclip.geometry import available_topologies
-from topoclip.losses.mixup import MixupWeights
+from topoclip.losses.mixup import MixupConfig
 
 from .files import deep_merge, read_config_file, resolve_config_path
 from .sections import OptimConfig, RunSettings, TrainConfig
@@ -28,7 +28,7 @@ __all__ = [
 ]
 
 METHODS = ("ft", "m2mix", "vmix", "lmix", "vlmix", "m3mix", "wise-ft", "embedding-shift")
-# The mixup terms each method adds to the contrastive loss (MixupWeights field names).
+# The mixup terms each method adds to the contrastive loss (MixupConfig field names).
 MIXUP_TERMS = {"m2mix": ("m2",), "vmix": ("v",), "lmix": ("l",), "vlmix": ("vl",), "m3mix": ("m2", "v", "l", "vl")}
 
 
@@ -60,7 +60,7 @@ class FinetuneMethodConfig:
     ``optim.warmup_steps`` from the run length; null keeps ``optim.warmup_steps``."""
 
     method: str = "ft"
-    mixup: MixupWeights = field(default_factory=MixupWeights)
+    mixup: MixupConfig = field(default_factory=MixupConfig)
     wise_alpha: float = 0.5  # weight of the fine-tuned model in WiSE-FT (0: zero-shot, 1: fine-tuned)
     shift: float = 1.0  # c of the embedding shift: points move by c * gap / 2
     gap_pairs: int = 4096  # fine-tuning pairs the modality gap is measured on
@@ -80,7 +80,7 @@ class FinetuneMethodConfig:
         if self.warmup_ratio is not None and not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"finetune.warmup_ratio: must lie in [0, 1) or be null, got {self.warmup_ratio}")
 
-    def mixup_weights(self) -> MixupWeights:
+    def mixup_weights(self) -> MixupConfig:
         """The mixup weights with every term this method does not use set to 0."""
         active = MIXUP_TERMS.get(self.method, ())
         return dataclasses.replace(self.mixup, **{t: 0.0 for t in ("m2", "v", "l", "vl") if t not in active})

@@ -7,7 +7,7 @@ from topoclip.data.pairs import CsvPairs, PairsRetrieval, holdout_split
 from topoclip.data.shapes import ShapesConfig, ShapesData, make_shapes
 from topoclip.data.tokenizer import TextTokenizer, build_tokenizer
 from topoclip.data.transforms import CLIP_MEAN, CLIP_STD, CorruptImageError, ImageTransform, load_image, normalize_uint8
-from topoclip.data.types import (
+from topoclip.data.datasets import (
     ClassificationSet,
     PairDataset,
     RetrievalSet,

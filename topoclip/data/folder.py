@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from topoclip.data.transforms import CLIP_MEAN, CLIP_STD, ImageTransform
-from topoclip.data.types import ClassificationSet, LazyImageFiles, SkipStats
+from topoclip.data.datasets import ClassificationSet, LazyImageFiles, SkipStats
 
 logger = logging.getLogger(__name__)
 

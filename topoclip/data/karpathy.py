@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from topoclip.data.transforms import CLIP_MEAN, CLIP_STD, ImageTransform, load_image
-from topoclip.data.types import RetrievalSet, SkipStats
+from topoclip.data.datasets import RetrievalSet, SkipStats
 
 
 def _caption_text(sentence) -> str:

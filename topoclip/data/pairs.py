@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from topoclip.data.transforms import CLIP_MEAN, CLIP_STD, CorruptImageError, ImageTransform, load_image
-from topoclip.data.types import LazyImageFiles, PairDataset, RetrievalSet, SkipStats
+from topoclip.data.datasets import LazyImageFiles, PairDataset, RetrievalSet, SkipStats
 
 
 class CsvPairs(PairDataset, LazyImageFiles):

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from topoclip.data.transforms import CLIP_MEAN, CLIP_STD, check_mean_std
-from topoclip.data.types import TensorClassificationSet, TensorPairSet, TensorRetrievalSet
+from topoclip.dataclass_io import check_types
+from topoclip.data.datasets import TensorClassificationSet, TensorPairSet, TensorRetrievalSet
 
 # ---------------------------------------------------------------------------------------------
 # Vocabulary and geometry
@@ -161,14 +162,6 @@ def _fix_articles(text: str) -> str:
 DEFAULT_HELDOUT = (("triangle", "blue"), ("circle", "yellow"), ("cross", "red"))
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
-def _is_real(v) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 @dataclass
 class ShapesConfig:
     """Settings of the embedded captioned-shapes data; validated on construction."""
@@ -181,18 +174,16 @@ class ShapesConfig:
     two_object_prob: float = 0.3
     noise: float = 0.0  # fraction of training pairs whose caption is swapped with another's
     full_caption_prob: float = 0.5  # chance a training caption names every attribute
-    heldout_combos: tuple = DEFAULT_HELDOUT  # (shape, colour) pairs kept out of train
+    heldout_combos: tuple[tuple[str, str], ...] = DEFAULT_HELDOUT  # (shape, colour) pairs kept out of train
     retrieval_captions_per_image: int = 3
-    zeroshot_tasks: tuple = ("shape", "colour", "size", "position")
+    zeroshot_tasks: tuple[str, ...] = ("shape", "colour", "size", "position")
     pixel_noise: float = 6.0  # std of per-pixel Gaussian noise, in 0..255 units
     background: str = "dark"  # "dark" or "light" (a rendering shift, see BACKGROUNDS)
-    mean: tuple = CLIP_MEAN
-    std: tuple = CLIP_STD
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
 
     def __post_init__(self) -> None:
-        for name in ("seed", "image_size", "num_train", "num_val", "num_test", "retrieval_captions_per_image"):
-            if not _is_int(getattr(self, name)):
-                raise ValueError(f"ShapesConfig.{name} must be an int, got {getattr(self, name)!r}")
+        check_types(self, "ShapesConfig")
         if self.seed < 0:
             raise ValueError(f"ShapesConfig.seed must be >= 0, got {self.seed}")
         if not 16 <= self.image_size <= 512:
@@ -204,9 +195,9 @@ class ShapesConfig:
                 raise ValueError(f"ShapesConfig.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("two_object_prob", "noise", "full_caption_prob"):
             v = getattr(self, name)
-            if not _is_real(v) or not 0.0 <= v <= 1.0:
+            if not 0.0 <= v <= 1.0:
                 raise ValueError(f"ShapesConfig.{name} must be a number in [0, 1], got {v!r}")
-        if not _is_real(self.pixel_noise) or self.pixel_noise < 0:
+        if not math.isfinite(self.pixel_noise) or self.pixel_noise < 0:
             raise ValueError(f"ShapesConfig.pixel_noise must be a number >= 0, got {self.pixel_noise!r}")
         if not 1 <= self.retrieval_captions_per_image <= min(len(SINGLE_FULL), len(PAIR_FULL)):
             raise ValueError(
@@ -217,29 +208,19 @@ class ShapesConfig:
             raise ValueError(f"ShapesConfig.background must be one of {list(BACKGROUNDS)}, got {self.background!r}")
         self.heldout_combos = self._check_heldout(self.heldout_combos)
         tasks = self.zeroshot_tasks
-        if isinstance(tasks, str) or not isinstance(tasks, (list, tuple)) or not tasks:
+        if not tasks:
             raise ValueError(f"ShapesConfig.zeroshot_tasks must be a non-empty list of task names, got {tasks!r}")
         unknown = [t for t in tasks if t not in ZEROSHOT_TASKS]
         if unknown or len(set(tasks)) != len(tasks):
             raise ValueError(
                 f"ShapesConfig.zeroshot_tasks must be distinct names from {list(ZEROSHOT_TASKS)}, got {list(tasks)}"
             )
-        self.zeroshot_tasks = tuple(tasks)
-        for name in ("mean", "std"):
-            v = getattr(self, name)
-            if isinstance(v, list):
-                setattr(self, name, tuple(v))
         check_mean_std(self.mean, self.std, "ShapesConfig")
 
     @staticmethod
-    def _check_heldout(combos) -> tuple[tuple[str, str], ...]:
-        if isinstance(combos, str) or not isinstance(combos, (list, tuple)):
-            raise ValueError(f"ShapesConfig.heldout_combos must be a list of [shape, colour] pairs, got {combos!r}")
+    def _check_heldout(combos: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
         out = []
-        for combo in combos:
-            if isinstance(combo, str) or not isinstance(combo, (list, tuple)) or len(combo) != 2:
-                raise ValueError(f"ShapesConfig.heldout_combos: each entry must be a [shape, colour] pair, got {combo!r}")
-            shape, colour = combo
+        for shape, colour in combos:
             if shape not in SHAPES:
                 raise ValueError(f"ShapesConfig.heldout_combos: unknown shape {shape!r} (known: {list(SHAPES)})")
             if colour not in COLOURS:

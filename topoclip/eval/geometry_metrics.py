@@ -35,15 +35,15 @@ def _sq_dists(a: Tensor, b: Tensor) -> Tensor:
     return ((a * a).sum(1, keepdim=True) + (b * b).sum(1).unsqueeze(0) - 2.0 * a @ b.T).clamp_min_(0.0)
 
 
-def alignment(v: Tensor, t: Tensor, alpha: float = 2.0) -> float:
+def alignment(image: Tensor, text: Tensor, alpha: float = 2.0) -> float:
     """mean_i ||v_i - t_i||^alpha (alpha = 2: the usual squared distance)."""
-    v, t = _flat(v), _flat(t)
-    return float(torch.linalg.vector_norm(v - t, dim=1).pow(alpha).mean())
+    image, text = _flat(image), _flat(text)
+    return float(torch.linalg.vector_norm(image - text, dim=1).pow(alpha).mean())
 
 
-def uniformity(v: Tensor, t: Tensor | None = None, temperature: float = 2.0, chunk_size: int = 1024) -> float:
+def uniformity(image: Tensor, text: Tensor | None = None, temperature: float = 2.0, chunk_size: int = 1024) -> float:
     """log mean_{x != y} exp(-temperature ||x - y||^2) over the union of v and t."""
-    x = _flat(v) if t is None else torch.cat([_flat(v), _flat(t)])
+    x = _flat(image) if text is None else torch.cat([_flat(image), _flat(text)])
     n = x.shape[0]
     if n < 2:
         raise ValueError("uniformity needs at least two points")
@@ -56,16 +56,16 @@ def uniformity(v: Tensor, t: Tensor | None = None, temperature: float = 2.0, chu
     return float(total - math.log(n * (n - 1)))
 
 
-def relative_alignment(v: Tensor, t: Tensor, chunk_size: int = 1024) -> float:
+def relative_alignment(image: Tensor, text: Tensor, chunk_size: int = 1024) -> float:
     """mean_i ( ||t_i - v_i||^2 - min_{j != i} ||t_i - v_j||^2 ): negative when every text is
     closer to its own image than to any other."""
-    v, t = _flat(v), _flat(t)
-    n = v.shape[0]
+    image, text = _flat(image), _flat(text)
+    n = image.shape[0]
     if n < 2:
         raise ValueError("relative_alignment needs at least two pairs")
     out = []
     for i in range(0, n, chunk_size):
-        d = _sq_dists(t[i:i + chunk_size], v)
+        d = _sq_dists(text[i:i + chunk_size], image)
         rows = torch.arange(i, min(n, i + chunk_size))
         own = d[rows - i, rows].clone()
         d[rows - i, rows] = math.inf
@@ -73,29 +73,29 @@ def relative_alignment(v: Tensor, t: Tensor, chunk_size: int = 1024) -> float:
     return float(torch.cat(out).mean())
 
 
-def modality_gap(v: Tensor, t: Tensor) -> Tensor:
+def modality_gap(image: Tensor, text: Tensor) -> Tensor:
     """The centroid difference mean(v) - mean(t) (flattened); its norm is the reported gap."""
-    return _flat(v).mean(0) - _flat(t).mean(0)
+    return _flat(image).mean(0) - _flat(text).mean(0)
 
 
-def embedding_shift(topology: Topology, v: Tensor, t: Tensor, c: float = 1.0, gap: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def embedding_shift(topology: Topology, image: Tensor, text: Tensor, c: float = 1.0, gap: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Close the modality gap at inference: v' = proj(v - c gap/2), t' = proj(t + c gap/2).
 
     ``gap`` defaults to the gap of (v, t); pass one measured on held-out data to apply it to
     new embeddings.
     """
-    gap = modality_gap(v, t) if gap is None else gap
-    shift = (0.5 * c * gap).to(v.device)
-    v_shift = topology.project(_flat(v) - shift)
-    t_shift = topology.project(_flat(t) + shift)
-    return v_shift, t_shift
+    gap = modality_gap(image, text) if gap is None else gap
+    shift = (0.5 * c * gap).to(image.device)
+    image_shift = topology.project(_flat(image) - shift)
+    text_shift = topology.project(_flat(text) + shift)
+    return image_shift, text_shift
 
 
-def geometry_report(v: Tensor, t: Tensor) -> dict[str, float]:
+def geometry_report(image: Tensor, text: Tensor) -> dict[str, float]:
     """All of the above for paired embeddings, as plain floats."""
     return {
-        "alignment": alignment(v, t),
-        "uniformity": uniformity(v, t),
-        "relative_alignment": relative_alignment(v, t),
-        "modality_gap": float(torch.linalg.vector_norm(modality_gap(v, t))),
+        "alignment": alignment(image, text),
+        "uniformity": uniformity(image, text),
+        "relative_alignment": relative_alignment(image, text),
+        "modality_gap": float(torch.linalg.vector_norm(modality_gap(image, text))),
     }

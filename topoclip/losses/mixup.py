@@ -2,8 +2,10 @@
 
 Hard negatives are made by walking along the geodesic between embeddings, through the
 topology's ``interpolate``: slerp on the sphere, per-block slerp on the oblique manifold,
-linear interpolation in Euclidean space. Notation follows the formulas in the project notes:
-v image points, t text points, J the reversed batch (partner of i is N-1-i), and
+linear interpolation in Euclidean space. The formulas are those of *Geodesic Multi-Modal Mixup
+for Robust Fine-Tuning* (Oh et al., NeurIPS 2023), eqs. 4-8, with its notation: v_i an image
+point, t_i a text point (``image`` and ``text`` in the code), J the reversed batch (partner of
+i is N-1-i), and
 
     m_lam(a, b) = a sin(lam θ)/sin θ + b sin((1-lam) θ)/sin θ  =  interpolate(a, b, 1 - lam)
 
@@ -24,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..dataclass_io import check_types
 from ..geometry import Topology
 from .contrastive import ContrastiveLoss
 
@@ -33,7 +36,7 @@ __all__ = [
     "v_mix_loss",
     "l_mix_loss",
     "vl_mix_loss",
-    "MixupWeights",
+    "MixupConfig",
     "M3MixLoss",
     "mixup_hardness",
 ]
@@ -58,19 +61,19 @@ def _labels(n: int, device) -> Tensor:
     return torch.arange(n, device=device)
 
 
-def m2_mix_loss(topology: Topology, v: Tensor, t: Tensor, scale: Tensor | float, lam: float) -> Tensor:
+def m2_mix_loss(topology: Topology, image: Tensor, text: Tensor, scale: Tensor | float, lam: float) -> Tensor:
     """m²-Mix: the negatives of each anchor are replaced by mixed points m_j = m_lam(v_j, t_j).
 
     Row i (image anchor): positive <v_i, t_i>, negatives <v_i, m_j> for j != i; likewise for the
     text anchor t_i. ``scale`` is this term's own logit scale (the "high temperature variant":
     1/0.07 while the CLIP term runs at 1/0.01 during fine-tuning).
     """
-    mixed = geodesic_mix(topology, v, t, lam)
-    positive = scale * topology.paired_similarity(v, t)
-    logits_v = _with_diagonal(scale * topology.similarity(v, mixed), positive)
-    logits_t = _with_diagonal(scale * topology.similarity(t, mixed), positive)
-    labels = _labels(v.shape[0], positive.device)
-    return 0.5 * (F.cross_entropy(logits_v, labels) + F.cross_entropy(logits_t, labels))
+    mixed = geodesic_mix(topology, image, text, lam)
+    positive = scale * topology.paired_similarity(image, text)
+    logits_image = _with_diagonal(scale * topology.similarity(image, mixed), positive)
+    logits_text = _with_diagonal(scale * topology.similarity(text, mixed), positive)
+    labels = _labels(image.shape[0], positive.device)
+    return 0.5 * (F.cross_entropy(logits_image, labels) + F.cross_entropy(logits_text, labels))
 
 
 def _soft_targets(n: int, lam: float, device, dtype) -> Tensor:
@@ -85,34 +88,36 @@ def _soft_symmetric_ce(logits: Tensor, targets: Tensor) -> Tensor:
     return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
 
 
-def v_mix_loss(topology: Topology, v: Tensor, t: Tensor, scale: Tensor | float, lam: float) -> Tensor:
+def v_mix_loss(topology: Topology, image: Tensor, text: Tensor, scale: Tensor | float, lam: float) -> Tensor:
     """V-Mix: images mixed with the reversed batch, ṽ_i = m_lam(v_i, v_J(i)); logits <ṽ_i, t_j>,
     soft targets lam at j = i and 1 - lam at j = J(i)."""
-    mixed = geodesic_mix(topology, v, _reversed(v), lam)
-    logits = scale * topology.similarity(mixed, t)
-    return _soft_symmetric_ce(logits, _soft_targets(v.shape[0], lam, logits.device, logits.dtype))
+    mixed = geodesic_mix(topology, image, _reversed(image), lam)
+    logits = scale * topology.similarity(mixed, text)
+    return _soft_symmetric_ce(logits, _soft_targets(image.shape[0], lam, logits.device, logits.dtype))
 
 
-def l_mix_loss(topology: Topology, v: Tensor, t: Tensor, scale: Tensor | float, lam: float) -> Tensor:
+def l_mix_loss(topology: Topology, image: Tensor, text: Tensor, scale: Tensor | float, lam: float) -> Tensor:
     """L-Mix: the same on the text side, t̃_i = m_lam(t_i, t_J(i)); logits <v_i, t̃_j>."""
-    mixed = geodesic_mix(topology, t, _reversed(t), lam)
-    logits = scale * topology.similarity(v, mixed)
-    return _soft_symmetric_ce(logits, _soft_targets(v.shape[0], lam, logits.device, logits.dtype))
+    mixed = geodesic_mix(topology, text, _reversed(text), lam)
+    logits = scale * topology.similarity(image, mixed)
+    return _soft_symmetric_ce(logits, _soft_targets(image.shape[0], lam, logits.device, logits.dtype))
 
 
-def vl_mix_loss(topology: Topology, v: Tensor, t: Tensor, scale: Tensor | float, lam: float) -> Tensor:
+def vl_mix_loss(topology: Topology, image: Tensor, text: Tensor, scale: Tensor | float, lam: float) -> Tensor:
     """VL-Mix: both sides mixed with one lam; (ṽ_i, t̃_i) is the positive, the negatives keep
     the original similarities <v_i, t_j> (hard targets on the diagonal)."""
-    v_mixed = geodesic_mix(topology, v, _reversed(v), lam)
-    t_mixed = geodesic_mix(topology, t, _reversed(t), lam)
-    logits = _with_diagonal(scale * topology.similarity(v, t), scale * topology.paired_similarity(v_mixed, t_mixed))
-    labels = _labels(v.shape[0], logits.device)
+    image_mixed = geodesic_mix(topology, image, _reversed(image), lam)
+    text_mixed = geodesic_mix(topology, text, _reversed(text), lam)
+    logits = _with_diagonal(scale * topology.similarity(image, text), scale * topology.paired_similarity(image_mixed, text_mixed))
+    labels = _labels(image.shape[0], logits.device)
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
 
 
 @dataclass
-class MixupWeights:
-    """Weights and Beta(alpha, alpha) parameters of the m³-Mix terms (a weight 0 disables one).
+class MixupConfig:
+    """The m³-Mix terms' settings (``finetune.mixup``): each term's weight in the loss (0
+    disables it), the Beta(alpha, alpha) parameters its lam is drawn from, and the m²-Mix
+    term's own logit scale.
 
     Defaults are the middle of the public scripts' ranges: w_m2 in {0.001..0.05}, w_V = w_L =
     0.05, w_VL in {0.05, 0.1, 0.2}; alpha 0.2-0.5 (V/L, m2), 0.5-1.0 (VL).
@@ -129,6 +134,7 @@ class MixupWeights:
     decay: bool = False  # multiply the mixup weights by 1/(epoch+1)
 
     def __post_init__(self) -> None:
+        check_types(self, "mixup")
         for name in ("m2", "v", "l", "vl"):
             if getattr(self, name) < 0:
                 raise ValueError(f"mixup.{name}: weight must be >= 0, got {getattr(self, name)}")
@@ -147,11 +153,11 @@ class M3MixLoss(nn.Module):
     """
 
     def __init__(
-        self, topology: Topology, weights: MixupWeights | None = None, seed: int = 0, clip_loss: nn.Module | None = None
+        self, topology: Topology, weights: MixupConfig | None = None, seed: int = 0, clip_loss: nn.Module | None = None
     ):
         super().__init__()
         self.topology = topology
-        self.weights = weights or MixupWeights()
+        self.weights = weights or MixupConfig()
         # The L_CLIP term; pass a configured ContrastiveLoss (local loss, tiling) to share it.
         # Under torch.distributed it gathers the batch, while the mixup terms see each
         # process's own pairs.
@@ -167,24 +173,24 @@ class M3MixLoss(nn.Module):
     def _draw(self, alpha: float) -> float:
         return float(self.rng.beta(alpha, alpha))
 
-    def forward(self, v: Tensor, t: Tensor, scale: Tensor | float, epoch: int | None = None, return_details: bool = False):
+    def forward(self, image: Tensor, text: Tensor, scale: Tensor | float, epoch: int | None = None, return_details: bool = False):
         w = self.weights
         epoch = self.epoch if epoch is None else epoch
         decay = 1.0 / (epoch + 1) if w.decay else 1.0
-        terms: dict[str, Tensor] = {"clip": self.clip_loss(v, t, scale)}
+        terms: dict[str, Tensor] = {"clip": self.clip_loss(image, text, scale)}
         lams: dict[str, float] = {}
         if w.m2 > 0:
             lams["m2"] = self._draw(w.alpha_m2)
-            terms["m2"] = m2_mix_loss(self.topology, v, t, w.m2_scale, lams["m2"])
+            terms["m2"] = m2_mix_loss(self.topology, image, text, w.m2_scale, lams["m2"])
         if w.v > 0:
             lams["v"] = self._draw(w.alpha_uni)
-            terms["v"] = v_mix_loss(self.topology, v, t, scale, lams["v"])
+            terms["v"] = v_mix_loss(self.topology, image, text, scale, lams["v"])
         if w.l > 0:
             lams["l"] = self._draw(w.alpha_uni)
-            terms["l"] = l_mix_loss(self.topology, v, t, scale, lams["l"])
+            terms["l"] = l_mix_loss(self.topology, image, text, scale, lams["l"])
         if w.vl > 0:
             lams["vl"] = self._draw(w.alpha_vl)
-            terms["vl"] = vl_mix_loss(self.topology, v, t, scale, lams["vl"])
+            terms["vl"] = vl_mix_loss(self.topology, image, text, scale, lams["vl"])
         total = terms["clip"]
         for name, value in terms.items():
             if name != "clip":
@@ -206,16 +212,16 @@ class M3MixLoss(nn.Module):
 
 
 @torch.no_grad()
-def mixup_hardness(topology: Topology, v: Tensor, t: Tensor, lam: float, bins: int = 50) -> dict:
-    """How hard the m²-Mix negatives are (the seed's Fig. 4): similarities of each image anchor
+def mixup_hardness(topology: Topology, image: Tensor, text: Tensor, lam: float, bins: int = 50) -> dict:
+    """How hard the m²-Mix negatives are (Fig. 4 of *Geodesic Multi-Modal Mixup*): similarities of each image anchor
     to the original negatives <v_i, t_j> and to the mixed negatives <v_i, m_j>, j != i, as
     histograms over a shared range plus their means. Harder negatives sit closer to the
     positives' similarities."""
-    mixed = geodesic_mix(topology, v, t, lam)
-    off = ~torch.eye(v.shape[0], dtype=torch.bool, device=v.device)
-    original = topology.similarity(v, t)[off].float().cpu()
-    hard = topology.similarity(v, mixed)[off].float().cpu()
-    positive = topology.paired_similarity(v, t).float().cpu()
+    mixed = geodesic_mix(topology, image, text, lam)
+    off = ~torch.eye(image.shape[0], dtype=torch.bool, device=image.device)
+    original = topology.similarity(image, text)[off].float().cpu()
+    hard = topology.similarity(image, mixed)[off].float().cpu()
+    positive = topology.paired_similarity(image, text).float().cpu()
     lo = float(torch.minimum(original.min(), hard.min()))
     hi = float(torch.maximum(torch.maximum(original.max(), hard.max()), positive.max()))
     hi = hi if hi > lo else lo + 1.0

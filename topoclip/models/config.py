@@ -7,12 +7,14 @@ the user has to edit.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import timm
+
+from topoclip.dataclass_io import check_types, from_dict, to_dict
+from topoclip.temperature import check_scale_bounds
 
 # Registers the default image model (DEFAULT_IMAGE_MODEL) with timm before any name is checked.
 from . import towers as _towers  # noqa: F401
@@ -88,7 +90,8 @@ class ImageTowerConfig:
 
     def validate(self) -> None:
         p = "model.image"
-        if not isinstance(self.name, str) or not self.name:
+        check_types(self, p)
+        if not self.name:
             raise ValueError(f"{p}.name must be a timm model name, got {self.name!r}")
         if not timm.is_model(self.name):
             raise ValueError(f"{p}.name: {self.name!r} is not a timm model (see timm.list_models())")
@@ -106,8 +109,6 @@ class ImageTowerConfig:
             )
         if self.width is not None and self.heads is not None and self.width % self.heads:
             raise ValueError(f"{p}.heads={self.heads} must divide {p}.width={self.width}")
-        if not isinstance(self.timm_kwargs, dict):
-            raise ValueError(f"{p}.timm_kwargs must be a mapping, got {type(self.timm_kwargs).__name__}")
         for key in self.timm_kwargs:
             if key in _RESERVED_TIMM_KWARGS:
                 raise ValueError(f"{p}.timm_kwargs.{key} is not allowed: {_RESERVED_TIMM_KWARGS[key]}")
@@ -146,6 +147,7 @@ class TextTowerConfig:
 
     def validate(self) -> None:
         p = "model.text"
+        check_types(self, p)
         for attr in ("width", "depth", "heads"):
             _int(getattr(self, attr), f"{p}.{attr}")
         _int(self.context_length, f"{p}.context_length", minimum=2)
@@ -179,14 +181,8 @@ class LogitScaleConfig:
         self.validate()
 
     def validate(self) -> None:
-        p = "model.logit_scale"
-        _positive(self.init, f"{p}.init")
-        if not isinstance(self.learnable, bool):
-            raise ValueError(f"{p}.learnable must be true or false, got {self.learnable!r}")
-        if self.max is not None:
-            _positive(self.max, f"{p}.max")
-            if self.init > self.max:
-                raise ValueError(f"{p}.init={self.init} exceeds {p}.max={self.max}")
+        check_types(self, "model.logit_scale")
+        check_scale_bounds(self.init, self.max, "model.logit_scale.")
 
 
 @dataclass
@@ -207,10 +203,9 @@ class ModelConfig:
         self.validate()
 
     def validate(self) -> None:
+        check_types(self, "model")
         _int(self.num_tokens, "model.num_tokens")
-        for attr, cls in (("image", ImageTowerConfig), ("text", TextTowerConfig), ("logit_scale", LogitScaleConfig)):
-            if not isinstance(getattr(self, attr), cls):
-                raise ValueError(f"model.{attr} must be a {cls.__name__}, got {type(getattr(self, attr)).__name__}")
+        for attr in ("image", "text", "logit_scale"):
             getattr(self, attr).validate()
         need = self.text.positions_needed(self.num_tokens)
         if self.text.max_positions is not None and self.text.max_positions < need:
@@ -222,25 +217,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> "ModelConfig":
         """Build from a nested mapping (e.g. parsed YAML); unknown keys are errors."""
-        return _from_dict(cls, data or {}, "model")
+        return from_dict(cls, data or {}, "model")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-_NESTED = {"image": ImageTowerConfig, "text": TextTowerConfig, "logit_scale": LogitScaleConfig}
-
-
-def _from_dict(cls: type, data: Any, path: str) -> Any:
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must be a mapping, got {type(data).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in known:
-            raise ValueError(f"{path}.{key} is not a known field (known: {', '.join(sorted(known))})")
-    kwargs = dict(data)
-    if cls is ModelConfig:
-        for key, sub in _NESTED.items():
-            if key in kwargs and not isinstance(kwargs[key], sub):
-                kwargs[key] = _from_dict(sub, kwargs[key], f"{path}.{key}")
-    return cls(**kwargs)
+        return to_dict(self)
