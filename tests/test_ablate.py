@@ -11,11 +11,11 @@ import pytest
 import torch
 import yaml
 
+from tests.helpers import QUIET_RUN, TINY_TOWERS
 from topoclip.analysis.grid import config_differences, load_grid, parse_grid, select_runs
 from topoclip.analysis.run_metrics import ANALYSIS_FILE, similarity_samples
 from topoclip.analysis.table import clip_benchmark_rows, format_markdown, table_row
 from topoclip.cli import main
-from tests.helpers import QUIET_RUN, TINY_TOWERS
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
@@ -188,9 +188,11 @@ def test_similarity_samples_match_hand_computed_values():
     u = torch.tensor([[1.0, 0.0], [0.0, 1.0], [c, s]])
     v = torch.tensor([[c, s], [0.0, -1.0], [1.0, 0.0]])
     model = _FixedEncoder(topo, u, v)
-    tokenizer = lambda texts: {"input_ids": torch.tensor([[int(t)] for t in texts]), "attention_mask": torch.ones(len(texts), 1)}
+    def tokenizer(texts):
+        return {"input_ids": torch.tensor([[int(t)] for t in texts]), "attention_mask": torch.ones(len(texts), 1)}
     values, geometry = similarity_samples(model, tokenizer, _Pairs(3), max_pairs=3, samples=100, batch_size=2, device="cpu")
-    dot = lambda a, b: float(a @ b)
+    def dot(a, b):
+        return float(a @ b)
     assert sorted(values["positive"]) == pytest.approx(sorted([c, -1.0, c]))
     assert sorted(values["negative"]) == pytest.approx(sorted([dot(u[i], v[j]) for i in range(3) for j in range(3) if i != j]))
     assert sorted(values["image-image"]) == pytest.approx(sorted([0.0, c, s]))
@@ -279,8 +281,8 @@ def _tiny_grid(tmp_path: Path) -> Path:
 
 def results_caption(out: Path, run: str) -> str:
     """The first test caption of a grid run's data (the first pair Grad-CAM explains)."""
-    from topoclip.data.shapes import make_shapes
     from topoclip.config import load_config
+    from topoclip.data.shapes import make_shapes
     from topoclip.runs import run_config_path
 
     return make_shapes(load_config(run_config_path(out / "runs" / run)).data.shapes).test.captions[0]
@@ -304,11 +306,11 @@ def _map_at_r_by_hand(scores: torch.Tensor, positive: torch.Tensor) -> tuple[flo
 
 def _check_map_at_r(run_dir: Path, row: dict) -> None:
     """The table's mAP@R / R-P equal a by-hand computation on the run's test retrieval set."""
-    from topoclip.eval import embed_images, embed_texts
-    from topoclip.runs.checkpoint import load_weights, resolve_checkpoint
     from topoclip.config import load_config
-    from topoclip.runs import run_config_path
+    from topoclip.eval import embed_images, embed_texts
     from topoclip.recipes.pretrain import build_components
+    from topoclip.runs import run_config_path
+    from topoclip.runs.checkpoint import load_weights, resolve_checkpoint
 
     config = load_config(run_config_path(run_dir))
     data, tokenizer, model = build_components(config, run_dir)

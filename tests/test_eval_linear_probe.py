@@ -6,9 +6,8 @@ import pytest
 import torch
 
 import topoclip
-from topoclip.eval.linear_probe import extract_features, fit_logistic_regression, run_linear_probe, probe_accuracy
+from topoclip.eval.linear_probe import extract_features, fit_logistic_regression, probe_accuracy, run_linear_probe
 from topoclip.models import ImageTowerConfig, ModelConfig, TextTowerConfig, build_model
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import topoclip
-from topoclip.eval import retrieval_map_at_r, map_at_r_scores, retrieval_recall
+from topoclip.eval import map_at_r_scores, retrieval_map_at_r, retrieval_recall
 
 TOPOLOGY_ARGS = {
     "sphere": dict(dim=6),

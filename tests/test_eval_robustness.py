@@ -9,10 +9,9 @@ import pytest
 import torch
 
 import topoclip
-from tests.helpers import FakeDualEncoder, FakeTokenizer
+from tests.helpers import QUIET_RUN, TINY_TOWERS, FakeDualEncoder, FakeTokenizer
 from topoclip.eval import evaluate_robustness
 from topoclip.eval.calibration import retrieval_calibration
-from tests.helpers import QUIET_RUN, TINY_TOWERS
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 TOPOLOGY_ARGS = {"sphere": dict(dim=8), "oblique-geodesic": dict(n=4, m=2)}
@@ -263,8 +262,8 @@ TINY = TINY_TOWERS + QUIET_RUN + [
 
 def test_train_and_cli_eval_write_robustness(tmp_path, capsys):
     from topoclip.cli import main
-    from topoclip.recipes import evaluate, pretrain
     from topoclip.config import load_config
+    from topoclip.recipes import pretrain
 
     cfg = load_config(CONFIGS / "default.yaml", TINY + [f"output.dir={tmp_path}"])
     run_dir = Path(pretrain.run(cfg)["run_dir"])

@@ -11,16 +11,15 @@ from safetensors.torch import load_file
 
 import topoclip
 from topoclip.cli import main
+from topoclip.config import FinetuneConfig, load_config, load_finetune_config
 from topoclip.data import build_tokenizer, make_collate, make_shapes
 from topoclip.eval import EmbeddingShiftModel, estimate_modality_gap
 from topoclip.eval.geometry_metrics import embedding_shift, modality_gap
 from topoclip.models import ImageTowerConfig, ModelConfig, TextTowerConfig, build_model, interpolate_weights, wise_ft
-from topoclip.recipes import evaluate, pretrain
-from topoclip.runs.checkpoint import latest_checkpoint
-from topoclip.config import load_config
+from topoclip.recipes import pretrain
 from topoclip.recipes.finetune import run_finetune
-from topoclip.config import FinetuneConfig, load_finetune_config
 from topoclip.runs import load_run
+from topoclip.runs.checkpoint import latest_checkpoint
 
 TINY_OPENCLIP = "topoclip-test-tiny"  # registered by the openclip_files fixture (conftest.py)
 
@@ -166,7 +165,8 @@ def test_mixup_finetune_resumes_exactly(topoclip_run, tmp_path):
     assert final.name.endswith("4")
     shutil.rmtree(final)
     assert latest_checkpoint(run_b).name.endswith("2")
-    resumed = run_finetune(load_finetune_config(None, common + [f"output.dir={tmp_path / 'b'}", "train.checkpoint_every=2", "train.resume=true"]), run_dir=run_b)
+    again = load_finetune_config(None, common + [f"output.dir={tmp_path / 'b'}", "train.checkpoint_every=2", "train.resume=true"])
+    resumed = run_finetune(again, run_dir=run_b)
     assert resumed["train"]["steps"] == 4
     a = load_file(str(latest_checkpoint(tmp_path / "a" / "finetune-m3mix") / "model.safetensors"))
     b = load_file(str(latest_checkpoint(run_b) / "model.safetensors"))

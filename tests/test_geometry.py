@@ -262,7 +262,8 @@ def test_interpolate_geodesic_properties(name):
     w = topo.interpolate(a, b, t)
     norms = torch.linalg.vector_norm(topo.blocks(w), dim=-1)
     torch.testing.assert_close(norms, torch.ones_like(norms))
-    ang = lambda p, q: torch.arccos((topo.blocks(p) * topo.blocks(q)).sum(-1).clamp(-1, 1))
+    def ang(p, q):
+        return torch.arccos((topo.blocks(p) * topo.blocks(q)).sum(-1).clamp(-1, 1))
     torch.testing.assert_close(ang(a, w), t[:, None] * ang(a, b), atol=1e-6, rtol=1e-6)
 
 

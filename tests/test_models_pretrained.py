@@ -18,7 +18,6 @@ from topoclip.models import (
     load_openclip,
     load_pretrained,
 )
-from topoclip.models import pretrained as pretrained_mod
 
 open_clip = pytest.importorskip("open_clip")
 transformers = pytest.importorskip("transformers")

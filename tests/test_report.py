@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
+from tests.helpers import QUIET_RUN, TINY_TOWERS
 from topoclip.analysis.plots import plot_similarity_distributions, plot_temperature_trajectories, plot_uniformity_alignment
 from topoclip.analysis.run_metrics import ANALYSIS_FILE, SIMILARITY_FILE, load_similarities
 from topoclip.cli import main
-from topoclip.recipes import evaluate, pretrain
 from topoclip.config import load_config
-from tests.helpers import QUIET_RUN, TINY_TOWERS
+from topoclip.recipes import pretrain
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
@@ -65,7 +64,8 @@ def test_tiled_gradcheck(name):
     x = torch.randn(7, 12, generator=g, dtype=torch.float64, requires_grad=True)
     y = torch.randn(7, 12, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
-    f = lambda a, b, s: tiled_contrastive_loss(topo, topo.project(a), topo.project(b), s.exp(), tile=3)
+    def f(a, b, s):
+        return tiled_contrastive_loss(topo, topo.project(a), topo.project(b), s.exp(), tile=3)
     assert torch.autograd.gradcheck(f, (x, y, w))
 
 

@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 import topoclip
+from topoclip.engine.optim import build_optimizer, build_scheduler
+from topoclip.engine.sampler import EpochBatchSampler
 from topoclip.runs import checkpoint as ckpt_mod
 from topoclip.runs.checkpoint import (
     capture_rng_state,
@@ -19,8 +21,6 @@ from topoclip.runs.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from topoclip.engine.optim import build_optimizer, build_scheduler
-from topoclip.engine.sampler import EpochBatchSampler
 
 
 class _Net(nn.Module):

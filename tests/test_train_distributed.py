@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import topoclip
-from topoclip.models import ModelConfig, build_model
 from topoclip.engine.distributed import DistInfo, init_distributed, rank_slice, wrap_model
+from topoclip.models import ModelConfig, build_model
 
 STEPS, GLOBAL_BATCH = 3, 8
 

@@ -14,13 +14,13 @@ import pytest
 import torch
 
 import topoclip
-from topoclip.models import ModelConfig, build_model
-from topoclip.runs.checkpoint import list_checkpoints
 from topoclip.config import config_from_dict
-from topoclip.engine.distributed import DistInfo, init_distributed
-from topoclip.runs import read_jsonl
 from topoclip.engine import ContrastiveTask, TrainingSettings
+from topoclip.engine.distributed import DistInfo, init_distributed
 from topoclip.engine.trainer import Trainer, seed_everything
+from topoclip.models import ModelConfig, build_model
+from topoclip.runs import read_jsonl
+from topoclip.runs.checkpoint import list_checkpoints
 
 VOCAB, LENGTH, STEPS = 30, 8, 3
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from topoclip.recipes import evaluate, pretrain
-from topoclip.config import load_config
 from tests.helpers import QUIET_RUN, TINY_TOWERS
+from topoclip.config import load_config
+from topoclip.recipes import evaluate, pretrain
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

@@ -96,7 +96,7 @@ def test_cosine_schedule_matches_formula(floor):
     opt = torch.optim.AdamW([param], lr=peak)
     sched = build_scheduler(opt, warmup, total, "cosine", floor)
     seen = []
-    for step in range(total):
+    for _ in range(total):
         seen.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()

@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 import topoclip
-from topoclip.models import ModelConfig, build_model
 from topoclip.config import config_from_dict
-from topoclip.recipes.common import build_loss
 from topoclip.engine import ContrastiveTask, TrainingSettings
 from topoclip.engine.trainer import Trainer, enable_grad_checkpointing, seed_everything
+from topoclip.models import ModelConfig, build_model
+from topoclip.recipes.common import build_loss
 
 VOCAB, LENGTH = 30, 8
 
@@ -100,7 +100,8 @@ def test_grad_checkpointing_recomputes_the_towers_and_gives_the_same_gradients(t
 def test_grad_checkpointing_needs_a_tower_that_supports_it(tmp_path):
     cfg = small_config(tmp_path, "train.grad_checkpointing=true")
     with pytest.raises(ValueError, match="train.grad_checkpointing"):
-        Trainer(ContrastiveTask(Points(cfg.topology.build()), topoclip.ContrastiveLoss(cfg.topology.build())), PairSet(), collate, TrainingSettings.of(cfg), tmp_path / "r")
+        topo = cfg.topology.build()
+        Trainer(ContrastiveTask(Points(topo), topoclip.ContrastiveLoss(topo)), PairSet(), collate, TrainingSettings.of(cfg), tmp_path / "r")
 
 
 def test_loss_section_and_local_loss_reach_the_loss(tmp_path):

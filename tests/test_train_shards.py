@@ -7,14 +7,14 @@ import pytest
 import torch
 
 import topoclip
+from tests.helpers import QUIET_RUN, TINY_TOWERS
+from topoclip.config import config_from_dict
 from topoclip.data import make_shapes
 from topoclip.data.shards import ShardStream, tensor_pairs_to_samples, write_shards
-from topoclip.recipes import evaluate, pretrain
-from topoclip.config import config_from_dict
-from topoclip.runs import read_jsonl
 from topoclip.engine import ContrastiveTask, TrainingSettings
 from topoclip.engine.trainer import Trainer
-from tests.helpers import QUIET_RUN, TINY_TOWERS
+from topoclip.recipes import pretrain
+from topoclip.runs import read_jsonl
 
 pytest.importorskip("webdataset")
 

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 import topoclip
-from topoclip.runs.checkpoint import latest_checkpoint, list_checkpoints
 from topoclip.config import config_from_dict
 from topoclip.engine import ContrastiveTask, TrainingSettings
 from topoclip.engine.trainer import Trainer, seed_everything
+from topoclip.runs.checkpoint import latest_checkpoint, list_checkpoints
 
 
 class TinyDual(nn.Module):
@@ -264,7 +264,8 @@ def test_bf16_autocast_trains_without_nan_and_fp16_needs_cuda(tmp_path):
     after = trainer.model.state_dict()
     assert all(torch.isfinite(v).all() for v in after.values())
     assert any(not torch.equal(before[k], after[k]) for k in before)
-    u, v, _ = trainer._encode({"images": torch.randn(4, 3, 4, 4), "input_ids": torch.ones(4, 5, dtype=torch.long), "attention_mask": torch.ones(4, 5, dtype=torch.long)})
+    ids = torch.ones(4, 5, dtype=torch.long)
+    u, v, _ = trainer._encode({"images": torch.randn(4, 3, 4, 4), "input_ids": ids, "attention_mask": ids})
     assert u.dtype == v.dtype == torch.float32
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="train.precision"):

@@ -174,8 +174,8 @@ def _finetune_demo(args: argparse.Namespace) -> int:
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    from topoclip.recipes.finetune import run_finetune
     from topoclip.config import load_finetune_config
+    from topoclip.recipes.finetune import run_finetune
 
     overrides = []
     if args.source is not None:
@@ -420,7 +420,7 @@ def _bench(args: argparse.Namespace) -> int:
         if args.bench_action == "loss":
             import torch
 
-            from topoclip.bench.loss import TOPOLOGIES, format_table, goal_lines, run_loss_bench
+            from topoclip.bench.loss import TOPOLOGIES, format_table, run_loss_bench
 
             device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
             print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, d={args.dim}",
@@ -428,8 +428,6 @@ def _bench(args: argparse.Namespace) -> int:
             rows = run_loss_bench(args.batch, args.dim, args.topologies or TOPOLOGIES, args.tiled, args.repeats,
                                   device, args.tile_size, args.memory_gib, openclip=not args.no_openclip)
             print(format_table(rows))
-            for line in goal_lines(rows):
-                print(line)
         elif args.bench_action == "max-batch":
             from topoclip.bench.max_batch import format_trials, run_max_batch
 

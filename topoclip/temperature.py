@@ -1,7 +1,7 @@
 """The softmax temperature, as a multiplier on similarities ("logit scale").
 
 Stored as log(scale) so that gradient steps are multiplicative and the scale stays positive.
-The seeds read it as the factor that stretches the similarity range: [-1, 1] on the sphere
+*Design of the topology for contrastive visual-textual alignment* reads it as the factor that stretches the similarity range: [-1, 1] on the sphere
 becomes [-scale, scale]. A maximum (CLIP's 100; 100/16 for a 16-token oblique model) keeps
 the logits finite in low precision.
 """
@@ -32,7 +32,7 @@ class LogitScale(nn.Module):
     """``scale = exp(log_scale)``, clamped to ``max``.
 
     Args:
-        init: initial scale (CLIP: 1/0.07; the seed's ablations use e^0, e^2.64, e^5.31).
+        init: initial scale (CLIP: 1/0.07; the ablations of *Design of the topology*, Table 3, use e^0, e^2.64, e^5.31).
         learnable: whether ``log_scale`` is a trainable parameter or a fixed buffer.
         max: upper bound of the scale (None for no bound).
     """

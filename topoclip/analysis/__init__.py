@@ -1,7 +1,7 @@
 """Ablation grids (``topoclip ablate``), their tables and plots, and HTML reports (``topoclip report``).
 
-Application level: unlike the library (geometry, losses, models, eval, data) it builds on
-``topoclip.train`` to train and reload runs.
+Application level: unlike the library (geometry, losses, models, data, eval, runs, config) it
+builds on ``topoclip.recipes`` to train the runs of a grid.
 """
 from topoclip.analysis.grid import Grid, GridRun, load_grid, parse_grid
 from topoclip.analysis.report import write_report

@@ -1,4 +1,4 @@
-"""PNG plots of ablation runs: temperature trajectories (the seed's Fig. 4), similarity
+"""PNG plots of ablation runs: temperature trajectories (Fig. 4 of *Design of the topology for contrastive visual-textual alignment*), similarity
 distributions in- and out-of-domain (Fig. 6) and uniformity vs alignment.
 
 matplotlib is imported inside each function and used through ``Figure`` + the Agg canvas (no
@@ -71,7 +71,7 @@ def plot_similarity_distributions(
         everything = np.concatenate([v for v in finite if v.size]) if any(v.size for v in finite) else np.zeros(1)
         lo, hi = float(everything.min()), float(everything.max())
         edges = np.linspace(lo, hi if hi > lo else lo + 1.0, bins + 1)
-        for (kind, values), clean in zip(kinds.items(), finite):
+        for (kind, _values), clean in zip(kinds.items(), finite):
             if clean.size:
                 ax.hist(clean, bins=edges, density=True, histtype="step", linewidth=1.4,
                         color=_KIND_COLOURS.get(kind), label=f"{kind} (mean {clean.mean():.3g})")

@@ -22,7 +22,12 @@ from typing import Any, Iterable, Sequence
 
 from .plots import plot_similarity_distributions, plot_temperature_trajectories
 from .run_metrics import (
-    ANALYSIS_FILE, SIMILARITY_FILE, cached_settings, load_run_metrics, load_similarities, scale_trajectory,
+    ANALYSIS_FILE,
+    SIMILARITY_FILE,
+    cached_settings,
+    load_run_metrics,
+    load_similarities,
+    scale_trajectory,
 )
 from .table import METRIC_COLUMNS, format_cell
 

@@ -1,4 +1,4 @@
-"""Grad-CAM overlays (the seed's Fig. 5) for a few test pairs of a run, for its analysis and report.
+"""Grad-CAM overlays (Fig. 5 of *Design of the topology for contrastive visual-textual alignment*) for a few test pairs of a run, for its analysis and report.
 
 Per pair, ``explain_pair`` writes the maps of the final matching score over image patches and
 text tokens and, for a multi-token model, of its best-aligned tokens' own scores, plus one

@@ -3,7 +3,7 @@
 From the run's last checkpoint and its ``log.jsonl``:
 
 - temperature: initial, final (scale and temperature 1/scale), learnable or fixed;
-- converge step of the learned scale (``eval.convergence``: < 2% change per epoch, the seed's
+- converge step of the learned scale (``eval.convergence``: < 2% change per epoch, *Design of the topology*'s
   Table 6), with the trainer's epoch of ``num_train // batch_size`` steps;
 - linear-probe accuracy on the pre-projection image features (``eval.linear_probe``) for one
   shapes attribute, trained on the train split and tested on the test split;
@@ -13,7 +13,7 @@ From the run's last checkpoint and its ``log.jsonl``:
 - mAP@R and R-Precision, I->T and T->I, on the test retrieval set (``eval.map_at_r``; an image
   has several captions, a caption one image, so T->I mAP@R = R-P = R@1);
 - multi-token runs: zero-shot accuracy from random subsets of 1, 2, 4, ..., k tokens
-  (``eval.token_subsets``, the seed's Table 10), mean and std over ``subset_draws`` draws;
+  (``eval.token_subsets``, *Design of the topology*, Table 10), mean and std over ``subset_draws`` draws;
 - Grad-CAM overlays of the first ``gradcam_pairs`` test pairs (``run_attribution``).
 
 Cached as ``analysis.json`` + ``similarities.npz`` (+ ``analysis/gradcam/``) in the run

@@ -1,10 +1,10 @@
-"""The ablation table (the shape of the seed's Tables 3/6) and CLIP_benchmark-style result rows.
+"""The ablation table (the shape of Tables 3/6 of *Design of the topology for contrastive visual-textual alignment*) and CLIP_benchmark-style result rows.
 
 One row per run: its axis values, the space, the temperature (initial, learnable, final scale
 and temperature 1/scale, converge step) and zero-shot I->T / T->I R@1, mean zero-shot
 classification accuracy, linear-probe accuracy and mAP@R / R-Precision in both directions
 (the ECCV Caption metrics; a caption has one positive image, so T->I mAP@R = R-P = R@1). ``table.json`` and ``table.csv`` hold the
-numbers as computed (accuracies as fractions); ``table.md`` shows percentages like the seed.
+numbers as computed (accuracies as fractions); ``table.md`` shows percentages like the paper.
 
 CLIP_benchmark (LAION) writes one JSON object per evaluation,
 ``{dataset, model, pretrained, task, metrics, language}``, with ``acc1``/``acc5`` for
@@ -26,7 +26,10 @@ from typing import Any, Sequence
 
 from topoclip.atomic import atomic_write_text
 
-__all__ = ["METRIC_COLUMNS", "RESERVED_COLUMNS", "table_row", "token_subset_tables", "format_cell", "write_table", "format_markdown", "clip_benchmark_rows", "write_clip_benchmark"]
+__all__ = [
+    "METRIC_COLUMNS", "RESERVED_COLUMNS", "table_row", "token_subset_tables", "format_cell", "write_table",
+    "format_markdown", "clip_benchmark_rows", "write_clip_benchmark",
+]
 
 # (key in a row, Markdown header, how Markdown shows it)
 METRIC_COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -81,7 +84,7 @@ def table_row(run_name: str, axes: dict[str, str], analysis: dict[str, Any]) -> 
 
 def format_cell(value: Any, kind: str, row: dict[str, Any]) -> str:
     if kind == "step" and value is None:
-        # The seed writes "Detach" for a fixed temperature; "-" marks a learned one that never settled.
+        # The paper writes "Detach" for a fixed temperature; "-" marks a learned one that never settled.
         return "fixed" if row.get("learnable") is False else "-"
     if value is None:
         return "-"

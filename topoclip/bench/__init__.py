@@ -1,4 +1,4 @@
-"""Benchmarks behind ``topoclip bench`` (tooling; may import topoclip.train):
+"""Benchmarks behind ``topoclip bench`` (application level: may import the engine and the recipes):
 
 - ``loss``: the contrastive loss of each topology, plain and tiled, against OpenCLIP's
   ``ClipLoss`` and the three-GEMM floor (time and peak memory);

@@ -29,10 +29,10 @@ import torch
 
 from .child import available_memory_bytes, peak_rss_bytes, reset_peak_rss, rss_bytes, run_child
 
-__all__ = ["TOPOLOGIES", "AUTO_TILE_BATCH", "measure", "plan_methods", "run_loss_bench", "format_table", "goal_lines"]
+__all__ = ["TOPOLOGIES", "AUTO_TILE_BATCH", "measure", "plan_methods", "run_loss_bench", "format_table"]
 
 TOPOLOGIES = ("sphere", "euclidean", "oblique-inner", "oblique-geodesic")
-OBLIQUE_BLOCKS = 8          # Ob(d/8, 8), as in the issue's d = 512 = 64 x 8
+OBLIQUE_BLOCKS = 8          # Ob(d/8, 8): Ob(64, 8) at d = 512
 AUTO_TILE_BATCH = 16384     # ContrastiveLoss's default tile_threshold: tiled rows from here on
 TILED = " tiled"
 # Bytes per b^2 a method keeps alive at its peak (fp32 b x b matrices x 4 bytes), used to skip
@@ -254,24 +254,3 @@ def format_table(rows: list[dict]) -> str:
             ]
             lines.append(f"| {b} | {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def goal_lines(rows: list[dict]) -> list[str]:
-    """The issue's goals, checked on whatever rows were measured."""
-    done = {(r["b"], r["method"]): r for r in rows if "time" in r}
-    out = []
-    for (b, method), r in sorted(done.items()):
-        floor = done.get((b, "floor"))
-        if b < 8192:  # the goals are stated from b = 8192 on; small b is dominated by overheads
-            continue
-        if b == 8192 and method in ("sphere", "oblique-inner") and (floor or "floor_ratio" in r):
-            ratio = r["floor_ratio"] if "floor_ratio" in r else r["time"] / floor["time"]
-            out.append(f"b=8192 {method}: {ratio:.2f}× floor (goal ≤ 1.4×) {'ok' if ratio <= 1.4 else 'MISSED'}")
-        if method.endswith(TILED) and (b, method[: -len(TILED)]) in done:
-            plain = done[(b, method[: -len(TILED)])]
-            t = r["time"] / plain["time"]
-            out.append(f"b={b} {method}: time {t:.2f}× plain (goal ≤ 1.5×) {'ok' if t <= 1.5 else 'MISSED'}")
-            if b == 16384 and plain["peak"]:
-                m = r["peak"] / plain["peak"]
-                out.append(f"b=16384 {method}: peak {100 * m:.1f}% of plain (goal ≤ 5%) {'ok' if m <= 0.05 else 'MISSED'}")
-    return out

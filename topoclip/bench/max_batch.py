@@ -39,10 +39,10 @@ class _SizedPlaceholder(torch.utils.data.Dataset):
 
 def trial(batch: int, chunk: int, tile_size: int = 1024, config: str | None = None, overrides: list[str] = ()) -> dict:
     """One exact training step at global batch ``batch`` (run in a child); returns its time and loss."""
-    from topoclip.models import build_model
     from topoclip.config import load_config
-    from topoclip.recipes.common import build_loss
     from topoclip.engine import ContrastiveTask, Trainer, TrainingSettings, seed_everything
+    from topoclip.models import build_model
+    from topoclip.recipes.common import build_loss
 
     settings = [
         f"train.batch_size={batch}", f"train.grad_cache_chunk={chunk}", "train.steps=1", "train.device=cpu",

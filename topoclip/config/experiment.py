@@ -97,7 +97,7 @@ class DataConfig:
 class TopologyConfig:
     """The embedding space: ``name`` and its size.
 
-    Unset sizes follow the seed's rule of keeping the embedding dimension fixed: ``dim``
+    Unset sizes follow the rule of *Design of the topology for contrastive visual-textual alignment* of keeping the embedding dimension fixed: ``dim``
     defaults to 128, an oblique topology's ``m`` to 8 and ``n`` to dim / m. sphere and
     euclidean take ``dim`` only.
     """

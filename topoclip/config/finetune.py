@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 from topoclip.data.shapes import ShapesConfig
 from topoclip.dataclass_io import apply_overrides, from_dict, to_dict

@@ -1,12 +1,6 @@
 """Data: the embedded captioned-shapes set, real-data loaders, the tokenizer and collation."""
 
 from topoclip.data.collate import PairCollate, make_collate
-from topoclip.data.folder import DEFAULT_TEMPLATES, ImageFolderClassification
-from topoclip.data.karpathy import KarpathyRetrieval
-from topoclip.data.pairs import CsvPairs, PairsRetrieval, holdout_split
-from topoclip.data.shapes import ShapesConfig, ShapesData, make_shapes
-from topoclip.data.tokenizer import TextTokenizer, build_tokenizer
-from topoclip.data.transforms import CLIP_MEAN, CLIP_STD, CorruptImageError, ImageTransform, load_image, normalize_uint8
 from topoclip.data.datasets import (
     ClassificationSet,
     PairDataset,
@@ -16,6 +10,12 @@ from topoclip.data.datasets import (
     TensorPairSet,
     TensorRetrievalSet,
 )
+from topoclip.data.folder import DEFAULT_TEMPLATES, ImageFolderClassification
+from topoclip.data.karpathy import KarpathyRetrieval
+from topoclip.data.pairs import CsvPairs, PairsRetrieval, holdout_split
+from topoclip.data.shapes import ShapesConfig, ShapesData, make_shapes
+from topoclip.data.tokenizer import TextTokenizer, build_tokenizer
+from topoclip.data.transforms import CLIP_MEAN, CLIP_STD, CorruptImageError, ImageTransform, load_image, normalize_uint8
 
 __all__ = [
     "CLIP_MEAN",

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from topoclip.data.transforms import CLIP_MEAN, CLIP_STD, ImageTransform
 from topoclip.data.datasets import ClassificationSet, LazyImageFiles, SkipStats
+from topoclip.data.transforms import CLIP_MEAN, CLIP_STD, ImageTransform
 
 logger = logging.getLogger(__name__)
 

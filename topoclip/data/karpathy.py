@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from topoclip.data.transforms import CLIP_MEAN, CLIP_STD, ImageTransform, load_image
 from topoclip.data.datasets import RetrievalSet, SkipStats
+from topoclip.data.transforms import CLIP_MEAN, CLIP_STD, ImageTransform, load_image
 
 
 def _caption_text(sentence) -> str:

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from topoclip.data.transforms import CLIP_MEAN, CLIP_STD, CorruptImageError, ImageTransform, load_image
 from topoclip.data.datasets import LazyImageFiles, PairDataset, RetrievalSet, SkipStats
+from topoclip.data.transforms import CLIP_MEAN, CLIP_STD, CorruptImageError, ImageTransform, load_image
 
 
 class CsvPairs(PairDataset, LazyImageFiles):

@@ -30,9 +30,9 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
+from topoclip.data.datasets import TensorClassificationSet, TensorPairSet, TensorRetrievalSet
 from topoclip.data.transforms import CLIP_MEAN, CLIP_STD, check_mean_std
 from topoclip.dataclass_io import check_types
-from topoclip.data.datasets import TensorClassificationSet, TensorPairSet, TensorRetrievalSet
 
 # ---------------------------------------------------------------------------------------------
 # Vocabulary and geometry

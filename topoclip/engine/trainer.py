@@ -55,6 +55,7 @@ from topoclip.runs.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
+
 from .distributed import (
     DistInfo,
     all_gather_object,

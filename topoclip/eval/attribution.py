@@ -25,7 +25,7 @@ Which formula (``variant``):
 * ``"classic"``: Selvaraju et al.'s weights ``w_c = mean_t grad_tc`` and ``relu(act_t . w)``,
   for comparison with other Grad-CAM implementations.
 
-Text tokens (the seed extends Grad-CAM "token-wise" to text) use the same formula over the
+Text tokens (*Design of the topology*, §4.5, extends Grad-CAM "token-wise" to text) use the same formula over the
 text tower's token positions; the [CLS] positions and padding are excluded (relevance 0).
 
 Gradients are taken with ``torch.autograd.grad`` with respect to the captured activations

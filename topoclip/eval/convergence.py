@@ -1,6 +1,6 @@
-"""When did the learned temperature settle? The "converge step" of the seed's Table 6.
+"""When did the learned temperature settle? The "converge step" of *Design of the topology for contrastive visual-textual alignment*, Table 6.
 
-The seed defines it as the step after which the temperature "changes less than 2% for an
+The paper defines it as the step after which the temperature "changes less than 2% for an
 epoch". Made exact here:
 
 * Evaluation points are whole epochs counted from the first logged step ``s0``:

@@ -1,6 +1,6 @@
 """Linear probe: multinomial logistic regression on the image features before the projection head.
 
-As in the seed (§4.1, §4.4), the probe sees the image tower's [CLS] features with the learned
+As in *Design of the topology for contrastive visual-textual alignment* (§4.1, §4.4), the probe sees the image tower's [CLS] features with the learned
 projection (and so the topology) removed; a multi-token model's k [CLS] features are
 concatenated (``model.image_features`` -> ``[b, k*width]``).
 

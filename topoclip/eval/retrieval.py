@@ -20,7 +20,6 @@ from torch import nn
 
 from topoclip.eval.embedded import check_caption_to_image, embed_dataset
 
-
 logger = logging.getLogger(__name__)
 
 

@@ -1,6 +1,7 @@
 """Zero-shot accuracy from random subsets of a multi-token model's [CLS] tokens (Table 10).
 
-Tests the seed's mixture-of-experts reading of Ob(n, m): if each sub-sphere (token) aligns
+Tests the mixture-of-experts reading of Ob(n, m) in *Design of the topology for
+contrastive visual-textual alignment* (Table 10): if each sub-sphere (token) aligns
 images and texts on its own, a subset S of the m tokens should still classify. For a subset,
 image and class-text points are cut to the blocks in S (``[N, m, n] -> [N, |S|, n]``) and
 scored by the same kind of topology with m' = |S|, so oblique-inner sums the block inner

@@ -1,7 +1,7 @@
 """DualEncoder: two towers, a projection per tower, the topology's project, and the temperature.
 
 Multi-token (k = m > 1): each [CLS] token's width -> n by one linear head shared over the
-tokens (the seed's Figure 2), then ``topology.project`` on ``[b, m, n]``: one unit sphere per
+tokens (Fig. 2 of *Design of the topology for contrastive visual-textual alignment*), then ``topology.project`` on ``[b, m, n]``: one unit sphere per
 token. Single-token (k = 1): the token -> d = n*m by a linear head, then ``topology.project`` on
 ``[b, d]`` (the oblique topology splits it into m blocks of n). Points leave flat, ``[b, d]``.
 """
@@ -48,7 +48,7 @@ class TokenProjection(nn.Module):
         out = topology.block_dim if num_tokens > 1 else topology.dim
         # No bias: a constant offset before normalisation only shifts every point alike.
         self.linear = nn.Linear(width, out, bias=False)
-        # Gaussian with std = 1/sqrt(fan_in), the seed's "Kaiming" init (§4.1).
+        # Gaussian with std = 1/sqrt(fan_in), the "Kaiming" init of *Design of the topology*, §4.1.
         nn.init.normal_(self.linear.weight, std=width ** -0.5)
 
     def forward(self, tokens: Tensor) -> Tensor:

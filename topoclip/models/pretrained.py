@@ -28,7 +28,8 @@ from torch import Tensor, nn
 
 from ..data.tokenizer import DEFAULT_HF_CONTEXT_LENGTH, TextTokenizer
 from ..data.transforms import CLIP_MEAN, CLIP_STD, ImageTransform
-from ..geometry import Topology, topology as make_topology
+from ..geometry import Topology
+from ..geometry import topology as make_topology
 from ..temperature import LogitScale
 
 __all__ = [
@@ -45,9 +46,6 @@ WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".safetensors")
 # Parameters that act as offsets or lookup tables rather than weight matrices: weight decay
 # would pull them towards zero for no regularising benefit (the usual CLIP recipe).
 _NO_DECAY_NAME_PARTS = ("class_embedding", "positional_embedding", "position_embedding", "logit_scale", "logit_bias")
-# File names of a topoclip checkpoint (topoclip.runs.checkpoint; repeated because library code
-# may not import topoclip.train).
-_TOPOCLIP_WEIGHTS, _TOPOCLIP_STATE, _TOPOCLIP_CHECKPOINTS = "model.safetensors", "state.pt", "checkpoints"
 
 
 def _resolve_topology(topology: Topology | None, embed_dim: int) -> Topology:
@@ -446,7 +444,7 @@ def hf_image_transform(directory: str | os.PathLike, image_size: int) -> ImageTr
     if resample not in _PIL_RESAMPLE:
         raise ValueError(f"{where}: unsupported resample {resample!r}")
     if crop != image_size:
-        warnings.warn(f"{where}: crop size {crop} differs from the vision model's image_size {image_size}")
+        warnings.warn(f"{where}: crop size {crop} differs from the vision model's image_size {image_size}", stacklevel=2)
     if resize == crop:
         return ImageTransform(crop, mean, std, _PIL_RESAMPLE[resample])
     return _ResizeCropTransform(resize, crop, mean, std, _PIL_RESAMPLE[resample])
@@ -511,7 +509,7 @@ def load_hf_clip(
     if eos == 2:  # configs before transformers PR 24773: pools at the argmax id instead
         if tokenizer.sep_token_id != tokenizer.vocab_size - 1:
             warnings.warn(f"{os.fspath(directory)!r}: legacy eos_token_id=2 pools at the largest id, but the end token is "
-                          f"{tokenizer.sep_token_id}, not the last vocabulary id")
+                          f"{tokenizer.sep_token_id}, not the last vocabulary id", stacklevel=2)
     elif eos is not None and tokenizer.sep_token_id != eos:
         raise ValueError(f"{os.fspath(directory)!r}: the tokenizer's end token id {tokenizer.sep_token_id} differs from the "
                          f"text model's eos_token_id {eos}")

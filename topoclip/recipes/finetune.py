@@ -36,17 +36,16 @@ from typing import Any
 from safetensors.torch import save_model
 from torch import nn
 
-from topoclip.data import CsvPairs, holdout_split, make_collate, make_shapes
-from topoclip.data.shapes import ShapesConfig
-from topoclip.eval import EmbeddingShiftModel, estimate_modality_gap
-from topoclip.losses.mixup import M3MixLoss
-from topoclip.models import interpolate_weights
-
 from topoclip.atomic import atomic_write, atomic_write_json
 from topoclip.config import MIXUP_TERMS, FinetuneConfig, load_finetune_config, save_config
+from topoclip.data import CsvPairs, holdout_split, make_collate, make_shapes
+from topoclip.data.shapes import ShapesConfig
 from topoclip.engine.distributed import DistInfo, process_group
 from topoclip.engine.task import ContrastiveTask
 from topoclip.engine.trainer import seed_everything
+from topoclip.eval import EmbeddingShiftModel, estimate_modality_gap
+from topoclip.losses.mixup import M3MixLoss
+from topoclip.models import interpolate_weights
 from topoclip.runs import CONFIG_FILE, PLOTS_DIR, RESULTS_FILE, LoadedRun, load_source, write_run_info
 
 from .common import build_loss, make_trainer, start_run

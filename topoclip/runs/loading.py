@@ -123,7 +123,10 @@ def is_run(path: str | os.PathLike) -> bool:
 def load_source(source: SourceConfig, device) -> LoadedRun:
     """The model a fine-tuning run starts from: a topoclip run, or an OpenCLIP / HF model."""
     if source.path is None:
-        raise ValueError("source.path: give the pretrained model (--from PATH): a topoclip run, an OpenCLIP weights file or directory, or a Hugging Face CLIP directory")
+        raise ValueError(
+            "source.path: give the pretrained model (--from PATH): a topoclip run, an OpenCLIP weights file or "
+            "directory, or a Hugging Face CLIP directory"
+        )
     path = Path(source.path)
     if not path.exists():
         raise ValueError(f"source.path: {path} does not exist")
