@@ -58,7 +58,7 @@ __all__ = [
     "topology_label",
     "scale_trajectory",
     "similarity_samples",
-    "map_at_r_metrics",
+    "map_at_r_columns",
     "token_subset_table",
     "compute_run_metrics",
     "load_run_metrics",
@@ -182,7 +182,7 @@ def similarity_samples(
 MAP_AT_R_KEYS = ("i2t_mAP@R", "i2t_R-P", "t2i_mAP@R", "t2i_R-P")
 
 
-def map_at_r_metrics(model, tokenizer, retrieval_set, batch_size: int, device) -> dict[str, float]:
+def map_at_r_columns(model, tokenizer, retrieval_set, batch_size: int, device) -> dict[str, float]:
     """mAP@R and R-Precision, I->T and T->I, of ``model`` on ``retrieval_set``."""
     metrics = evaluate_map_at_r(model, retrieval_set, tokenizer, batch_size=batch_size, device=device, progress=False)
     return {key: metrics[key] for key in MAP_AT_R_KEYS}
@@ -252,7 +252,7 @@ def compute_run_metrics(run_dir: str | os.PathLike, settings: AnalysisConfig | N
         )
         arrays.update({f"{domain}/{kind}": array for kind, array in values.items()})
 
-    map_at_r = map_at_r_metrics(model, tokenizer, data.retrieval_set("test"), batch_size, dev) if config.eval.retrieval else None
+    map_at_r = map_at_r_columns(model, tokenizer, data.retrieval_set("test"), batch_size, dev) if config.eval.retrieval else None
     token_subsets = None
     if config.model.num_tokens > 1:
         task_set = data.zeroshot_tasks("test", [settings.subset_task])[0]

@@ -80,6 +80,8 @@ class EmbeddedSet:
     labels: Tensor | None = None
     class_text_points: Tensor | None = None
     positive_pairs: Tensor | None = None  # extra annotated (image, caption) positives, if any
+    # Pre-projection image features [N, k*width] for linear probes (``with_features=True``).
+    image_features: Tensor | None = None
 
     @property
     def is_retrieval(self) -> bool:
@@ -105,12 +107,16 @@ def embed_dataset(
     num_workers: int = 0,
     progress: bool | None = None,
     class_text_points: Tensor | None = None,
+    with_features: bool = False,
 ) -> EmbeddedSet:
     """Embed every image and text of ``dataset`` once (see the module docstring).
 
     ``dataset``: a ``RetrievalSet`` (images; ``captions``, ``caption_to_image``) or a
     ``ClassificationSet`` (``(image, label)`` items; ``classnames``, ``templates``).
     ``class_text_points`` ``[C, T, d]`` replaces the class prompts' embedding.
+    ``with_features``: also the pre-projection image features (``model.image_features``), for
+    linear probes. They take a second pass through the image tower: models reach them through
+    their own ``image_features``, which OpenCLIP and Hugging Face towers define differently.
     """
     device = resolve_device(device, model)
     name = getattr(dataset, "name", type(dataset).__name__)
@@ -136,7 +142,14 @@ def embed_dataset(
         image_points, labels = embed_labelled_images(
             model, dataset, batch_size, device, num_workers=num_workers, progress=progress
         )
-        return EmbeddedSet(**common, image_points=image_points, labels=labels, class_text_points=class_text_points)
+        features = None
+        if with_features:
+            from .linear_probe import extract_features
+
+            features, _ = extract_features(model, dataset, batch_size, device, num_workers, progress)
+        return EmbeddedSet(
+            **common, image_points=image_points, labels=labels, class_text_points=class_text_points, image_features=features
+        )
     raise ValueError(
         f"{name}: cannot embed a {type(dataset).__name__}; expected a RetrievalSet (captions, caption_to_image) "
         "or a ClassificationSet (classnames, templates)"

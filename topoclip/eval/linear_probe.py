@@ -26,6 +26,7 @@ from torch import nn
 
 from topoclip.devices import resolve_device
 from topoclip.eval.embed import embed_labelled_images
+from topoclip.eval.embedded import EmbeddedSet
 from topoclip.eval.zeroshot import topk_accuracy
 
 __all__ = ["LinearProbe", "fit_logistic_regression", "probe_accuracy", "extract_features", "run_linear_probe"]
@@ -194,7 +195,26 @@ def run_linear_probe(
     train_x, train_y = extract_features(model, train_set, batch_size, device, num_workers, progress)
     test_x, test_y = extract_features(model, test_set, batch_size, device, num_workers, progress)
     classnames = getattr(train_set, "classnames", None)
-    num_classes = len(classnames) if classnames else int(max(train_y.max(), test_y.max())) + 1
+    return probe_features(train_x, train_y, test_x, test_y, len(classnames) if classnames else None,
+                          l2=l2, max_iter=max_iter, val_fraction=val_fraction, seed=seed)
+
+
+def probe_features(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    num_classes: int | None = None,
+    *,
+    l2: float | Sequence[float] = 1e-3,
+    max_iter: int = 500,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+) -> dict:
+    """Fit the probe on given features and score it (``run_linear_probe`` without the
+    embedding); ``num_classes`` defaults to the largest label + 1."""
+    if num_classes is None:
+        num_classes = int(max(train_y.max(), test_y.max())) + 1
     if isinstance(l2, (list, tuple)):
         if not l2:
             raise ValueError("l2 is an empty list")
@@ -209,3 +229,12 @@ def run_linear_probe(
         "l2": float(chosen),
         "num_features": int(train_x.shape[1]),
     }
+
+
+def linear_probe_metrics(train: EmbeddedSet, test: EmbeddedSet, **options) -> dict:
+    """The linear probe of two embedded classification sets made ``with_features=True``."""
+    for emb in (train, test):
+        if emb.image_features is None or emb.labels is None:
+            raise ValueError(f"{emb.name}: a linear probe needs image features and labels (embed_dataset(..., with_features=True))")
+    num_classes = train.class_text_points.shape[0] if train.class_text_points is not None else None
+    return probe_features(train.image_features, train.labels, test.image_features, test.labels, num_classes, **options)
