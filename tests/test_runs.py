@@ -74,6 +74,23 @@ def test_a_run_in_the_0_1_0_layout_still_opens(tiny_run, tmp_path):
         assert torch.equal(a, b)
 
 
+def test_topoclip_eval_opens_a_0_1_0_run_with_the_same_numbers(tiny_run, tmp_path):
+    import shutil
+
+    from topoclip.cli import main
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_run, old)
+    (old / RUN_INFO_FILE).unlink()
+    assert main(["eval", "--checkpoint", str(old), "--output", str(tmp_path / "old.json")]) == 0
+    assert main(["eval", "--checkpoint", str(tiny_run), "--output", str(tmp_path / "new.json")]) == 0
+    old_eval = json.loads((tmp_path / "old.json").read_text())["eval"]
+    new_eval = json.loads((tmp_path / "new.json").read_text())["eval"]
+    for section in (old_eval, new_eval):
+        section["robustness"].pop("plots")
+    assert old_eval == new_eval and set(old_eval) == {"zeroshot", "retrieval", "robustness"}
+
+
 def test_an_unknown_or_newer_run_format_is_refused(tiny_run, tmp_path):
     import shutil
 

@@ -247,7 +247,8 @@ class ContrastiveLoss(nn.Module):
             more arithmetic). None: never tile; 0: always tile.
         tile_size: tile edge for the tiled loss.
 
-    Call as ``loss_fn(u, v, scale)`` with u, v manifold points ``[b, d]`` or ``[b, m, n]`` and
+    Call as ``loss_fn(u, v, scale)`` with u the image points and v the text points (the order
+    used everywhere in topoclip), ``[b, d]`` or ``[b, m, n]``, and
     ``scale`` the logit scale (a 0-dim tensor, e.g. ``LogitScale()()``).
     ``return_details=True`` also returns a dict of floats: mean positive / negative
     similarity (unscaled) and in-batch retrieval accuracy, averaged over both directions
