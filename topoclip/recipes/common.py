@@ -5,20 +5,19 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from topoclip.config import RunSettings
-from topoclip.dataclass_io import to_dict
+from topoclip.config import RunSettings, read_config_file, save_config
+from topoclip.dataclass_io import config_differences, to_dict
 from topoclip.devices import resolve_device
 from topoclip.engine.distributed import DistInfo, broadcast_object
 from topoclip.engine.settings import TrainingSettings
 from topoclip.engine.trainer import Trainer
 from topoclip.losses import ContrastiveLoss
-from topoclip.runs import latest_checkpoint
+from topoclip.runs import CONFIG_FILE, latest_checkpoint, write_run_info
 
-__all__ = ["prepare_run_dir", "start_run", "build_loss", "make_trainer"]
+__all__ = ["prepare_run_dir", "record_run", "start_run", "build_loss", "make_trainer"]
 
 
 def prepare_run_dir(config: RunSettings, run_dir: str | os.PathLike | None = None) -> tuple[Path, bool]:
@@ -40,14 +39,26 @@ def prepare_run_dir(config: RunSettings, run_dir: str | os.PathLike | None = Non
     return candidate, False
 
 
+def record_run(run_dir: Path, resume: bool, config: RunSettings, kind: str) -> None:
+    """A fresh run saves its config and its kind; a resumed one keeps the saved config and
+    warns about every field the new one changes."""
+    saved_config = run_dir / CONFIG_FILE
+    if resume and saved_config.is_file():
+        changed = config_differences(read_config_file(saved_config), to_dict(config), ignore=("train.resume",))
+        if changed:
+            print(f"warning: resuming with a config that differs from the run's in: {', '.join(changed)}")
+    else:
+        save_config(config, saved_config)
+        write_run_info(run_dir, kind)
 
-def start_run(config, run_dir: str | os.PathLike | None, info: DistInfo, record_config: Callable[[Path, bool], None]):
+
+def start_run(config: RunSettings, run_dir: str | os.PathLike | None, info: DistInfo, kind: str):
     """What every process of a run does first: threads, device, and the run directory.
 
     Rank 0 picks and prepares the directory (a fresh run's "-1" suffix must not be decided by
-    each rank after another one has already written into it) and calls ``record_config(run_dir,
-    resume)``; the others receive the choice. Returns ``(run_dir, resume, device, say)``, where
-    ``say`` prints on rank 0 only.
+    each rank after another one has already written into it) and records the run
+    (``record_run``); the others receive the choice. Returns ``(run_dir, resume, device, say)``,
+    where ``say`` prints on rank 0 only.
     """
     if config.train.threads is not None:
         torch.set_num_threads(config.train.threads)
@@ -55,11 +66,10 @@ def start_run(config, run_dir: str | os.PathLike | None, info: DistInfo, record_
     if info.is_main:
         run_dir, resume = prepare_run_dir(config, run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        record_config(run_dir, resume)
+        record_run(run_dir, resume, config, kind)
     run_dir, resume = broadcast_object((run_dir, resume) if info.is_main else None, info)
     say = print if info.is_main else (lambda *args, **kwargs: None)
     return run_dir, resume, device, say
-
 
 
 def build_loss(config: RunSettings, topology) -> ContrastiveLoss:
@@ -70,7 +80,6 @@ def build_loss(config: RunSettings, topology) -> ContrastiveLoss:
         tile_threshold=config.loss.tile_threshold,
         tile_size=config.loss.tile_size,
     )
-
 
 
 def make_trainer(task, train_set, collate, config: RunSettings, run_dir: Path, device, info: DistInfo) -> Trainer:

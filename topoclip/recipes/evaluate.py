@@ -95,7 +95,6 @@ def format_summary(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-
 def evaluate_checkpoint(
     checkpoint: str | os.PathLike,
     data_overrides: Sequence[str] = (),

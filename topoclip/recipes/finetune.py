@@ -37,7 +37,7 @@ from safetensors.torch import save_model
 from torch import nn
 
 from topoclip.atomic import atomic_write, atomic_write_json
-from topoclip.config import MIXUP_TERMS, FinetuneConfig, load_finetune_config, save_config
+from topoclip.config import MIXUP_TERMS, FinetuneConfig, load_finetune_config
 from topoclip.data import CsvPairs, holdout_split, make_collate, make_shapes
 from topoclip.data.shapes import ShapesConfig
 from topoclip.engine.distributed import DistInfo, process_group
@@ -46,7 +46,7 @@ from topoclip.engine.trainer import seed_everything
 from topoclip.eval import EmbeddingShiftModel, estimate_modality_gap
 from topoclip.losses.mixup import M3MixLoss
 from topoclip.models import interpolate_weights
-from topoclip.runs import CONFIG_FILE, PLOTS_DIR, RESULTS_FILE, LoadedRun, load_source, write_run_info
+from topoclip.runs import PLOTS_DIR, RESULTS_FILE, LoadedRun, load_source
 
 from .common import build_loss, make_trainer, start_run
 from .evaluate import evaluate
@@ -118,11 +118,7 @@ def run_finetune(config: FinetuneConfig, run_dir: str | os.PathLike | None = Non
 
 def _run_finetune(config: FinetuneConfig, run_dir: str | os.PathLike | None, info: DistInfo) -> dict[str, Any]:
     started = time.perf_counter()
-    def record_config(directory: Path, _resume: bool) -> None:
-        save_config(config, directory / CONFIG_FILE)
-        write_run_info(directory, "finetune")
-
-    run_dir, resume, device, say = start_run(config, run_dir, info, record_config)
+    run_dir, resume, device, say = start_run(config, run_dir, info, "finetune")
 
     seed_everything(config.train.seed)
     loaded = load_source(config.source, device)

@@ -9,17 +9,16 @@ import dataclasses
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from topoclip.atomic import atomic_write_json
-from topoclip.config import ExperimentConfig, load_config, save_config
+from topoclip.config import ExperimentConfig
 from topoclip.data import ShapesData, TextTokenizer, build_tokenizer, make_collate, make_shapes
-from topoclip.dataclass_io import config_differences
 from topoclip.engine.distributed import DistInfo, barrier, process_group
 from topoclip.engine.task import ContrastiveTask
 from topoclip.engine.trainer import seed_everything
 from topoclip.models import build_model
-from topoclip.runs import CONFIG_FILE, PLOTS_DIR, RESULTS_FILE, TOKENIZER_DIR, write_run_info
+from topoclip.runs import PLOTS_DIR, RESULTS_FILE, TOKENIZER_DIR
 
 from .common import build_loss, make_trainer, start_run
 from .evaluate import evaluate, format_summary, shapes_eval_sets
@@ -36,7 +35,6 @@ def run(config: ExperimentConfig, run_dir: str | os.PathLike | None = None) -> d
     """
     with process_group(config.train.device) as info:
         return _run(config, run_dir, info)
-
 
 
 def _tokenizer(config: ExperimentConfig, data: ShapesData, run_dir: Path) -> TextTokenizer:
@@ -58,7 +56,6 @@ def _tokenizer(config: ExperimentConfig, data: ShapesData, run_dir: Path) -> Tex
     return tokenizer
 
 
-
 def build_components(config: ExperimentConfig, run_dir: Path):
     """Data, tokenizer and model of a run, in a fixed order from a fixed seed.
 
@@ -72,7 +69,6 @@ def build_components(config: ExperimentConfig, run_dir: Path):
     tokenizer = _tokenizer(config, data, run_dir)
     model = build_model(config.model, config.topology.build(), vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_token_id)
     return data, tokenizer, model
-
 
 
 def _shard_stream(config: ExperimentConfig, info: DistInfo):
@@ -94,27 +90,9 @@ def _shard_stream(config: ExperimentConfig, info: DistInfo):
     )
 
 
-
-def _record_training_config(config: ExperimentConfig) -> Callable[[Path, bool], None]:
-    """Save the config of a fresh run; warn when a resumed run's config has changed."""
-
-    def record(run_dir: Path, resume: bool) -> None:
-        saved_config = run_dir / CONFIG_FILE
-        if resume and saved_config.is_file():
-            changed = config_differences(load_config(saved_config), config, ignore=("train.resume",))
-            if changed:
-                print(f"warning: resuming with a config that differs from the run's in: {', '.join(changed)}")
-        else:
-            save_config(config, saved_config)
-            write_run_info(run_dir, "pretrain")
-
-    return record
-
-
-
 def _run(config: ExperimentConfig, run_dir: str | os.PathLike | None, info: DistInfo) -> dict[str, Any]:
     started = time.perf_counter()
-    run_dir, resume, device, say = start_run(config, run_dir, info, _record_training_config(config))
+    run_dir, resume, device, say = start_run(config, run_dir, info, "pretrain")
 
     # Rank 0 builds first and saves the tokenizer; the others then load that one (training a
     # WordPiece twice need not give the same vocabulary).
