@@ -113,3 +113,17 @@ def test_opening_a_run_imports_no_trainer_recipe_or_cli(tiny_run):
     )
     done = subprocess.run([sys.executable, "-c", code, str(tiny_run)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_record_run_saves_a_fresh_run_and_keeps_a_resumed_ones_config(tmp_path, capsys):
+    from topoclip.config import load_finetune_config
+    from topoclip.recipes.common import record_run
+
+    first = load_finetune_config(None, ["train.epochs=null", "train.steps=10", "optim.lr=1e-4"])
+    record_run(tmp_path, False, first, "finetune")
+    saved = (tmp_path / "config.yaml").read_text()
+    assert read_run_info(tmp_path).kind == "finetune"
+    changed = load_finetune_config(tmp_path / "config.yaml", ["optim.lr=1e-3", "train.resume=true"])
+    record_run(tmp_path, True, changed, "finetune")
+    assert "differs from the run's in: optim.lr" in capsys.readouterr().out
+    assert (tmp_path / "config.yaml").read_text() == saved
