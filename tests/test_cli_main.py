@@ -87,3 +87,14 @@ def test_data_convert_from_csv_keeps_bytes_and_bad_input_errors(tmp_path, capsys
         assert tar.extractfile(png).read() == (tmp_path / "g.png").read_bytes()
     assert main(["data", "convert", "--csv", str(tmp_path / "missing.tsv"), "--out", str(tmp_path / "x")]) == 2
     assert "missing.tsv" in capsys.readouterr().err
+
+
+def test_resume_names_the_command_for_a_run_of_the_other_kind(tmp_path, capsys):
+    import json
+
+    run = tmp_path / "ft"
+    run.mkdir()
+    (run / "config.yaml").write_text("finetune: {method: ft}\n")
+    (run / "run.json").write_text(json.dumps({"format": 2, "kind": "finetune"}))
+    assert main(["train", "--resume", str(run)]) == 2
+    assert f"is a finetune run; continue it with `topoclip finetune --resume {run}`" in capsys.readouterr().err

@@ -128,7 +128,7 @@ def test_wise_ft_from_a_topoclip_run_evaluates_every_model_on_both_distributions
         f"source.path={topoclip_run}", "finetune.method=wise-ft", "finetune.wise_alpha=0.25",
         "optim.lr=1e-3", f"output.dir={tmp_path}",
     ])
-    assert cfg.optim.warmup_steps == 0  # 10% of 4 steps, rounded
+    assert cfg.optim.warmup_for(4) == 0  # 10% of 4 steps, rounded
     results = run_finetune(cfg)
     run_dir = tmp_path / "finetune-wise-ft"
     assert json.loads((run_dir / "results.json").read_text())["method"] == "wise-ft"
@@ -361,4 +361,4 @@ def test_a_partial_config_file_keeps_the_finetuning_defaults(tmp_path):
     path.write_text("optim:\n  weight_decay: 0.05\nfinetune:\n  method: m3mix\n")
     cfg = load_finetune_config(path, ["train.steps=50", "train.epochs=null"])
     assert cfg.optim.lr == 1e-5 and cfg.optim.weight_decay == 0.05  # not the training lr 1e-3
-    assert cfg.optim.warmup_steps == 5 and cfg.output.name == "finetune-m3mix"
+    assert cfg.optim.warmup_for(50) == 5 and cfg.output.name == "finetune-m3mix"

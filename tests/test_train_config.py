@@ -125,3 +125,56 @@ def test_shipped_configs_resolve_by_name_from_any_directory(tmp_path, monkeypatc
     assert resolve_config_path("nothing-like-this") == Path("nothing-like-this")  # the error names it later
     with pytest.raises(ValueError, match="nothing-like-this"):
         load_config("nothing-like-this")
+
+
+# ------------------------------------------------------------ overrides in their natural form
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["topology.name=sphere"], ("sphere", 128, None, None)),                    # the dimension stays
+        (["topology.name=sphere", "topology.dim=64"], ("sphere", 64, None, None)),
+        (["topology.name=euclidean", "topology.dim=32"], ("euclidean", 32, None, None)),
+        (["topology.m=4"], ("oblique-inner", 128, 32, 4)),                          # n follows dim / m
+        (["topology.dim=64"], ("oblique-inner", 64, 8, 8)),
+        (["topology.name=oblique-geodesic"], ("oblique-geodesic", 128, 16, 8)),     # blocks kept
+    ],
+)
+def test_topology_overrides_resize_what_depends_on_them(overrides, expected):
+    t = load_config(None, overrides).topology
+    assert (t.name, t.dim, t.n, t.m) == expected
+
+
+def test_a_value_given_on_the_command_line_is_never_dropped():
+    with pytest.raises(ValueError, match=r"topology\.n: sphere has no blocks"):
+        load_config(None, ["topology.name=sphere", "topology.n=16"])
+
+
+def test_steps_replace_epochs_and_a_short_run_gets_a_warmup_that_fits():
+    from topoclip.config import load_finetune_config
+
+    cfg = load_finetune_config(None, ["train.steps=20"])  # the file counts epochs
+    assert (cfg.train.steps, cfg.train.epochs) == (20, None) and cfg.optim.warmup_for(20) == 2
+    short = load_config(None, ["train.steps=5"])
+    assert short.optim.warmup_steps is None and short.optim.warmup_for(5) == 0
+    assert load_config(None).optim.warmup_for(900) == 60  # the default schedule is unchanged
+    assert load_config(None, ["optim.warmup_ratio=0.5"]).optim.warmup_for(10) == 5
+
+
+def test_explicit_steps_and_epochs_together_are_still_an_error():
+    from topoclip.config import load_finetune_config
+
+    with pytest.raises(ValueError, match="give exactly one of train.steps and train.epochs"):
+        load_finetune_config(None, ["train.steps=20", "train.epochs=3"])
+
+
+def test_a_format_1_finetune_config_is_upgraded():
+    from topoclip.config import finetune_config_from_dict
+    from topoclip.runs import RunInfo, upgrade_config
+
+    old = {"finetune": {"method": "ft", "warmup_ratio": 0.1}, "optim": {"warmup_steps": 0}, "train": {"steps": 50, "epochs": None}}
+    with pytest.raises(ValueError, match="finetune.warmup_ratio: unknown key"):
+        finetune_config_from_dict(old)
+    cfg = finetune_config_from_dict(upgrade_config(old, RunInfo("finetune", 1)))
+    assert cfg.optim.warmup_ratio == 0.1 and cfg.optim.warmup_for(50) == 5
+    assert upgrade_config(old, RunInfo("finetune", 2)) == old  # only format 1 is rewritten

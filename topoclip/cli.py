@@ -173,8 +173,19 @@ def _finetune_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _saved_config(run_dir, kind: str, other_command: str) -> dict:
+    """The config a run was started with, upgraded to the current schema; a run of another kind
+    is an error that names the command for it."""
+    from topoclip.runs import read_run_config
+
+    saved, info = read_run_config(run_dir)
+    if info.kind != kind:
+        raise ValueError(f"resume: {run_dir} is a {info.kind} run; continue it with `{other_command} {run_dir}`")
+    return saved
+
+
 def _finetune(args: argparse.Namespace) -> int:
-    from topoclip.config import load_finetune_config
+    from topoclip.config import finetune_config_from_dict, load_finetune_config
     from topoclip.recipes.finetune import run_finetune
 
     overrides = []
@@ -186,9 +197,8 @@ def _finetune(args: argparse.Namespace) -> int:
         overrides.append(f"finetune.method={args.method}")
     try:
         if args.resume is not None:
-            from topoclip.runs import run_config_path
-
-            config = load_finetune_config(run_config_path(args.resume), overrides + list(args.overrides) + ["train.resume=true"])
+            saved = _saved_config(args.resume, "finetune", "topoclip train --resume")
+            config = finetune_config_from_dict(saved, overrides + list(args.overrides) + ["train.resume=true"])
         else:
             config = load_finetune_config(args.config, overrides + list(args.overrides))
     except ValueError as err:
@@ -209,8 +219,7 @@ def _fail(command: str, err: Exception, code: int) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from topoclip.config import load_config
-    from topoclip.runs import run_config_path
+    from topoclip.config import config_from_dict, load_config
 
     if isinstance(args.resume, str) and "=" in args.resume and not Path(args.resume).is_dir():
         # `--resume key=value`: argparse took the first override for the optional RUN_DIR.
@@ -219,7 +228,8 @@ def _train(args: argparse.Namespace) -> int:
     try:
         if isinstance(args.resume, str):
             run_dir = Path(args.resume)
-            config = load_config(run_config_path(run_dir), list(args.overrides) + ["train.resume=true"])
+            saved = _saved_config(run_dir, "pretrain", "topoclip finetune --resume")
+            config = config_from_dict(saved, list(args.overrides) + ["train.resume=true"])
         else:
             overrides = list(args.overrides) + (["train.resume=true"] if args.resume else [])
             config = load_config(args.config, overrides)

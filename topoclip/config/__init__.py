@@ -17,6 +17,7 @@ from .finetune import (
     FinetuneDataConfig,
     FinetuneMethodConfig,
     SourceConfig,
+    finetune_config_from_dict,
     load_finetune_config,
 )
 from .sections import (
@@ -53,6 +54,7 @@ __all__ = [
     "TrainConfig",
     "config_from_dict",
     "deep_merge",
+    "finetune_config_from_dict",
     "default_config_path",
     "load_config",
     "load_finetune_config",

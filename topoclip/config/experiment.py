@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from topoclip.data.shapes import ShapesConfig
-from topoclip.dataclass_io import apply_overrides, from_dict
+from topoclip.dataclass_io import from_dict
 from topoclip.geometry import Topology, available_topologies, is_blockwise, topology
 from topoclip.models import ModelConfig, check_tokens_fit_topology
 
 from .files import default_config_path, read_config_file, resolve_config_path
+from .overrides import apply_natural_overrides
 from .sections import RunSettings
 
 __all__ = [
@@ -166,7 +167,7 @@ class ExperimentConfig(RunSettings):
 
 def config_from_dict(data: dict[str, Any] | None, overrides: list[str] = ()) -> ExperimentConfig:
     """Build and validate a config from a nested dict plus ``key=value`` overrides."""
-    return from_dict(ExperimentConfig, apply_overrides(data or {}, list(overrides)))
+    return from_dict(ExperimentConfig, apply_natural_overrides(data or {}, list(overrides)))
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> ExperimentConfig:

@@ -6,14 +6,15 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from topoclip.data.shapes import ShapesConfig
-from topoclip.dataclass_io import apply_overrides, from_dict, to_dict
+from topoclip.dataclass_io import from_dict, to_dict
 from topoclip.geometry import available_topologies
 from topoclip.losses.mixup import MixupConfig
 
 from .files import deep_merge, read_config_file, resolve_config_path
+from .overrides import apply_natural_overrides
 from .sections import OptimConfig, RunSettings, TrainConfig
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "FinetuneMethodConfig",
     "FinetuneDataConfig",
     "CsvDataConfig",
+    "finetune_config_from_dict",
     "load_finetune_config",
 ]
 
@@ -56,15 +58,13 @@ class SourceConfig:
 
 @dataclass
 class FinetuneMethodConfig:
-    """Which method, and its settings. ``warmup_ratio`` (default 10%) sets
-    ``optim.warmup_steps`` from the run length; null keeps ``optim.warmup_steps``."""
+    """Which method, and its settings."""
 
     method: str = "ft"
     mixup: MixupConfig = field(default_factory=MixupConfig)
     wise_alpha: float = 0.5  # weight of the fine-tuned model in WiSE-FT (0: zero-shot, 1: fine-tuned)
     shift: float = 1.0  # c of the embedding shift: points move by c * gap / 2
     gap_pairs: int = 4096  # fine-tuning pairs the modality gap is measured on
-    warmup_ratio: Optional[float] = 0.1
     eval_zero_shot: bool = True  # also evaluate the source model before fine-tuning
 
     def __post_init__(self):
@@ -77,8 +77,6 @@ class FinetuneMethodConfig:
             raise ValueError(f"finetune.wise_alpha: must lie in [0, 1], got {self.wise_alpha}")
         if self.gap_pairs < 1:
             raise ValueError(f"finetune.gap_pairs: must be >= 1, got {self.gap_pairs}")
-        if self.warmup_ratio is not None and not 0.0 <= self.warmup_ratio < 1.0:
-            raise ValueError(f"finetune.warmup_ratio: must lie in [0, 1) or be null, got {self.warmup_ratio}")
 
     def mixup_weights(self) -> MixupConfig:
         """The mixup weights with every term this method does not use set to 0."""
@@ -132,8 +130,8 @@ class FinetuneDataConfig:
 
 
 def _finetune_optim() -> OptimConfig:
-    # The usual robust fine-tuning recipe: AdamW, lr 1e-5, weight decay 0.2.
-    return OptimConfig(lr=1e-5, weight_decay=0.2, warmup_steps=0)
+    # The usual robust fine-tuning recipe: AdamW, lr 1e-5, weight decay 0.2, 10% warm-up.
+    return OptimConfig(lr=1e-5, weight_decay=0.2, warmup_ratio=0.1)
 
 
 def _finetune_train() -> TrainConfig:
@@ -157,13 +155,7 @@ class FinetuneConfig(RunSettings):
     def __post_init__(self):
         if self.output.name is None:
             self.output.name = f"finetune-{self.finetune.method}"
-        ratio = self.finetune.warmup_ratio
-        if ratio is not None:
-            steps = self.train.steps
-            if steps is not None:  # else set once the data's length is known (run_finetune)
-                self.optim.warmup_steps = int(round(ratio * steps))
-        else:
-            self.check_warmup_fits()
+        self.check_warmup_fits()
 
 
 def load_finetune_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> FinetuneConfig:
@@ -174,4 +166,9 @@ def load_finetune_config(path: str | os.PathLike | None = None, overrides: list[
     defaults = to_dict(FinetuneConfig())
     defaults["output"]["name"] = None  # derived from the method unless set
     data = deep_merge(defaults, read_config_file(resolve_config_path(path))) if path is not None else defaults
-    return from_dict(FinetuneConfig, apply_overrides(data, list(overrides)))
+    return finetune_config_from_dict(data, overrides)
+
+
+def finetune_config_from_dict(data: dict[str, Any], overrides: list[str] = ()) -> FinetuneConfig:
+    """Build and validate a fine-tuning config from a nested dict plus ``key=value`` overrides."""
+    return from_dict(FinetuneConfig, apply_natural_overrides(data, list(overrides)))

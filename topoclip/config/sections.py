@@ -56,13 +56,18 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW; weight decay applies to weight matrices only (see ``optim.param_groups``)."""
+    """AdamW; weight decay applies to weight matrices only (see ``optim.param_groups``).
+
+    The linear warm-up lasts ``warmup_steps`` when given, else ``warmup_ratio`` of the run's
+    steps (the default, 1/15, is 60 of 900 steps), so a run of any length gets a warm-up that fits.
+    """
 
     lr: float = 1e-3
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
-    warmup_steps: int = 60
+    warmup_steps: Optional[int] = None
+    warmup_ratio: float = 0.0667
     grad_clip: Optional[float] = 1.0
     # Peak lr of the logit scale (the temperature); null: optim.lr. Short runs need a larger
     # one to let the temperature move as far as a long run would (see optim.param_groups).
@@ -77,10 +82,18 @@ class OptimConfig:
             if not 0.0 <= beta < 1.0:
                 raise ValueError(f"optim.betas[{i}]: must lie in [0, 1), got {beta}")
         _positive(self.eps, "optim.eps")
-        if self.warmup_steps < 0:
-            raise ValueError(f"optim.warmup_steps: must be >= 0, got {self.warmup_steps}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps: must be >= 0 or null (use optim.warmup_ratio), got {self.warmup_steps}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"optim.warmup_ratio: must lie in [0, 1), got {self.warmup_ratio}")
         if self.grad_clip is not None:
             _non_negative(self.grad_clip, "optim.grad_clip")
+
+    def warmup_for(self, total_steps: int) -> int:
+        """The warm-up of a run of ``total_steps`` steps."""
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return int(round(self.warmup_ratio * total_steps))
 
 
 @dataclass
@@ -207,7 +220,8 @@ class RunSettings:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def check_warmup_fits(self) -> None:
-        if self.optim.warmup_steps and self.train.steps is not None and self.optim.warmup_steps > self.train.steps:
+        warmup = self.optim.warmup_steps
+        if warmup and self.train.steps is not None and warmup > self.train.steps:
             raise ValueError(
                 f"optim.warmup_steps: {self.optim.warmup_steps} is longer than the run (train.steps={self.train.steps})"
             )

@@ -237,7 +237,7 @@ class Trainer:
         oc = config.optim
         self.optimizer = build_optimizer(model, oc.lr, oc.weight_decay, tuple(oc.betas), oc.eps, oc.logit_scale_lr)
         self.scheduler = build_scheduler(
-            self.optimizer, oc.warmup_steps, self.total_steps, config.schedule.name, config.schedule.min_lr_ratio
+            self.optimizer, oc.warmup_for(self.total_steps), self.total_steps, config.schedule.name, config.schedule.min_lr_ratio
         )
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.grad_clip = oc.grad_clip if oc.grad_clip else math.inf

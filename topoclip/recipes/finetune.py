@@ -128,9 +128,6 @@ def _run_finetune(config: FinetuneConfig, run_dir: str | os.PathLike | None, inf
     # 2-pair training split leaves the test split unchanged and saves the rendering time.
     reference = make_shapes(_rendered_for(config.data.reference or loaded.reference, loaded, num_train=2))
     distributions = {"target": target, "reference": _shapes_distribution(reference, config)}
-    ratio = config.finetune.warmup_ratio
-    if ratio is not None and config.train.steps is None:  # epochs: the length is known only now
-        config.optim.warmup_steps = int(round(ratio * config.train.epochs * (len(train_set) // config.train.batch_size)))
     collate = make_collate(loaded.tokenizer)
     method = config.finetune.method
     plots = run_dir / PLOTS_DIR

@@ -20,8 +20,10 @@ from .layout import (
     TOKENIZER_DIR,
     RunInfo,
     read_jsonl,
+    read_run_config,
     read_run_info,
     run_config_path,
+    upgrade_config,
     write_run_info,
 )
 from .loading import LoadedRun, is_run, load_run, load_source
@@ -45,9 +47,11 @@ __all__ = [
     "load_weights",
     "read_checkpoint_config",
     "read_jsonl",
+    "read_run_config",
     "read_run_info",
     "resolve_checkpoint",
     "run_config_path",
     "save_checkpoint",
+    "upgrade_config",
     "write_run_info",
 ]

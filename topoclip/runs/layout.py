@@ -10,12 +10,13 @@
     plots/             reliability diagrams and the mixup-hardness histogram
 
 Runs written by topoclip 0.1.0 have no ``run.json``: they are format 1, and their kind is read
-off their config (a fine-tuning config names its ``source``). This module is the only place
-that knows that rule.
+off their config (a fine-tuning config names its ``source``). Their configs are upgraded when
+read (``upgrade_config``). This module is the only place that knows these rules.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from dataclasses import dataclass
@@ -38,6 +39,8 @@ __all__ = [
     "write_run_info",
     "read_run_info",
     "run_config_path",
+    "upgrade_config",
+    "read_run_config",
     "read_jsonl",
 ]
 
@@ -102,6 +105,39 @@ def read_run_info(run_dir: str | os.PathLike, config: dict[str, Any] | None = No
             raise ValueError(f"{run_dir}: not a run directory (no {RUN_INFO_FILE} or {CONFIG_FILE})")
         config = yaml.safe_load(config_file.read_text()) or {}
     return RunInfo(_legacy_kind(config), 1)
+
+
+def upgrade_config(config: dict[str, Any], info: RunInfo) -> dict[str, Any]:
+    """A saved config in the current schema.
+
+    Format 1 fine-tuning configs held the warm-up fraction as ``finetune.warmup_ratio``, with
+    ``optim.warmup_steps`` as a placeholder 0 (or the steps it resolved to); it is now
+    ``optim.warmup_ratio``, used when ``optim.warmup_steps`` is null.
+    """
+    config = copy.deepcopy(config)
+    if info.format < 2 and info.kind == "finetune":
+        ratio = (config.get("finetune") or {}).pop("warmup_ratio", None)
+        if ratio is not None:
+            optim = config.setdefault("optim", {})
+            optim["warmup_ratio"] = ratio
+            if not optim.get("warmup_steps"):
+                optim["warmup_steps"] = None
+    return config
+
+
+def read_run_config(run_dir: str | os.PathLike) -> tuple[dict[str, Any], RunInfo]:
+    """The config a run was started with (its ``config.yaml``, upgraded) and its kind."""
+    import yaml
+
+    path = run_config_path(run_dir)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: must hold a mapping of config sections")
+    info = read_run_info(run_dir, config=data)
+    return upgrade_config(data, info), info
 
 
 def run_config_path(run_dir: str | os.PathLike) -> Path:

@@ -27,7 +27,7 @@ from topoclip.models import build_model
 from topoclip.models.pretrained import load_pretrained
 
 from .checkpoint import load_weights, read_checkpoint_config, resolve_checkpoint
-from .layout import TOKENIZER_DIR, read_run_info
+from .layout import TOKENIZER_DIR, read_run_info, upgrade_config
 
 __all__ = ["LoadedRun", "load_run", "load_source"]
 
@@ -83,9 +83,9 @@ def load_run(path: str | os.PathLike, device: torch.device | str = "cpu") -> Loa
     """The model of a run directory (its latest checkpoint) or of one checkpoint directory,
     written by ``topoclip train`` or ``topoclip finetune`` in any format version."""
     ckpt = resolve_checkpoint(path)
-    saved = read_checkpoint_config(ckpt)
     run_dir = ckpt.parent.parent
-    kind = read_run_info(run_dir, config=saved).kind
+    info = read_run_info(run_dir, config=read_checkpoint_config(ckpt))
+    saved, kind = upgrade_config(read_checkpoint_config(ckpt), info), info.kind
     if kind == "finetune":  # rebuild the source's architecture, then load the fine-tuned weights
         config = from_dict(FinetuneConfig, saved)
         loaded = load_source(config.source, device)
