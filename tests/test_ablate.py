@@ -306,16 +306,15 @@ def _map_at_r_by_hand(scores: torch.Tensor, positive: torch.Tensor) -> tuple[flo
 
 def _check_map_at_r(run_dir: Path, row: dict) -> None:
     """The table's mAP@R / R-P equal a by-hand computation on the run's test retrieval set."""
+    import topoclip
     from topoclip.config import load_config
+    from topoclip.data import make_shapes
     from topoclip.eval import embed_images, embed_texts
-    from topoclip.recipes.pretrain import build_components
     from topoclip.runs import run_config_path
-    from topoclip.runs.checkpoint import load_weights, resolve_checkpoint
 
-    config = load_config(run_config_path(run_dir))
-    data, tokenizer, model = build_components(config, run_dir)
-    load_weights(model, resolve_checkpoint(run_dir))
-    retrieval = data.retrieval_set("test")
+    run = topoclip.load_run(run_dir)
+    model, tokenizer = run.model, run.tokenizer
+    retrieval = make_shapes(load_config(run_config_path(run_dir)).data.shapes).retrieval_set("test")
     u = embed_images(model, retrieval, 64, "cpu", progress=False)
     v = embed_texts(model, list(retrieval.captions), tokenizer, 64, "cpu", progress=False)
     scores = model.topology.similarity(u, v)

@@ -7,12 +7,12 @@
 - ``files``: YAML files with ``base:``, the configs shipped in the package.
 """
 
-from .experiment import DataConfig, ExperimentConfig, ShardsConfig, TopologyConfig, config_from_dict, load_config
+from .data import SOURCES, CsvDataConfig, FolderDataConfig, KarpathyDataConfig, ShardsConfig
+from .experiment import DataConfig, ExperimentConfig, TopologyConfig, config_from_dict, load_config
 from .files import PACKAGED_CONFIGS, deep_merge, default_config_path, read_config_file, resolve_config_path, save_config
 from .finetune import (
     METHODS,
     MIXUP_TERMS,
-    CsvDataConfig,
     FinetuneConfig,
     FinetuneDataConfig,
     FinetuneMethodConfig,
@@ -35,6 +35,9 @@ __all__ = [
     "METHODS",
     "MIXUP_TERMS",
     "PACKAGED_CONFIGS",
+    "SOURCES",
+    "FolderDataConfig",
+    "KarpathyDataConfig",
     "CsvDataConfig",
     "DataConfig",
     "EvalConfig",

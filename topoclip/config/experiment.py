@@ -12,20 +12,20 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 from topoclip.data.shapes import ShapesConfig
 from topoclip.dataclass_io import from_dict
 from topoclip.geometry import Topology, available_topologies, is_blockwise, topology
 from topoclip.models import ModelConfig, check_tokens_fit_topology
 
+from .data import CsvDataConfig, FolderDataConfig, KarpathyDataConfig, ShardsConfig, check_source
 from .files import default_config_path, read_config_file, resolve_config_path
 from .overrides import apply_natural_overrides
 from .sections import RunSettings
 
 __all__ = [
     "DataConfig",
-    "ShardsConfig",
     "TopologyConfig",
     "ExperimentConfig",
     "load_config",
@@ -37,57 +37,32 @@ DEFAULT_BLOCKS = 8
 
 
 @dataclass
-class ShardsConfig:
-    """Training pairs streamed from webdataset tar shards (``topoclip data convert`` writes them).
-
-    ``urls``: a directory of .tar files, a brace pattern ``dir/shard-{000000..000099}.tar``
-    or ``::``-joined patterns (``pipe:``/http URLs work). ``epoch_length``: samples per epoch
-    over all processes (an epoch is epoch_length // train.batch_size steps). Each shard goes to
-    one (rank, DataLoader worker); without ``resample`` every sample is read once per epoch when
-    the shards split evenly. ``resample`` draws shards with replacement (any shard count works).
-    ``tokenizer_captions``: captions read from the shards to train the tokenizer when
-    ``data.tokenizer`` is null.
-    """
-
-    urls: Optional[str] = None
-    epoch_length: Optional[int] = None
-    shuffle_buffer: int = 1000
-    resample: bool = False
-    strict: bool = False
-    tokenizer_captions: int = 100_000
-
-    def __post_init__(self):
-        if self.epoch_length is not None and self.epoch_length < 1:
-            raise ValueError(f"data.shards.epoch_length: must be >= 1, got {self.epoch_length}")
-        if self.shuffle_buffer < 0:
-            raise ValueError(f"data.shards.shuffle_buffer: must be >= 0 (0 = no shuffling), got {self.shuffle_buffer}")
-        if self.tokenizer_captions < 1:
-            raise ValueError(f"data.shards.tokenizer_captions: must be >= 1, got {self.tokenizer_captions}")
-
-
-@dataclass
 class DataConfig:
-    """Training and evaluation data: the embedded captioned shapes, and the tokenizer.
+    """Training and evaluation data, and the tokenizer.
 
-    ``source: shards`` trains on webdataset shards (``data.shards``) instead of the embedded
-    training split; evaluation stays on the embedded data's test sets.
+    ``source`` (see ``topoclip.config.data``): ``shapes`` trains on the embedded data and
+    evaluates on its test sets; ``shards`` streams webdataset shards and evaluates on the
+    embedded test sets; ``csv``, ``folder`` and ``karpathy`` read your files and evaluate on
+    their held-out part. ``shapes.image_size`` / ``mean`` / ``std`` are the model's input for
+    every source (real images are resized and normalised to them).
     ``tokenizer`` None trains a WordPiece tokenizer of ``vocab_size`` on the training
     captions; a path loads a saved one (or any Hugging Face tokenizer directory). Its context
     length is ``model.text.context_length``.
     """
 
-    source: Literal["shapes", "shards"] = "shapes"
+    source: str = "shapes"
     shapes: ShapesConfig = field(default_factory=ShapesConfig)
     shards: ShardsConfig = field(default_factory=ShardsConfig)
+    csv: CsvDataConfig = field(default_factory=CsvDataConfig)
+    folder: FolderDataConfig = field(default_factory=FolderDataConfig)
+    karpathy: KarpathyDataConfig = field(default_factory=KarpathyDataConfig)
     tokenizer: Optional[str] = None
     vocab_size: int = 1000
 
     def __post_init__(self):
-        if self.source == "shards":
-            if not self.shards.urls:
-                raise ValueError("data.shards.urls: needed with data.source=shards (a directory, pattern or list of shards)")
-            if self.shards.epoch_length is None:
-                raise ValueError("data.shards.epoch_length: needed with data.source=shards (samples per epoch)")
+        check_source(self.source, self.csv, self.folder, self.karpathy, self.shards)
+        if self.source == "shards" and self.shards.epoch_length is None:
+            raise ValueError("data.shards.epoch_length: needed with data.source=shards (samples per epoch)")
         if self.vocab_size < 6:
             raise ValueError(f"data.vocab_size: must be > 5 (the special tokens), got {self.vocab_size}")
         if self.tokenizer is not None and not Path(self.tokenizer).is_dir():

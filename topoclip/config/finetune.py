@@ -13,6 +13,7 @@ from topoclip.dataclass_io import from_dict, to_dict
 from topoclip.geometry import available_topologies
 from topoclip.losses.mixup import MixupConfig
 
+from .data import CsvDataConfig, FolderDataConfig, KarpathyDataConfig, check_source
 from .files import deep_merge, read_config_file, resolve_config_path
 from .overrides import apply_natural_overrides
 from .sections import OptimConfig, RunSettings, TrainConfig
@@ -24,7 +25,6 @@ __all__ = [
     "SourceConfig",
     "FinetuneMethodConfig",
     "FinetuneDataConfig",
-    "CsvDataConfig",
     "finetune_config_from_dict",
     "load_finetune_config",
 ]
@@ -89,30 +89,10 @@ def _light_shapes() -> ShapesConfig:
 
 
 @dataclass
-class CsvDataConfig:
-    """Your own (image, caption) pairs in a CSV/TSV with a header row (OpenCLIP's layout). A
-    random ``holdout`` fraction of the distinct images (with all their captions) is kept out of
-    training and is the target distribution's retrieval test set."""
-
-    path: Optional[str] = None
-    image_root: Optional[str] = None  # relative image paths start here (default: the CSV's folder)
-    sep: str = "\t"
-    image_key: str = "filepath"
-    caption_key: str = "title"
-    holdout: float = 0.05
-    verify: bool = False  # decode every image up front (else corrupt files are skipped on access)
-
-    def __post_init__(self):
-        if not 0.0 < self.holdout < 1.0:
-            raise ValueError(f"data.csv.holdout: must lie in (0, 1), got {self.holdout}")
-        if len(self.sep) != 1:
-            raise ValueError(f"data.csv.sep: must be one character, got {self.sep!r}")
-
-
-@dataclass
 class FinetuneDataConfig:
     """The fine-tuning (target) distribution: ``source: shapes`` (default; light backgrounds, a
-    shift from the default training data) or ``csv`` (your pairs, see ``CsvDataConfig``).
+    shift from the default training data), or your files: ``csv``, ``folder`` or ``karpathy``
+    (see ``topoclip.config.data``), whose held-out part is the target test set.
     ``reference``: the original distribution for the robustness columns; null takes a topoclip
     source's own training data, or the default shapes for other sources. Image size and
     normalisation always follow the source model."""
@@ -120,13 +100,12 @@ class FinetuneDataConfig:
     source: str = "shapes"
     shapes: ShapesConfig = field(default_factory=_light_shapes)
     csv: CsvDataConfig = field(default_factory=CsvDataConfig)
+    folder: FolderDataConfig = field(default_factory=FolderDataConfig)
+    karpathy: KarpathyDataConfig = field(default_factory=KarpathyDataConfig)
     reference: Optional[ShapesConfig] = None
 
     def __post_init__(self):
-        if self.source not in ("shapes", "csv"):
-            raise ValueError(f"data.source: must be shapes or csv, got {self.source!r}")
-        if self.source == "csv" and self.csv.path is None:
-            raise ValueError("data.csv.path: data.source=csv needs the pairs file")
+        check_source(self.source, self.csv, self.folder, self.karpathy)
 
 
 def _finetune_optim() -> OptimConfig:

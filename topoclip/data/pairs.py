@@ -23,7 +23,35 @@ from topoclip.data.datasets import LazyImageFiles, PairDataset, RetrievalSet, Sk
 from topoclip.data.transforms import CLIP_MEAN, CLIP_STD, CorruptImageError, ImageTransform, load_image
 
 
-class CsvPairs(PairDataset, LazyImageFiles):
+class FilePairs(PairDataset, LazyImageFiles):
+    """``ds[i] -> (image FloatTensor[3,H,W], caption)`` for lists of image files and captions,
+    decoded on access (an unreadable file is a counted skip, or an error with ``strict``).
+
+    Every file-based training source is one: a CSV's rows, an image folder's images with
+    their class captions, a Karpathy JSON's captions. ``image_paths`` / ``captions`` / ``path``
+    (the source's name) are public, so ``holdout_split`` works on any of them.
+    """
+
+    def __init__(self, source: str, image_paths: Sequence[str], captions: Sequence[str], transform: Callable,
+                 strict: bool = False, skip_stats: SkipStats | None = None) -> None:
+        if len(image_paths) != len(captions):
+            raise ValueError(f"{source}: {len(image_paths)} images but {len(captions)} captions")
+        if not image_paths:
+            raise ValueError(f"{source}: no (image, caption) pairs")
+        self.path = source
+        self.image_paths = list(image_paths)
+        self.captions = list(captions)
+        self._init_files(source, self.image_paths, transform, strict, skip_stats or SkipStats(source))
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        j, image = self._load_first_readable(index)
+        return image, self.captions[j]
+
+
+class CsvPairs(FilePairs):
     """``ds[i] -> (image FloatTensor[3,H,W], caption)`` from a CSV/TSV with a header row.
 
     Relative image paths are resolved against ``image_root`` (default: the CSV's folder).
@@ -81,25 +109,15 @@ class CsvPairs(PairDataset, LazyImageFiles):
         stats.summarize(len(paths), "pairs")
         if not paths:
             raise ValueError(f"{source}: no usable (image, caption) rows (skipped: {stats.as_dict()})")
-        self.path = source
-        self.captions = captions
-        self.image_paths = paths
-        self._init_files(source, paths, transform or ImageTransform(image_size, mean, std), strict, stats)
-
-    def __len__(self) -> int:
-        return len(self._paths)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
-        j, image = self._load_first_readable(index)
-        return image, self.captions[j]
+        super().__init__(source, paths, captions, transform or ImageTransform(image_size, mean, std), strict, stats)
 
 
 class PairsRetrieval(RetrievalSet):
-    """The images of some rows of a :class:`CsvPairs` as a retrieval set: each distinct image
+    """The images of some rows of a :class:`FilePairs` as a retrieval set: each distinct image
     file once, every row's caption pointing at its image (so an image with several rows has
     several ground-truth captions)."""
 
-    def __init__(self, pairs: CsvPairs, rows: Sequence[int], name: str = "pairs-holdout") -> None:
+    def __init__(self, pairs: FilePairs, rows: Sequence[int], name: str = "pairs-holdout") -> None:
         index_of: dict[str, int] = {}
         self._rows: list[int] = []  # one row per distinct image: where to load it from
         caption_to_image = []
@@ -125,7 +143,7 @@ class PairsRetrieval(RetrievalSet):
             raise ValueError(f"{self.pairs.path}: unreadable held-out image {path!r}: {err}") from err
 
 
-def holdout_split(pairs: CsvPairs, fraction: float, seed: int = 0) -> tuple[torch.utils.data.Subset, PairsRetrieval]:
+def holdout_split(pairs: FilePairs, fraction: float, seed: int = 0) -> tuple[torch.utils.data.Subset, PairsRetrieval]:
     """Split ``pairs`` by image file: a random ``fraction`` of the distinct images (at least
     one) and all their rows become a retrieval set; the other rows stay for training. Splitting
     by file keeps an image's other captions from leaking into training."""

@@ -38,8 +38,9 @@ from torch import nn
 
 from topoclip.atomic import atomic_write, atomic_write_json
 from topoclip.config import MIXUP_TERMS, FinetuneConfig, load_finetune_config
-from topoclip.data import CsvPairs, holdout_split, make_collate, make_shapes
+from topoclip.data import make_collate, make_shapes
 from topoclip.data.shapes import ShapesConfig
+from topoclip.data.sources import open_training_source
 from topoclip.engine.distributed import DistInfo, process_group
 from topoclip.engine.task import ContrastiveTask
 from topoclip.engine.trainer import seed_everything
@@ -76,15 +77,14 @@ def _shapes_distribution(data, config: FinetuneConfig) -> _Distribution:
 
 
 def _target_data(config: FinetuneConfig, loaded: LoadedRun):
-    """(training pairs, target evaluation sets) of the fine-tuning distribution."""
-    if config.data.source == "csv":
-        c = config.data.csv
-        pairs = CsvPairs(
-            c.path, c.image_root, loaded.image_transform(), sep=c.sep, image_key=c.image_key,
-            caption_key=c.caption_key, verify=c.verify,
-        )
-        train, holdout = holdout_split(pairs, c.holdout, config.train.seed)
-        return train, _Distribution([], holdout if config.eval.retrieval else None)
+    """(training pairs, target evaluation sets) of the fine-tuning distribution: the shapes
+    generator rendered for the model, or your files with their held-out part."""
+    if config.data.source != "shapes":
+        source = open_training_source(config.data.source, config.data, loaded.image_transform(), config.train.seed)
+        held = source.held_out
+        if hasattr(held, "classnames"):
+            return source.train, _Distribution([held] if config.eval.zeroshot else [], None)
+        return source.train, _Distribution([], held if config.eval.retrieval else None)
     data = make_shapes(_rendered_for(config.data.shapes, loaded))
     return data.train, _shapes_distribution(data, config)
 

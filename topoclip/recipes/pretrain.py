@@ -8,12 +8,16 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from topoclip.atomic import atomic_write_json
 from topoclip.config import ExperimentConfig
-from topoclip.data import ShapesData, TextTokenizer, build_tokenizer, make_collate, make_shapes
+from topoclip.data import ImageTransform, ShapesData, TextTokenizer, build_tokenizer, make_collate, make_shapes
+from topoclip.data.sources import TrainingSource, open_training_source
 from topoclip.engine.distributed import DistInfo, barrier, process_group
 from topoclip.engine.task import ContrastiveTask
 from topoclip.engine.trainer import seed_everything
@@ -23,7 +27,7 @@ from topoclip.runs import PLOTS_DIR, RESULTS_FILE, TOKENIZER_DIR
 from .common import build_loss, make_trainer, start_run
 from .evaluate import evaluate, format_summary, shapes_eval_sets
 
-__all__ = ["run", "build_components"]
+__all__ = ["run", "RunData", "open_data", "build_components"]
 
 
 def run(config: ExperimentConfig, run_dir: str | os.PathLike | None = None) -> dict[str, Any]:
@@ -37,7 +41,47 @@ def run(config: ExperimentConfig, run_dir: str | os.PathLike | None = None) -> d
         return _run(config, run_dir, info)
 
 
-def _tokenizer(config: ExperimentConfig, data: ShapesData, run_dir: Path) -> TextTokenizer:
+@dataclass
+class RunData:
+    """The data of a pretraining run: the embedded shapes (the training data for ``shapes``,
+    the evaluation data for ``shards``; for file sources only what a shapes suite needs) and,
+    for ``csv`` / ``folder`` / ``karpathy``, the opened file source with its held-out part."""
+
+    shapes: ShapesData
+    source: TrainingSource | None = None
+
+    def captions(self, config: ExperimentConfig) -> list[str]:
+        """The captions the tokenizer is trained on."""
+        if config.data.source == "shards":
+            from topoclip.data.shards import shard_captions
+
+            return shard_captions(config.data.shards.urls, limit=config.data.shards.tokenizer_captions)
+        return self.source.captions if self.source is not None else self.shapes.captions("train")
+
+    def eval_sets(self, eval_config) -> tuple[list, object]:
+        """(zero-shot sets, retrieval set) the run is evaluated on when no suite is given."""
+        if self.source is None:
+            return shapes_eval_sets(self.shapes, eval_config)
+        held = self.source.held_out
+        if hasattr(held, "classnames"):
+            return ([held] if eval_config.zeroshot else []), None
+        return [], (held if eval_config.retrieval else None)
+
+
+def open_data(config: ExperimentConfig) -> RunData:
+    """The run's data. Only a ``shapes`` run renders the 20,000 training images; the test
+    splits are generated independently, so a 2-pair training split leaves them unchanged."""
+    shapes = config.data.shapes
+    if config.data.source != "shapes":
+        shapes = dataclasses.replace(shapes, num_train=2)
+    data = RunData(make_shapes(shapes))
+    if config.data.source in ("csv", "folder", "karpathy"):
+        transform = ImageTransform(shapes.image_size, shapes.mean, shapes.std)
+        data.source = open_training_source(config.data.source, config.data, transform, config.train.seed)
+    return data
+
+
+def _tokenizer(config: ExperimentConfig, data: RunData, run_dir: Path) -> TextTokenizer:
     saved = run_dir / TOKENIZER_DIR
     if saved.is_dir():
         return TextTokenizer.load(saved)
@@ -45,30 +89,24 @@ def _tokenizer(config: ExperimentConfig, data: ShapesData, run_dir: Path) -> Tex
     if config.data.tokenizer is not None:
         tokenizer = TextTokenizer.load(config.data.tokenizer, context_length=context_length)
     else:
-        if config.data.source == "shards":
-            from topoclip.data.shards import shard_captions
-
-            captions = shard_captions(config.data.shards.urls, limit=config.data.shards.tokenizer_captions)
-        else:
-            captions = data.captions("train")
-        tokenizer = build_tokenizer(captions, config.data.vocab_size, context_length)
+        tokenizer = build_tokenizer(data.captions(config), config.data.vocab_size, context_length)
     tokenizer.save(saved)
     return tokenizer
 
 
-def build_components(config: ExperimentConfig, run_dir: Path):
-    """Data, tokenizer and model of a run, in a fixed order from a fixed seed.
-
-    With ``data.source: shards`` the embedded data serves evaluation only (its training split
-    is cut to 2 pairs; the test splits do not depend on it)."""
+def build_components(config: ExperimentConfig, run_dir: Path) -> tuple[RunData, TextTokenizer, nn.Module]:
+    """Data, tokenizer and model of a run, in a fixed order from a fixed seed."""
     seed_everything(config.train.seed)
-    shapes = config.data.shapes
-    if config.data.source == "shards":
-        shapes = dataclasses.replace(shapes, num_train=2)
-    data = make_shapes(shapes)
+    data = open_data(config)
     tokenizer = _tokenizer(config, data, run_dir)
     model = build_model(config.model, config.topology.build(), vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_token_id)
     return data, tokenizer, model
+
+
+def _train_set(config: ExperimentConfig, data: RunData, info: DistInfo):
+    if config.data.source == "shards":
+        return _shard_stream(config, info)
+    return data.source.train if data.source is not None else data.shapes.train
 
 
 def _shard_stream(config: ExperimentConfig, info: DistInfo):
@@ -101,7 +139,7 @@ def _run(config: ExperimentConfig, run_dir: str | os.PathLike | None, info: Dist
     data, tokenizer, model = build_components(config, run_dir)
     if info.is_main:
         barrier(info)
-    train_set = _shard_stream(config, info) if config.data.source == "shards" else data.train
+    train_set = _train_set(config, data, info)
     task = ContrastiveTask(model, build_loss(config, model.topology))
     trainer = make_trainer(task, train_set, make_collate(tokenizer), config, run_dir, device, info)
     if resume:
@@ -118,7 +156,7 @@ def _run(config: ExperimentConfig, run_dir: str | os.PathLike | None, info: Dist
         return results  # rank 0 evaluates and writes results.json
     if config.eval.enabled:
         start = time.perf_counter()
-        tasks, retrieval_set = shapes_eval_sets(data, config.eval)
+        tasks, retrieval_set = data.eval_sets(config.eval)
         results["eval"] = evaluate(
             model, tokenizer, tasks, retrieval_set, config.eval.batch_size, device,
             robustness=config.eval.robustness, plot_dir=run_dir / PLOTS_DIR,
