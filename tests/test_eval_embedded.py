@@ -120,3 +120,27 @@ def test_unknown_task_and_empty_entries_are_refused():
         EvalEntry(_retrieval_set(), ("recall",))
     with pytest.raises(ValueError, match="no tasks"):
         EvalEntry(_retrieval_set(), ())
+
+
+def test_identical_captions_are_one_text_with_several_positive_images(topo):
+    """~17 images sharing a caption string scored R@1 = 0 when identical texts tied against
+    each other; merged, an image is a hit when its (shared) text comes first."""
+    model, tok = CountingEncoder(topo), FakeTokenizer()
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (6, 3, 4, 4), dtype=torch.uint8, generator=g)
+    captions = ["a red circle"] * 3 + ["a blue square"] * 3
+    dataset = TensorRetrievalSet("shared", images, captions, list(range(6)))
+    emb = embed_dataset(model, dataset, tok)
+    assert emb.text_points.shape[0] == 2 and model.texts_seen == 2  # each distinct string embedded once
+    assert emb.merged_pairs.tolist() == [[0, 0], [1, 0], [2, 0], [3, 1], [4, 1], [5, 1]]
+    assert emb.caption_points.shape == (6, topo.dim)
+    merged = evaluate_retrieval(model, dataset, tok)
+    # I->T by hand: an image is a hit when its class's text scores higher than the other one.
+    s = topo.similarity(emb.image_points, emb.text_points)
+    own = torch.tensor([0, 0, 0, 1, 1, 1])
+    expected = float((s.gather(1, own[:, None]).squeeze(1) > s.gather(1, 1 - own[:, None]).squeeze(1)).float().mean())
+    assert merged["i2t_R@1"] == pytest.approx(expected)
+    unmerged = embed_dataset(model, dataset, tok, merge_duplicate_captions=False)
+    from topoclip.eval import retrieval_metrics
+
+    assert retrieval_metrics(unmerged)["i2t_R@1"] == 0.0  # the old, pessimistic reading

@@ -77,7 +77,8 @@ def test_zeroshot_accuracy_reports_count_and_default_keys():
     images = torch.tensor([[0.0], [1.0], [5.0]])
     class_texts = torch.tensor([[[0.0]], [[5.0]]])  # 2 classes, 1 template
     result = zeroshot_accuracy(topo, images, torch.tensor([0, 1, 1]), class_texts)
-    assert result == {"top1": pytest.approx(2 / 3), "top5": 1.0, "n": 3}
+    # class 0: its one image right; class 1: one of two (image 1.0 is nearer class 0's text)
+    assert result == {"top1": pytest.approx(2 / 3), "top5": 1.0, "n": 3, "mean_per_class_recall": pytest.approx((1 + 1 / 2) / 2)}
 
 
 # --------------------------------------------------------------------------- chunking

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "fsync_dir"]
+__all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "fsync_dir", "json_safe"]
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -56,19 +56,19 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def _finite_or_none(value: Any) -> Any:
-    # JSON has no NaN or Infinity; strict parsers reject Python's extensions, so a
-    # non-finite number is written as null.
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None, recursively: JSON has no NaN or
+    Infinity, and strict parsers reject Python's extensions."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _finite_or_none(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite_or_none(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
 def atomic_write_json(path: str | os.PathLike, payload: Any, sort_keys: bool = False) -> Path:
     """``payload`` as indented JSON; NaN and infinities become null (valid JSON for every parser)."""
-    text = json.dumps(_finite_or_none(payload), indent=2, sort_keys=sort_keys, allow_nan=False) + "\n"
+    text = json.dumps(json_safe(payload), indent=2, sort_keys=sort_keys, allow_nan=False) + "\n"
     return atomic_write_text(path, text)

@@ -80,8 +80,31 @@ class EmbeddedSet:
     labels: Tensor | None = None
     class_text_points: Tensor | None = None
     positive_pairs: Tensor | None = None  # extra annotated (image, caption) positives, if any
+    # When identical caption strings were merged: caption j is text ``caption_text[j]`` of
+    # ``text_points`` (which then holds each distinct string once). None: text j is caption j.
+    caption_text: Tensor | None = None
     # Pre-projection image features [N, k*width] for linear probes (``with_features=True``).
     image_features: Tensor | None = None
+
+    @property
+    def caption_points(self) -> Tensor:
+        """One point per caption of the dataset, ``[M, d]`` (merged texts repeated), for the
+        metrics of aligned pairs (calibration, geometry)."""
+        return self.text_points if self.caption_text is None else self.text_points[self.caption_text]
+
+    @property
+    def merged_pairs(self) -> Tensor | None:
+        """(image, text) pairs over the distinct texts when captions were merged, else None."""
+        if self.caption_text is None:
+            return None
+        return torch.unique(torch.stack([self.caption_to_image.long(), self.caption_text.to(self.caption_to_image.device)], 1), dim=0)
+
+    def merged_positive_pairs(self) -> Tensor | None:
+        """The dataset's annotated (image, caption) positives over the distinct texts."""
+        if self.positive_pairs is None or self.caption_text is None:
+            return self.positive_pairs
+        pairs = torch.as_tensor(self.positive_pairs).long()
+        return torch.unique(torch.stack([pairs[:, 0], self.caption_text[pairs[:, 1]]], 1), dim=0)
 
     @property
     def is_retrieval(self) -> bool:
@@ -108,12 +131,17 @@ def embed_dataset(
     progress: bool | None = None,
     class_text_points: Tensor | None = None,
     with_features: bool = False,
+    merge_duplicate_captions: bool = True,
 ) -> EmbeddedSet:
     """Embed every image and text of ``dataset`` once (see the module docstring).
 
     ``dataset``: a ``RetrievalSet`` (images; ``captions``, ``caption_to_image``) or a
     ``ClassificationSet`` (``(image, label)`` items; ``classnames``, ``templates``).
     ``class_text_points`` ``[C, T, d]`` replaces the class prompts' embedding.
+    ``merge_duplicate_captions``: a caption string that several images share is one text
+    with several positive images (``merged_pairs``), so that identical texts never count
+    against each other in retrieval (ties count against the query, and identical texts tie).
+    ``caption_to_image`` stays one image per caption; ``caption_text`` maps captions to texts.
     ``with_features``: also the pre-projection image features (``model.image_features``), for
     linear probes. They take a second pass through the image tower: models reach them through
     their own ``image_features``, which OpenCLIP and Hugging Face towers define differently.
@@ -126,11 +154,19 @@ def embed_dataset(
     common = dict(name=name, topology=model.topology, scale=scale)
     if is_retrieval_set(dataset):
         image_points = embed_images(model, dataset, batch_size, device, num_workers=num_workers, progress=progress)
-        text_points = embed_texts(model, dataset.captions, tokenizer, batch_size, device, progress=progress)
-        caption_to_image = check_caption_to_image(dataset.caption_to_image, text_points.shape[0])
+        captions = list(dataset.captions)
+        caption_to_image = check_caption_to_image(dataset.caption_to_image, len(captions)).long()
+        text_id: dict[str, int] = {}
+        ids = torch.tensor([text_id.setdefault(c, len(text_id)) for c in captions], dtype=torch.long)
+        caption_text = None
+        if merge_duplicate_captions and len(text_id) < len(captions):
+            captions, caption_text = list(text_id), ids
+        text_points = embed_texts(model, captions, tokenizer, batch_size, device, progress=progress)
         return EmbeddedSet(
-            **common, image_points=image_points, text_points=text_points, caption_to_image=caption_to_image,
+            **common, image_points=image_points, text_points=text_points,
+            caption_to_image=caption_to_image.to(image_points.device),
             positive_pairs=getattr(dataset, "positive_pairs", None),
+            caption_text=None if caption_text is None else caption_text.to(image_points.device),
         )
     if is_classification_set(dataset):
         from .zeroshot import embed_class_texts

@@ -195,8 +195,13 @@ def map_at_r_metrics(emb: EmbeddedSet, positive_pairs: torch.Tensor | None = Non
     the set's own annotated pairs, else its ``caption_to_image``."""
     emb.require("retrieval")
     if positive_pairs is None:
-        positive_pairs = emb.positive_pairs
+        annotated = emb.merged_positive_pairs()
+        positive_pairs = annotated if annotated is not None else emb.merged_pairs
+    caption_to_image = emb.caption_to_image
+    if emb.caption_text is not None:  # a placeholder one-to-one relation of the distinct texts
+        caption_to_image = torch.zeros(emb.text_points.shape[0], dtype=torch.long, device=caption_to_image.device)
+        caption_to_image[emb.caption_text] = emb.caption_to_image
     return retrieval_map_at_r(
-        emb.topology, emb.image_points, emb.text_points, emb.caption_to_image,
+        emb.topology, emb.image_points, emb.text_points, caption_to_image,
         positive_pairs=positive_pairs, chunk_size=chunk_size,
     )

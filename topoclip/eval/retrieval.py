@@ -48,6 +48,15 @@ def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
     return ks
 
 
+def _positive_rows(pairs: torch.Tensor, start: int, stop: int, num_cols: int) -> torch.Tensor:
+    """``[stop - start, num_cols]`` bool: row q is positive at column c when (start + q, c) is
+    a pair. Built per chunk of queries, so memory stays O(chunk * N)."""
+    block = torch.zeros(stop - start, num_cols, dtype=torch.bool, device=pairs.device)
+    inside = pairs[(pairs[:, 0] >= start) & (pairs[:, 0] < stop)]
+    block[inside[:, 0] - start, inside[:, 1]] = True
+    return block
+
+
 def retrieval_recall(
     topology,
     image_points: torch.Tensor,
@@ -55,15 +64,19 @@ def retrieval_recall(
     caption_to_image: torch.Tensor,
     ks: Sequence[int] = (1, 5, 10),
     chunk_size: int = 1024,
+    positive_pairs: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Recall at each k for image->text and text->image retrieval.
 
     ``image_points`` ``[N, d]``, ``text_points`` ``[M, d]``, ``caption_to_image`` LongTensor ``[M]``
     (the image each caption describes). I->T: an image is a hit at k if ANY of its captions is
-    in its top k; T->I: a caption is a hit if its image is in its top k. Images without a
-    caption cannot be I->T queries and are left out of that average (with a warning).
-    Returns ``{"i2t_R@k": float, ..., "t2i_R@k": float, ...}`` with fractions in [0, 1].
-    Memory is O(chunk_size * max(N, M)).
+    in its top k; T->I: a caption is a hit if its image is in its top k. ``positive_pairs``
+    ``[P, 2]`` of (image, caption) replaces ``caption_to_image`` as the relation when a text
+    has several positive images (a caption string shared by several images, merged into one
+    text: see ``topoclip.eval.embedded``); a T->I query is then a hit if ANY of them is in its
+    top k. Queries without a positive are left out of their direction's average (with a
+    warning). Returns ``{"i2t_R@k": float, ..., "t2i_R@k": float, ...}`` with fractions in
+    [0, 1]. Memory is O(chunk_size * max(N, M)).
     """
     ks = _check_ks(ks)
     if chunk_size < 1:
@@ -71,41 +84,35 @@ def retrieval_recall(
     _check_points("image_points", image_points, topology.dim)
     _check_points("text_points", text_points, topology.dim)
     num_images, num_texts = image_points.shape[0], text_points.shape[0]
-    caption_to_image = check_caption_to_image(caption_to_image, num_texts)
-    if caption_to_image.min() < 0 or caption_to_image.max() >= num_images:
-        raise ValueError(f"caption_to_image has indices outside [0, {num_images}) (the number of images)")
-
     device = image_points.device
+    if positive_pairs is None:
+        caption_to_image = check_caption_to_image(caption_to_image, num_texts)
+        if caption_to_image.min() < 0 or caption_to_image.max() >= num_images:
+            raise ValueError(f"caption_to_image has indices outside [0, {num_images}) (the number of images)")
+        pairs = torch.stack([caption_to_image.long(), torch.arange(num_texts)], dim=1)
+    else:
+        pairs = torch.as_tensor(positive_pairs).long()
+        if pairs.dim() != 2 or pairs.shape[1] != 2 or pairs.shape[0] == 0:
+            raise ValueError(f"positive_pairs must have shape [P, 2] of (image, caption), got {tuple(pairs.shape)}")
+        if pairs[:, 0].min() < 0 or pairs[:, 0].max() >= num_images or pairs[:, 1].min() < 0 or pairs[:, 1].max() >= num_texts:
+            raise ValueError(f"positive_pairs has indices outside [0, {num_images}) x [0, {num_texts})")
+    pairs = pairs.to(device)
     text_points = text_points.to(device)
-    caption_to_image = caption_to_image.to(device=device, dtype=torch.long)
-    image_index = torch.arange(num_images, device=device)
 
-    # I->T: each image query against all captions.
-    i2t_ranks = []
-    for start in range(0, num_images, chunk_size):
-        queries = image_index[start : start + chunk_size]
-        scores = topology.similarity(image_points[start : start + chunk_size], text_points)
-        positive = caption_to_image.unsqueeze(0) == queries.unsqueeze(1)
-        i2t_ranks.append(rank_of_best_positive(scores, positive))
-    i2t_rank = torch.cat(i2t_ranks)
-    has_caption = torch.zeros(num_images, dtype=torch.bool, device=device)
-    has_caption[caption_to_image] = True
-    if not bool(has_caption.all()):
-        logger.warning(
-            "%d of %d images have no caption; left out of image->text recall",
-            int((~has_caption).sum()),
-            num_images,
-        )
-    i2t_rank = i2t_rank[has_caption]
+    def ranks(queries, items, query_pairs, num_queries, what):
+        out, has_positive = [], torch.zeros(num_queries, dtype=torch.bool, device=device)
+        has_positive[query_pairs[:, 0]] = True
+        for start in range(0, num_queries, chunk_size):
+            stop = min(num_queries, start + chunk_size)
+            scores = topology.similarity(queries[start:stop], items)
+            out.append(rank_of_best_positive(scores, _positive_rows(query_pairs, start, stop, items.shape[0])))
+        if not bool(has_positive.all()):
+            logger.warning("%d of %d %s have no positive; left out of %s recall",
+                           int((~has_positive).sum()), num_queries, *what)
+        return torch.cat(out)[has_positive]
 
-    # T->I: each caption query against all images.
-    t2i_ranks = []
-    for start in range(0, num_texts, chunk_size):
-        targets = caption_to_image[start : start + chunk_size]
-        scores = topology.similarity(text_points[start : start + chunk_size], image_points)
-        positive = image_index.unsqueeze(0) == targets.unsqueeze(1)
-        t2i_ranks.append(rank_of_best_positive(scores, positive))
-    t2i_rank = torch.cat(t2i_ranks)
+    i2t_rank = ranks(image_points, text_points, pairs, num_images, ("images", "image->text"))
+    t2i_rank = ranks(text_points, image_points, pairs.flip(1), num_texts, ("captions", "text->image"))
 
     results = {}
     for k in ks:
@@ -137,4 +144,7 @@ def evaluate_retrieval(
 def retrieval_metrics(emb, ks: Sequence[int] = (1, 5, 10), chunk_size: int = 1024) -> dict[str, float]:
     """R@k of an embedded retrieval set (``topoclip.eval.embedded.EmbeddedSet``)."""
     emb.require("retrieval")
-    return retrieval_recall(emb.topology, emb.image_points, emb.text_points, emb.caption_to_image, ks, chunk_size)
+    if emb.caption_text is None:
+        return retrieval_recall(emb.topology, emb.image_points, emb.text_points, emb.caption_to_image, ks, chunk_size)
+    return retrieval_recall(emb.topology, emb.image_points, emb.text_points, None, ks, chunk_size,
+                            positive_pairs=emb.merged_pairs)

@@ -15,7 +15,6 @@ Everything returned is JSON-ready: non-finite floats (e.g. empty reliability bin
 """
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Sequence
@@ -23,6 +22,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from topoclip.atomic import json_safe
 from topoclip.eval.calibration import (
     confidences,
     expected_calibration_error,
@@ -66,17 +66,6 @@ def _check_options(bins, hardness_lam: float, hardness_bins: int, chunk_size: in
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     return bins
-
-
-def _json_safe(value):
-    """Floats that JSON can hold (NaN/inf -> None), recursively."""
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def _calibration(topology, image: Tensor, text: Tensor, caption_to_image: Tensor, scale: float, bins, chunk_size: int):
@@ -185,7 +174,8 @@ def robustness_metrics(
     if scale is None and emb.scale is None:
         raise ValueError("model has no logit_scale; pass scale= explicitly")
     scale = emb.scale if scale is None else float(scale)
-    image, text = emb.image_points, emb.text_points
+    # Aligned pairs: one point per caption (merged duplicate texts repeated).
+    image, text = emb.image_points, emb.caption_points
     caption_to_image = emb.caption_to_image
     if caption_to_image.min() < 0 or caption_to_image.max() >= image.shape[0]:
         raise ValueError(f"retrieval_set.caption_to_image has indices outside [0, {image.shape[0]}) (the number of images)")
@@ -225,4 +215,4 @@ def robustness_metrics(
             )
         save_hardness_histogram(hardness, plots["hardness"], f"m2-Mix negatives, lam = {hardness_lam:g}")
         result["plots"] = {name: str(path) for name, path in plots.items()}
-    return _json_safe(result)
+    return json_safe(result)

@@ -78,6 +78,16 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] 
     return {f"top{k}": float((rank < min(k, num_classes)).float().mean()) for k in ks}
 
 
+def mean_per_class_recall(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The mean over classes of each class's top-1 recall (balanced accuracy, CLIP_benchmark's
+    ``mean_per_class_recall``); ties count as misses, as in ``topk_accuracy``."""
+    labels = torch.as_tensor(labels, device=logits.device).long()
+    positive = torch.nn.functional.one_hot(labels, logits.shape[1]).bool()
+    hit = (rank_of_best_positive(logits, positive) == 0).float()
+    present = labels.unique()
+    return float(torch.stack([hit[labels == c].mean() for c in present]).mean())
+
+
 def zeroshot_accuracy(
     topology,
     image_points: torch.Tensor,
@@ -86,7 +96,7 @@ def zeroshot_accuracy(
     ks: Sequence[int] = (1, 5),
     chunk_size: int = 256,
 ) -> dict[str, float]:
-    """Top-k accuracy from precomputed points: ``{"top1", "top5", "n"}``.
+    """Top-k accuracy from precomputed points: ``{"top1", "top5", "n", "mean_per_class_recall"}``.
 
     The entry point for evaluations that build their own points (e.g. a subset of the
     [CLS] tokens with a matching smaller topology).
@@ -94,6 +104,7 @@ def zeroshot_accuracy(
     logits = zeroshot_logits(topology, image_points, class_text_points, chunk_size)
     result: dict = topk_accuracy(logits, labels, ks)
     result["n"] = int(logits.shape[0])
+    result["mean_per_class_recall"] = mean_per_class_recall(logits, labels)
     return result
 
 
@@ -129,7 +140,7 @@ def zeroshot_classify(
     chunk_size: int = 256,
     progress: bool | None = None,
 ) -> dict[str, float]:
-    """Zero-shot accuracy of ``model`` on a ``ClassificationSet``: ``{"top1", "top5", "n"}``.
+    """Zero-shot accuracy of ``model`` on a ``ClassificationSet``: ``{"top1", "top5", "n", "mean_per_class_recall"}``.
 
     Texts are ``template.format(classname)`` for ``dataset.classnames`` x ``dataset.templates``,
     unless ``class_text_points`` ``[C, T, d]`` is given (then no text is embedded).
@@ -143,6 +154,7 @@ def zeroshot_classify(
 
 
 def zeroshot_metrics(emb: EmbeddedSet, ks: Sequence[int] = (1, 5), chunk_size: int = 256) -> dict[str, float]:
-    """Zero-shot top-k accuracy of an embedded classification set: ``{"top1", "top5", "n"}``."""
+    """Zero-shot accuracy of an embedded classification set: ``{"top1", "top5", "n",
+    "mean_per_class_recall"}``."""
     emb.require("classification")
     return zeroshot_accuracy(emb.topology, emb.image_points, emb.labels, emb.class_text_points, ks, chunk_size)
