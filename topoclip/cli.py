@@ -2,7 +2,7 @@
 
     topoclip train [--config configs/X.yaml] [--resume [RUN_DIR]] [key=value ...]
     topoclip eval --checkpoint RUN_DIR_OR_CHECKPOINT [--data key=value ...] [--folder DIR ...]
-                  [--karpathy JSON --image-root DIR] [--output FILE]
+                  [--karpathy JSON --image-root DIR] [--suite FILE] [--output FILE]
     topoclip data convert (--csv FILE | --shapes [key=value ...]) --out DIR [--maxcount N]
     topoclip finetune --from PATH [--model-name NAME] [--method M] [--config F] [key=value ...]
     topoclip finetune-demo [--out DIR] [--pretrain-steps N] [--steps N] [--lr LR] [key=value ...]
@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Evaluate a trained model: by default on the zero-shot tasks and the retrieval set of the "
             "embedded data it was trained on; with --folder / --karpathy on image folders and a "
-            "Karpathy-style retrieval set instead."
+            "Karpathy-style retrieval set, or with --suite on the datasets of a suite file. Writes "
+            "the results JSON and the same as CLIP_benchmark records (.jsonl beside it)."
         ),
     )
     ev.add_argument(
@@ -86,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--karpathy", type=Path, default=None, metavar="JSON", help="retrieval on a Karpathy-style JSON (COCO/Flickr30k)")
     ev.add_argument("--image-root", type=Path, default=None, metavar="DIR", help="directory of the --karpathy images")
     ev.add_argument("--split", default="test", help="split of the --karpathy JSON (default: test)")
+    ev.add_argument("--suite", type=Path, default=None, metavar="FILE",
+                    help="evaluate on a suite file instead: a YAML/JSON list of {name, task, data} "
+                    "(zeroshot / retrieval / linear_probe on your folders, CSVs or Karpathy JSONs)")
     ev.add_argument("--output", type=Path, default=None, help="results JSON (default: eval_results.json in the run dir)")
     ev.add_argument("--device", default="auto", help="auto, cpu, cuda, ... (default: auto)")
     ev.add_argument("--batch-size", type=int, default=None, help="evaluation batch size (default: from the config)")
@@ -260,6 +264,7 @@ def _eval(args: argparse.Namespace) -> int:
             karpathy=args.karpathy,
             image_root=args.image_root,
             split=args.split,
+            suite=args.suite,
         )
     except ValueError as err:
         return _fail("eval", err, 2)

@@ -28,6 +28,7 @@ from .sections import (
     OutputConfig,
     RunSettings,
     ScheduleConfig,
+    SuiteConfig,
     TrainConfig,
 )
 
@@ -53,6 +54,7 @@ __all__ = [
     "ScheduleConfig",
     "ShardsConfig",
     "SourceConfig",
+    "SuiteConfig",
     "TopologyConfig",
     "TrainConfig",
     "config_from_dict",

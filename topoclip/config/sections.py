@@ -12,9 +12,10 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 __all__ = [
+    "SuiteConfig",
     "LossConfig",
     "OptimConfig",
     "ScheduleConfig",
@@ -166,12 +167,62 @@ class TrainConfig:
             raise ValueError(f"train.keep_last: must be >= 1, got {self.keep_last}")
 
 
+# What each suite task reads from its ``data`` mapping (one of the first group names the data).
+SUITE_DATA_KEYS = {
+    "zeroshot": ({"folder", "csv"}, {"classnames", "templates", "image_root", "image_key", "label_key", "sep", "verify", "strict"}),
+    "retrieval": ({"karpathy", "csv"}, {"image_root", "split", "image_key", "caption_key", "sep", "verify", "strict"}),
+    "linear_probe": ({"train"}, {"test", "classnames", "verify", "strict"}),
+}
+
+
+@dataclass
+class SuiteConfig:
+    """One evaluation dataset and its task, as data (``eval.suites`` or a suite file):
+
+    - ``zeroshot``: ``data: {folder: DIR}`` (one sub-folder per class) or ``{csv: FILE,
+      image_key: filepath, label_key: label}``; ``classnames`` (a text file or JSON list) and
+      ``templates`` (a JSON list, ``{}`` or ``{c}`` for the class) in CLIP_benchmark's forms;
+    - ``retrieval``: ``{karpathy: JSON, image_root: DIR, split: test}`` or ``{csv: FILE,
+      image_key: filepath, caption_key: title}`` with several captions (rows) per image;
+    - ``linear_probe``: ``{train: DIR, test: DIR}`` image folders; features before the
+      projection head.
+
+    Relative paths in a suite file are relative to the file.
+    """
+
+    name: str
+    task: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        where = f"eval.suites.{self.name}"
+        if not self.name:
+            raise ValueError("eval.suites: every suite needs a name")
+        if self.task not in SUITE_DATA_KEYS:
+            raise ValueError(f"{where}.task: must be one of {', '.join(SUITE_DATA_KEYS)}, got {self.task!r}")
+        sources, options = SUITE_DATA_KEYS[self.task]
+        unknown = sorted(set(self.data) - sources - options)
+        if unknown:
+            raise ValueError(f"{where}.data.{unknown[0]}: unknown for a {self.task} suite (known: {', '.join(sorted(sources | options))})")
+        given = sorted(set(self.data) & sources)
+        if len(given) != 1:
+            raise ValueError(f"{where}.data: give exactly one of {', '.join(sorted(sources))} (got {given or 'none'})")
+        if self.task == "linear_probe" and "test" not in self.data:
+            raise ValueError(f"{where}.data.test: a linear probe needs a test folder beside data.train")
+        if self.task == "retrieval" and "karpathy" in self.data and "image_root" not in self.data:
+            raise ValueError(f"{where}.data.image_root: a Karpathy JSON needs the folder of its images")
+
+
 @dataclass
 class EvalConfig:
-    """Evaluation after training: zero-shot on every task and retrieval on the test set.
+    """Evaluation after training.
 
-    ``robustness``: on the retrieval set also ECE (I->T, T->I), alignment / uniformity /
-    relative alignment / modality gap and the m²-Mix hardness histogram, with PNG plots.
+    Without suites: the run's own evaluation sets (the shapes tasks and retrieval set, or a
+    file source's held-out part); ``zeroshot`` / ``retrieval`` switch them. ``suites`` (and
+    the entries of ``suite_file``, a YAML/JSON list) replace them with your datasets, see
+    ``SuiteConfig``. ``robustness``: on retrieval sets also ECE (I->T, T->I), alignment /
+    uniformity / relative alignment / modality gap and the m²-Mix hardness histogram, with
+    PNG plots.
     """
 
     enabled: bool = True
@@ -179,10 +230,15 @@ class EvalConfig:
     retrieval: bool = True
     robustness: bool = True
     batch_size: int = 512
+    suites: list[SuiteConfig] = field(default_factory=list)
+    suite_file: Optional[str] = None
 
     def __post_init__(self):
         if self.batch_size < 1:
             raise ValueError(f"eval.batch_size: must be >= 1, got {self.batch_size}")
+        names = [s.name for s in self.suites]
+        if len(set(names)) != len(names):
+            raise ValueError(f"eval.suites: names must be distinct, got {names}")
 
 
 @dataclass

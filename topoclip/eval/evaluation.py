@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .embedded import EmbeddedSet, embed_dataset
+from .linear_probe import linear_probe_metrics
 from .map_at_r import map_at_r_metrics
 from .retrieval import retrieval_metrics
 from .robustness import robustness_metrics
@@ -37,18 +38,22 @@ TASKS: dict[str, tuple[str, Callable[..., dict]]] = {
     "retrieval": ("retrieval", retrieval_metrics),
     "map_at_r": ("retrieval", map_at_r_metrics),
     "robustness": ("retrieval", _robustness),
+    # Needs the entry's train_dataset too; run_evaluation embeds both with their features.
+    "linear_probe": ("classification", linear_probe_metrics),
 }
 
 
 @dataclass
 class EvalEntry:
     """One dataset and the tasks to run on it; ``options`` per task (keyword arguments of
-    its metric, e.g. ``{"robustness": {"bins": (10, 15)}}``)."""
+    its metric, e.g. ``{"robustness": {"bins": (10, 15)}}``). A ``linear_probe`` entry fits
+    its probe on ``train_dataset`` and scores it on ``dataset``."""
 
     dataset: Any
     tasks: Sequence[str]
     name: str | None = None
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    train_dataset: Any = None
 
     def __post_init__(self):
         unknown = [t for t in self.tasks if t not in TASKS]
@@ -56,6 +61,8 @@ class EvalEntry:
             raise ValueError(f"eval task {unknown[0]!r}: unknown (known: {', '.join(TASKS)})")
         if not self.tasks:
             raise ValueError(f"eval entry {self.label}: no tasks")
+        if "linear_probe" in self.tasks and self.train_dataset is None:
+            raise ValueError(f"eval entry {self.label}: a linear probe needs a train_dataset")
 
     @property
     def label(self) -> str:
@@ -85,10 +92,15 @@ def run_evaluation(
     shared = {t for t in TASKS if sum(t in e.tasks for e in entries) > 1}
     records = []
     for entry in entries:
-        emb = embed_dataset(model, entry.dataset, tokenizer, batch_size, device, progress=progress)
+        probe = "linear_probe" in entry.tasks
+        emb = embed_dataset(model, entry.dataset, tokenizer, batch_size, device, progress=progress, with_features=probe)
         for task in entry.tasks:
             _, metric = TASKS[task]
             options = dict(entry.options.get(task, {}))
+            if task == "linear_probe":
+                train = embed_dataset(model, entry.train_dataset, tokenizer, batch_size, device, progress=progress, with_features=True)
+                records.append(EvalRecord(entry.label, task, metric(train, emb, **options)))
+                continue
             if task == "robustness" and plot_dir is not None:
                 options["plot_dir"] = Path(plot_dir) / entry.label if task in shared else Path(plot_dir)
             records.append(EvalRecord(entry.label, task, metric(emb, **options)))

@@ -44,13 +44,13 @@ from topoclip.data.sources import open_training_source
 from topoclip.engine.distributed import DistInfo, process_group
 from topoclip.engine.task import ContrastiveTask
 from topoclip.engine.trainer import seed_everything
-from topoclip.eval import EmbeddingShiftModel, estimate_modality_gap
+from topoclip.eval import EmbeddingShiftModel, EvalEntry, estimate_modality_gap
 from topoclip.losses.mixup import M3MixLoss
 from topoclip.models import interpolate_weights
-from topoclip.runs import PLOTS_DIR, RESULTS_FILE, LoadedRun, load_source
+from topoclip.runs import PLOTS_DIR, RECORDS_FILE, RESULTS_FILE, LoadedRun, load_source
 
 from .common import build_loss, make_trainer, start_run
-from .evaluate import evaluate
+from .evaluate import eval_entries, evaluate_entries, shapes_eval_sets, suite_entries, write_records
 
 __all__ = ["WISE_DIR", "run_finetune", "format_finetune_table", "load_finetune_config"]
 
@@ -63,41 +63,38 @@ def _rendered_for(shapes: ShapesConfig, loaded: LoadedRun, **extra) -> ShapesCon
     return dataclasses.replace(shapes, image_size=loaded.image_size, mean=loaded.mean, std=loaded.std, **extra)
 
 
-@dataclasses.dataclass
-class _Distribution:
-    tasks: list  # zero-shot classification sets
-    retrieval: Any  # a RetrievalSet or None
-
-
-def _shapes_distribution(data, config: FinetuneConfig) -> _Distribution:
-    return _Distribution(
-        data.zeroshot_tasks("test") if config.eval.zeroshot else [],
-        data.retrieval_set("test") if config.eval.retrieval else None,
-    )
+def _shapes_entries(data, config: FinetuneConfig) -> list[EvalEntry]:
+    return eval_entries(*shapes_eval_sets(data, config.eval), config.eval.robustness)
 
 
 def _target_data(config: FinetuneConfig, loaded: LoadedRun):
-    """(training pairs, target evaluation sets) of the fine-tuning distribution: the shapes
-    generator rendered for the model, or your files with their held-out part."""
+    """(training pairs, target evaluation entries) of the fine-tuning distribution: the shapes
+    generator rendered for the model, or your files with their held-out part. Suites given in
+    ``eval`` are the target evaluation instead."""
+    suites = suite_entries(config.eval, loaded.transform)
     if config.data.source != "shapes":
-        source = open_training_source(config.data.source, config.data, loaded.image_transform(), config.train.seed)
+        source = open_training_source(config.data.source, config.data, loaded.transform, config.train.seed)
         held = source.held_out
+        if suites is not None:
+            return source.train, suites
         if hasattr(held, "classnames"):
-            return source.train, _Distribution([held] if config.eval.zeroshot else [], None)
-        return source.train, _Distribution([], held if config.eval.retrieval else None)
+            return source.train, eval_entries([held] if config.eval.zeroshot else [], None, config.eval.robustness)
+        return source.train, eval_entries([], held if config.eval.retrieval else None, config.eval.robustness)
     data = make_shapes(_rendered_for(config.data.shapes, loaded))
-    return data.train, _shapes_distribution(data, config)
+    return data.train, suites if suites is not None else _shapes_entries(data, config)
 
 
-def _evaluate_both(model, loaded: LoadedRun, distributions: dict[str, _Distribution], config: FinetuneConfig, device, plot_dir: Path | None):
+def _evaluate_both(model, loaded: LoadedRun, distributions: dict[str, list[EvalEntry]], config: FinetuneConfig, device,
+                   plot_dir: Path | None, records: list | None = None):
+    """Each distribution's ``eval`` section; the target's records are appended to ``records``."""
     out: dict[str, Any] = {}
     if not config.eval.enabled:
         return out
-    for name, dist in distributions.items():
-        out[name] = evaluate(
-            model, loaded.tokenizer, dist.tasks, dist.retrieval, config.eval.batch_size, device,
-            robustness=config.eval.robustness, plot_dir=None if plot_dir is None else plot_dir / name,
-        )
+    for name, entries in distributions.items():
+        out[name], recs = evaluate_entries(model, loaded.tokenizer, entries, config.eval.batch_size, device,
+                                           None if plot_dir is None else plot_dir / name)
+        if records is not None and name == "target":
+            records.extend(recs)
     return out
 
 
@@ -127,7 +124,7 @@ def _run_finetune(config: FinetuneConfig, run_dir: str | os.PathLike | None, inf
     # Only the reference's test split is used; its splits are generated independently, so a
     # 2-pair training split leaves the test split unchanged and saves the rendering time.
     reference = make_shapes(_rendered_for(config.data.reference or loaded.reference, loaded, num_train=2))
-    distributions = {"target": target, "reference": _shapes_distribution(reference, config)}
+    distributions = {"target": target, "reference": _shapes_entries(reference, config)}
     collate = make_collate(loaded.tokenizer)
     method = config.finetune.method
     plots = run_dir / PLOTS_DIR
@@ -156,7 +153,9 @@ def _run_finetune(config: FinetuneConfig, run_dir: str | os.PathLike | None, inf
         results["train"] = trainer.fit().summary()
         if not info.is_main:
             return results  # rank 0 evaluates and writes results.json
-        results["models"]["finetuned"] = _evaluate_both(model, loaded, distributions, config, device, plots / "finetuned")
+        records: list = []
+        results["models"]["finetuned"] = _evaluate_both(model, loaded, distributions, config, device, plots / "finetuned", records)
+        write_records(run_dir / RECORDS_FILE, records, model, str(run_dir))
         if method == "wise-ft":
             wise = copy.deepcopy(model)
             wise.load_state_dict(interpolate_weights(zero_shot_state, model.state_dict(), config.finetune.wise_alpha))

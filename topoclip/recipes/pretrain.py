@@ -21,11 +21,12 @@ from topoclip.data.sources import TrainingSource, open_training_source
 from topoclip.engine.distributed import DistInfo, barrier, process_group
 from topoclip.engine.task import ContrastiveTask
 from topoclip.engine.trainer import seed_everything
+from topoclip.eval import EvalEntry
 from topoclip.models import build_model
-from topoclip.runs import PLOTS_DIR, RESULTS_FILE, TOKENIZER_DIR
+from topoclip.runs import PLOTS_DIR, RECORDS_FILE, RESULTS_FILE, TOKENIZER_DIR
 
 from .common import build_loss, make_trainer, start_run
-from .evaluate import evaluate, format_summary, shapes_eval_sets
+from .evaluate import eval_entries, evaluate_entries, format_summary, shapes_eval_sets, suite_entries, write_records
 
 __all__ = ["run", "RunData", "open_data", "build_components"]
 
@@ -103,6 +104,12 @@ def build_components(config: ExperimentConfig, run_dir: Path) -> tuple[RunData, 
     return data, tokenizer, model
 
 
+def _eval_entries(config: ExperimentConfig, data: RunData) -> list[EvalEntry]:
+    shapes = config.data.shapes
+    suites = suite_entries(config.eval, ImageTransform(shapes.image_size, shapes.mean, shapes.std))
+    return suites if suites is not None else eval_entries(*data.eval_sets(config.eval), config.eval.robustness)
+
+
 def _train_set(config: ExperimentConfig, data: RunData, info: DistInfo):
     if config.data.source == "shards":
         return _shard_stream(config, info)
@@ -139,6 +146,8 @@ def _run(config: ExperimentConfig, run_dir: str | os.PathLike | None, info: Dist
     data, tokenizer, model = build_components(config, run_dir)
     if info.is_main:
         barrier(info)
+    # Suites are opened (and their images checked) before training: a bad file fails now.
+    entries = _eval_entries(config, data) if config.eval.enabled and info.is_main else []
     train_set = _train_set(config, data, info)
     task = ContrastiveTask(model, build_loss(config, model.topology))
     trainer = make_trainer(task, train_set, make_collate(tokenizer), config, run_dir, device, info)
@@ -156,12 +165,9 @@ def _run(config: ExperimentConfig, run_dir: str | os.PathLike | None, info: Dist
         return results  # rank 0 evaluates and writes results.json
     if config.eval.enabled:
         start = time.perf_counter()
-        tasks, retrieval_set = data.eval_sets(config.eval)
-        results["eval"] = evaluate(
-            model, tokenizer, tasks, retrieval_set, config.eval.batch_size, device,
-            robustness=config.eval.robustness, plot_dir=run_dir / PLOTS_DIR,
-        )
+        results["eval"], records = evaluate_entries(model, tokenizer, entries, config.eval.batch_size, device, run_dir / PLOTS_DIR)
         results["eval"]["seconds"] = time.perf_counter() - start
+        write_records(run_dir / RECORDS_FILE, records, model, str(run_dir))
     results["total_seconds"] = time.perf_counter() - started  # data + model + training + evaluation
     atomic_write_json(run_dir / RESULTS_FILE, results)
     print(format_summary(results))

@@ -7,6 +7,7 @@
     log.jsonl          one line per step
     tensorboard/       the same scalars for TensorBoard
     results.json       the evaluation after training
+    results.jsonl      the same as CLIP_benchmark records (one per dataset and task)
     plots/             reliability diagrams and the mixup-hardness histogram
 
 Runs written by topoclip 0.1.0 have no ``run.json``: they are format 1, and their kind is read
@@ -32,6 +33,7 @@ __all__ = [
     "CONFIG_FILE",
     "TOKENIZER_DIR",
     "RESULTS_FILE",
+    "RECORDS_FILE",
     "LOG_FILE",
     "TENSORBOARD_DIR",
     "PLOTS_DIR",
@@ -51,6 +53,7 @@ RUN_INFO_FILE = "run.json"
 CONFIG_FILE = "config.yaml"
 TOKENIZER_DIR = "tokenizer"
 RESULTS_FILE = "results.json"
+RECORDS_FILE = "results.jsonl"
 LOG_FILE = "log.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 PLOTS_DIR = "plots"
