@@ -232,10 +232,29 @@ class EvalConfig:
     batch_size: int = 512
     suites: list[SuiteConfig] = field(default_factory=list)
     suite_file: Optional[str] = None
+    # During training: every ``every`` steps (and after the last one) the suites without plots
+    # plus the contrastive loss on the held-out split ("val/loss"), in eval.jsonl and
+    # TensorBoard; 0: only after training. ``best``: the "dataset/metric" (e.g. "shape/top1",
+    # "val/loss") whose best value keeps its weights in checkpoints/best; ``best_mode`` auto
+    # minimises losses, ECE and the geometry metrics and maximises everything else.
+    every: int = 0
+    best: Optional[str] = None
+    best_mode: Literal["auto", "max", "min"] = "auto"
 
     def __post_init__(self):
         if self.batch_size < 1:
             raise ValueError(f"eval.batch_size: must be >= 1, got {self.batch_size}")
+        if self.every < 0:
+            raise ValueError(f"eval.every: must be >= 0 (0: only after training), got {self.every}")
+        if self.best is not None and (self.every == 0 or "/" not in self.best):
+            raise ValueError(f"eval.best: needs eval.every > 0 and a \"dataset/metric\" name such as shape/top1 or val/loss, got {self.best!r}")
+
+    def higher_is_better(self) -> bool:
+        """Whether a larger ``best`` metric is better."""
+        if self.best_mode != "auto":
+            return self.best_mode == "max"
+        lower = ("loss", "ece", "alignment", "uniformity", "gap")
+        return not any(word in self.best.split("/", 1)[1].lower() for word in lower)
         names = [s.name for s in self.suites]
         if len(set(names)) != len(names):
             raise ValueError(f"eval.suites: names must be distinct, got {names}")

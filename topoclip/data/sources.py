@@ -38,6 +38,7 @@ __all__ = [
     "open_folder_source",
     "open_karpathy_source",
     "open_training_source",
+    "held_out_pairs",
 ]
 
 
@@ -183,3 +184,32 @@ def open_training_source(source: str, data_config, transform: Callable, seed: in
     if source not in openers:
         raise ValueError(f"data.source: {source!r} is not a file source ({', '.join(openers)})")
     return openers[source](getattr(data_config, source), transform, seed)
+
+
+class _HeldOutPairs(torch.utils.data.Dataset):
+    """``(image, caption)`` items of an evaluation set: a retrieval set's images with their
+    first caption, or a classification set's images captioned by the first template."""
+
+    def __init__(self, held):
+        self.held = held
+        if hasattr(held, "caption_to_image"):
+            first: dict[int, str] = {}
+            for caption, image in zip(held.captions, held.caption_to_image.tolist()):
+                first.setdefault(image, caption)
+            self.captions = [first[i] for i in range(len(held))]
+        else:
+            labels = held.labels.tolist()
+            self.captions = [held.templates[0].format(held.classnames[c]) for c in labels]
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, index: int):
+        item = self.held[index]
+        image = item[0] if isinstance(item, tuple) else item
+        return image, self.captions[index]
+
+
+def held_out_pairs(held: ClassificationSet | RetrievalSet) -> torch.utils.data.Dataset:
+    """The held-out part of a source as pairs, for the validation loss during training."""
+    return _HeldOutPairs(held)

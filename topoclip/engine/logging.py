@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from topoclip.atomic import atomic_write_text
-from topoclip.runs.layout import LOG_FILE, TENSORBOARD_DIR, read_jsonl
+from topoclip.runs.layout import EVAL_LOG_FILE, LOG_FILE, TENSORBOARD_DIR, read_jsonl
 
 __all__ = ["RunLogger"]
 
@@ -42,15 +42,11 @@ class RunLogger:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._jsonl = None
+        self._eval_jsonl = None
         self._writer = None
         if jsonl:
-            path = self.run_dir / LOG_FILE
-            if resume_step > 0:
-                _truncate_after(path, resume_step)
-            else:
-                path.unlink(missing_ok=True)
-            # Line-buffered: a killed run keeps every completed line.
-            self._jsonl = open(path, "a", buffering=1)
+            self._jsonl = self._open(LOG_FILE, resume_step)
+            self._eval_jsonl = self._open(EVAL_LOG_FILE, resume_step)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -58,6 +54,24 @@ class RunLogger:
             self._writer = SummaryWriter(
                 str(self.run_dir / TENSORBOARD_DIR), purge_step=resume_step + 1 if resume_step > 0 else None
             )
+
+    def _open(self, name: str, resume_step: int):
+        path = self.run_dir / name
+        if resume_step > 0:
+            _truncate_after(path, resume_step)
+        else:
+            path.unlink(missing_ok=True)
+        # Line-buffered: a killed run keeps every completed line.
+        return open(path, "a", buffering=1)
+
+    def log_eval(self, step: int, metrics: dict[str, float]) -> None:
+        """An evaluation during training: one line of ``eval.jsonl``, TensorBoard ``eval/*``."""
+        if self._eval_jsonl is not None:
+            self._eval_jsonl.write(json.dumps({"step": step, **{k: _clean(v) for k, v in metrics.items()}}) + "\n")
+        if self._writer is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._writer.add_scalar(f"eval/{key}", value, step)
 
     def log(self, record: dict[str, Any], prefix: str = "train") -> None:
         """One JSONL line; every numeric entry but ``step`` also as a TensorBoard scalar."""
@@ -70,9 +84,10 @@ class RunLogger:
                     self._writer.add_scalar(f"{prefix}/{key}", value, step)
 
     def close(self) -> None:
-        if self._jsonl is not None:
-            self._jsonl.close()
-            self._jsonl = None
+        for handle in (self._jsonl, self._eval_jsonl):
+            if handle is not None:
+                handle.close()
+        self._jsonl = self._eval_jsonl = None
         if self._writer is not None:
             self._writer.close()
             self._writer = None

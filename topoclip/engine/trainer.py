@@ -53,6 +53,7 @@ from topoclip.runs.checkpoint import (
     load_weights,
     remove_stale_temporaries,
     restore_rng_state,
+    save_best,
     save_checkpoint,
 )
 
@@ -73,7 +74,7 @@ from .sampler import EpochBatchSampler, RankBatchSampler, epoch_seed
 from .settings import TrainingSettings
 from .task import Task
 
-__all__ = ["Trainer", "TrainResult", "seed_everything", "seed_worker", "enable_grad_checkpointing"]
+__all__ = ["BestRule", "Trainer", "TrainResult", "seed_everything", "seed_worker", "enable_grad_checkpointing"]
 
 
 def seed_everything(seed: int) -> None:
@@ -131,6 +132,19 @@ class _Encode(nn.Module):
         return self.task.encode(batch)
 
 
+@dataclass(frozen=True)
+class BestRule:
+    """Which evaluation metric picks the best checkpoint, and whether higher is better."""
+
+    metric: str
+    higher_is_better: bool = True
+
+    def better(self, value: float, than: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        return value > than if self.higher_is_better else value < than
+
+
 @dataclass
 class TrainResult:
     steps: int
@@ -163,6 +177,12 @@ class Trainer:
     receives checkpoints and logs. ``run_config`` is the recipe's whole config as plain data,
     saved beside every checkpoint so that the run can be opened again (default: the settings).
 
+    ``evaluator() -> {"dataset/metric": value}`` runs every ``eval_every`` steps and after the
+    last one, on rank 0, in eval mode and with every random number generator put back
+    afterwards, so a run with evaluation trains exactly as one without; its metrics go to
+    ``eval.jsonl`` and TensorBoard, and ``best`` keeps the weights of the best one in
+    ``checkpoints/best``.
+
     ``dist_info``: this process's place in a multi-process run (default: the initialised
     torch.distributed group, if any). ``train_set`` may be an IterableDataset with an
     ``epoch_length`` attribute (samples per epoch over all ranks) that yields this rank's
@@ -180,6 +200,9 @@ class Trainer:
         *,
         dist_info: DistInfo | None = None,
         run_config: dict[str, Any] | None = None,
+        evaluator: Callable[[], dict[str, float]] | None = None,
+        eval_every: int = 0,
+        best: BestRule | None = None,
     ):
         model = task.model
         self.settings = config = settings
@@ -246,6 +269,12 @@ class Trainer:
         self.skipped_steps = 0
         self.resumed_from = 0
         self.step_times: list[float] = []
+        if eval_every < 0:
+            raise ValueError(f"eval.every: must be >= 0 (0 = only after training), got {eval_every}")
+        if best is not None and evaluator is None:
+            raise ValueError("eval.best: needs an evaluation during training (eval.every)")
+        self.evaluator, self.eval_every, self.best = evaluator, eval_every, best
+        self.best_so_far: dict[str, Any] | None = None  # {step, metric, value}
 
     @property
     def model(self) -> nn.Module:
@@ -272,6 +301,8 @@ class Trainer:
             "loss": self.task.loss_state(),
             # fp16 loss scaling: the current scale and its growth tracker.
             "grad_scaler": self.grad_scaler.state_dict() if self.grad_scaler is not None else {},
+            # The best evaluation so far, so that a resumed run keeps the same best checkpoint.
+            "best": dict(self.best_so_far) if self.best_so_far is not None else {},
         }
         if self.dist.distributed:
             state["rng_ranks"] = all_gather_object(rng, self.dist)
@@ -335,6 +366,7 @@ class Trainer:
             restore_rng_state(state["rng"])
         self.step = int(state["step"])
         self.skipped_steps = int(state["skipped_steps"])
+        self.best_so_far = dict(state["best"]) if state.get("best") else None
         self.resumed_from = self.step
         return True
 
@@ -474,6 +506,29 @@ class Trainer:
             outputs = self._forward(batch)
         return tuple(t.float() if t.is_floating_point() else t for t in outputs)
 
+    # ------------------------------------------------------------------ eval
+    def _evaluate(self, logger: RunLogger | None) -> None:
+        """One evaluation during training (rank 0; the other ranks wait for it)."""
+        if self.dist.is_main:
+            rng = capture_rng_state()
+            try:
+                metrics = self.evaluator()
+            finally:
+                restore_rng_state(rng)  # the training's random stream goes on untouched
+            if logger is not None:
+                logger.log_eval(self.step, metrics)
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in list(metrics.items())[:4] if isinstance(v, (int, float)))
+            if self.settings.logging.progress:
+                tqdm.write(f"eval @ step {self.step}: {shown}")
+            if self.best is not None:
+                value = metrics.get(self.best.metric)
+                if value is None:
+                    raise ValueError(f"eval.best: no metric {self.best.metric!r} in the evaluation (known: {', '.join(metrics)})")
+                if self.best_so_far is None or self.best.better(value, self.best_so_far["value"]):
+                    self.best_so_far = {"step": self.step, "metric": self.best.metric, "value": float(value)}
+                    save_best(self.checkpoints_dir, self.task.model, self.best_so_far, self.run_config)
+        barrier(self.dist)
+
     # ------------------------------------------------------------------- fit
     def fit(self) -> TrainResult:
         tc, lc = self.settings.train, self.settings.logging
@@ -510,9 +565,14 @@ class Trainer:
                     refresh=False,
                 )
                 bar.update(1)
+                evaluate_now = self.evaluator is not None and self.eval_every and (
+                    self.step % self.eval_every == 0 or self.step == self.total_steps)
+                if evaluate_now:
+                    self._evaluate(logger)
                 if every and self.step % every == 0 and self.step < self.total_steps:
                     checkpoint = self.save()
-                    tick = time.perf_counter()  # a checkpoint is not part of a step's time
+                if evaluate_now or (every and self.step % every == 0):
+                    tick = time.perf_counter()  # an evaluation or checkpoint is not part of a step's time
             checkpoint = self.save() if self.step > 0 else None
         finally:
             bar.close()

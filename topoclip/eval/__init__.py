@@ -3,7 +3,7 @@ from topoclip.eval.attribution import Attribution, explain_pair, gradcam, save_o
 from topoclip.eval.convergence import temperature_convergence_step
 from topoclip.eval.embed import embed_images, embed_labelled_images, embed_texts, eval_mode
 from topoclip.eval.embedded import EmbeddedSet, embed_dataset
-from topoclip.eval.evaluation import TASKS, EvalEntry, EvalRecord, nest_records, run_evaluation
+from topoclip.eval.evaluation import TASKS, EvalEntry, EvalRecord, flat_metrics, nest_records, run_evaluation
 from topoclip.eval.linear_probe import fit_logistic_regression, linear_probe_metrics, probe_accuracy, probe_features, run_linear_probe
 from topoclip.eval.map_at_r import evaluate_map_at_r, map_at_r_metrics, map_at_r_scores, retrieval_map_at_r
 from topoclip.eval.retrieval import evaluate_retrieval, rank_of_best_positive, retrieval_metrics, retrieval_recall
@@ -27,6 +27,7 @@ __all__ = [
     "EvalRecord",
     "embed_dataset",
     "nest_records",
+    "flat_metrics",
     "run_evaluation",
     "map_at_r_metrics",
     "retrieval_metrics",

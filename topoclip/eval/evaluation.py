@@ -25,7 +25,7 @@ from .retrieval import retrieval_metrics
 from .robustness import robustness_metrics
 from .zeroshot import zeroshot_metrics
 
-__all__ = ["TASKS", "EvalEntry", "EvalRecord", "run_evaluation", "nest_records"]
+__all__ = ["TASKS", "EvalEntry", "EvalRecord", "run_evaluation", "nest_records", "flat_metrics"]
 
 
 def _robustness(emb: EmbeddedSet, plot_dir: Path | None = None, **options) -> dict:
@@ -119,4 +119,21 @@ def nest_records(records: Sequence[EvalRecord]) -> dict[str, Any]:
             out.setdefault(r.task, {})[r.dataset] = r.metrics
         else:
             out[r.task] = r.metrics
+    return out
+
+
+def flat_metrics(records: Sequence[EvalRecord]) -> dict[str, float]:
+    """``{"dataset/metric": value}`` of every number in the records (nested sections joined
+    with dots, e.g. ``pairs/calibration.i2t_ece_15``): what a log line or ``eval.best`` names."""
+    out: dict[str, float] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if not prefix.endswith("/") else f"{prefix}{k}", v)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[prefix] = float(value)
+
+    for r in records:
+        walk(f"{r.dataset}/", r.metrics)
     return out

@@ -13,11 +13,13 @@ from topoclip.dataclass_io import config_differences, to_dict
 from topoclip.devices import resolve_device
 from topoclip.engine.distributed import DistInfo, broadcast_object
 from topoclip.engine.settings import TrainingSettings
-from topoclip.engine.trainer import Trainer
+from topoclip.engine.trainer import BestRule, Trainer
+from topoclip.eval import flat_metrics, run_evaluation
+from topoclip.eval.validation import validation_loss
 from topoclip.losses import ContrastiveLoss
 from topoclip.runs import CONFIG_FILE, latest_checkpoint, write_run_info
 
-__all__ = ["prepare_run_dir", "record_run", "start_run", "build_loss", "make_trainer"]
+__all__ = ["prepare_run_dir", "record_run", "start_run", "build_loss", "make_trainer", "periodic_evaluator"]
 
 
 def prepare_run_dir(config: RunSettings, run_dir: str | os.PathLike | None = None) -> tuple[Path, bool]:
@@ -82,10 +84,28 @@ def build_loss(config: RunSettings, topology) -> ContrastiveLoss:
     )
 
 
-def make_trainer(task, train_set, collate, config: RunSettings, run_dir: Path, device, info: DistInfo) -> Trainer:
+def make_trainer(task, train_set, collate, config: RunSettings, run_dir: Path, device, info: DistInfo,
+                 evaluator=None) -> Trainer:
     """The engine for a recipe's task, with the config's training settings; every checkpoint
-    records the whole config, so the run opens again with ``topoclip.load_run``."""
+    records the whole config, so the run opens again with ``topoclip.load_run``.
+    ``evaluator`` runs every ``eval.every`` steps (rank 0), ``eval.best`` picks the best."""
+    ev = config.eval
+    every = ev.every if (ev.enabled and evaluator is not None) else 0
+    best = BestRule(ev.best, ev.higher_is_better()) if (every and ev.best) else None
     return Trainer(
         task, train_set, collate, TrainingSettings.of(config), run_dir, device=device, dist_info=info,
-        run_config=to_dict(config),
+        run_config=to_dict(config), evaluator=evaluator if every else None, eval_every=every, best=best,
     )
+
+
+def periodic_evaluator(model, tokenizer, entries, val_pairs, collate, config: RunSettings, device):
+    """``() -> {"dataset/metric": value}``: the entries' metrics (no plots) and, when there
+    are held-out pairs, ``val/loss`` at the training batch size."""
+
+    def evaluate() -> dict[str, float]:
+        metrics = flat_metrics(run_evaluation(model, tokenizer, entries, config.eval.batch_size, device))
+        if val_pairs is not None:
+            metrics["val/loss"] = validation_loss(model, val_pairs, collate, config.train.batch_size, device)
+        return metrics
+
+    return evaluate

@@ -17,7 +17,7 @@ from torch import nn
 from topoclip.atomic import atomic_write_json
 from topoclip.config import ExperimentConfig
 from topoclip.data import ImageTransform, ShapesData, TextTokenizer, build_tokenizer, make_collate, make_shapes
-from topoclip.data.sources import TrainingSource, open_training_source
+from topoclip.data.sources import TrainingSource, held_out_pairs, open_training_source
 from topoclip.engine.distributed import DistInfo, barrier, process_group
 from topoclip.engine.task import ContrastiveTask
 from topoclip.engine.trainer import seed_everything
@@ -25,7 +25,7 @@ from topoclip.eval import EvalEntry
 from topoclip.models import build_model
 from topoclip.runs import PLOTS_DIR, RECORDS_FILE, RESULTS_FILE, TOKENIZER_DIR
 
-from .common import build_loss, make_trainer, start_run
+from .common import build_loss, make_trainer, periodic_evaluator, start_run
 from .evaluate import eval_entries, evaluate_entries, format_summary, shapes_eval_sets, suite_entries, write_records
 
 __all__ = ["run", "RunData", "open_data", "build_components"]
@@ -58,6 +58,13 @@ class RunData:
 
             return shard_captions(config.data.shards.urls, limit=config.data.shards.tokenizer_captions)
         return self.source.captions if self.source is not None else self.shapes.captions("train")
+
+    def val_pairs(self, config: ExperimentConfig):
+        """Held-out (image, caption) pairs for the validation loss: the shapes' validation
+        split, or a file source's held-out part; None for shards (no split of theirs is held out)."""
+        if self.source is not None:
+            return held_out_pairs(self.source.held_out)
+        return None if config.data.source == "shards" else self.shapes.val
 
     def eval_sets(self, eval_config) -> tuple[list, object]:
         """(zero-shot sets, retrieval set) the run is evaluated on when no suite is given."""
@@ -150,7 +157,9 @@ def _run(config: ExperimentConfig, run_dir: str | os.PathLike | None, info: Dist
     entries = _eval_entries(config, data) if config.eval.enabled and info.is_main else []
     train_set = _train_set(config, data, info)
     task = ContrastiveTask(model, build_loss(config, model.topology))
-    trainer = make_trainer(task, train_set, make_collate(tokenizer), config, run_dir, device, info)
+    collate = make_collate(tokenizer)
+    evaluator = periodic_evaluator(model, tokenizer, entries, data.val_pairs(config), collate, config, device)
+    trainer = make_trainer(task, train_set, collate, config, run_dir, device, info, evaluator)
     if resume:
         trainer.resume()
         say(f"resuming {run_dir} at step {trainer.step}/{trainer.total_steps}")

@@ -12,6 +12,7 @@ from .checkpoint import (
 )
 from .layout import (
     CONFIG_FILE,
+    EVAL_LOG_FILE,
     FORMAT_VERSION,
     LOG_FILE,
     PLOTS_DIR,
@@ -31,6 +32,7 @@ from .loading import LoadedRun, is_run, load_run, load_source
 
 __all__ = [
     "CONFIG_FILE",
+    "EVAL_LOG_FILE",
     "FORMAT_VERSION",
     "LOG_FILE",
     "PLOTS_DIR",

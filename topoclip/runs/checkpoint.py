@@ -33,6 +33,8 @@ from topoclip.atomic import fsync_dir
 __all__ = [
     "CHECKPOINTS_DIR",
     "save_checkpoint",
+    "save_best",
+    "BEST_DIR",
     "list_checkpoints",
     "latest_checkpoint",
     "resolve_checkpoint",
@@ -45,6 +47,7 @@ __all__ = [
 ]
 
 CHECKPOINTS_DIR = "checkpoints"
+BEST_DIR = "best"
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.json"
@@ -128,27 +131,47 @@ def save_checkpoint(
     final = root / f"step_{step:08d}"
     if final.is_dir() and (final / STATE_FILE).is_file():
         return final
+    _write_checkpoint_dir(root, final, model, {"step": step, **training_state}, config)
+    if keep_last is not None and keep_last > 0:
+        for old in list_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write_checkpoint_dir(root: Path, final: Path, model: nn.Module, state: dict[str, Any], config: dict[str, Any]) -> None:
+    """Write the three files into a hidden temporary directory, fsync, rename into place."""
     tmp = root / f"{_TMP_PREFIX}{final.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
         save_model(model, str(tmp / WEIGHTS_FILE))
-        torch.save({"step": step, **training_state}, tmp / STATE_FILE)
+        torch.save(state, tmp / STATE_FILE)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for name in (WEIGHTS_FILE, STATE_FILE, CONFIG_FILE):
             _fsync_file(tmp / name)
         fsync_dir(tmp)
-        if final.exists():  # an incomplete leftover (no state file): replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        if final.exists():  # an incomplete leftover, or the previous best: moved aside first
+            aside = root / f"{_TMP_PREFIX}old-{final.name}-{os.getpid()}"
+            os.replace(final, aside)
+            os.replace(tmp, final)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
         fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if keep_last is not None and keep_last > 0:
-        for old in list_checkpoints(root)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+
+
+def save_best(root: str | os.PathLike, model: nn.Module, best: dict[str, Any], config: dict[str, Any]) -> Path:
+    """Write the weights of the best evaluation so far to ``root/best`` (``root`` is the
+    checkpoints directory), replacing the previous best; ``best`` (step, metric, value) is its
+    state file. ``topoclip.load_run(run/checkpoints/best)`` opens it; resume never does."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / BEST_DIR
+    _write_checkpoint_dir(root, final, model, {"best": dict(best), "step": int(best["step"])}, config)
     return final
 
 

@@ -5,6 +5,7 @@
     tokenizer/         the tokenizer (pretraining runs; trained on the captions unless given)
     checkpoints/       step_<N>/ {model.safetensors, state.pt, config.json}  (checkpoint.py)
     log.jsonl          one line per step
+    eval.jsonl         one line per evaluation during training (``eval.every``)
     tensorboard/       the same scalars for TensorBoard
     results.json       the evaluation after training
     results.jsonl      the same as CLIP_benchmark records (one per dataset and task)
@@ -35,6 +36,7 @@ __all__ = [
     "RESULTS_FILE",
     "RECORDS_FILE",
     "LOG_FILE",
+    "EVAL_LOG_FILE",
     "TENSORBOARD_DIR",
     "PLOTS_DIR",
     "RunInfo",
@@ -55,6 +57,7 @@ TOKENIZER_DIR = "tokenizer"
 RESULTS_FILE = "results.json"
 RECORDS_FILE = "results.jsonl"
 LOG_FILE = "log.jsonl"
+EVAL_LOG_FILE = "eval.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 PLOTS_DIR = "plots"
 
