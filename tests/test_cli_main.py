@@ -61,15 +61,28 @@ def test_data_convert_writes_shards_that_read_back(tmp_path):
     from topoclip.cli import main
     from topoclip.data.shards import shard_pairs
 
-    out = tmp_path / "shards"
-    assert main(["data", "convert", "--shapes", "--out", str(out), "--maxcount", "40", "--split", "val",
-                 "num_train=10", "num_val=100", "num_test=10"]) == 0
-    tars = sorted(out.glob("*.tar"))
-    assert len(tars) == 3  # 100 samples, 40 per shard
-    captions = [c for _, c in shard_pairs(str(out), image_size=32, shuffle_buffer=0)]
+    import json
+
     from topoclip.data.shapes import make_shapes
 
-    assert captions == list(make_shapes(None, num_train=10, num_val=100, num_test=10).val.captions)
+    shapes = ["num_train=10", "num_val=100", "num_test=10"]
+    expected = list(make_shapes(None, num_train=10, num_val=100, num_test=10).val.captions)
+    out = tmp_path / "shards"
+    assert main(["data", "convert", "--shapes", "--out", str(out), "--maxcount", "40", "--split", "val", "--no-shuffle", *shapes]) == 0
+    tars = sorted(out.glob("*.tar"))
+    assert len(tars) == 3  # 100 samples, 40 per shard
+    assert json.loads((out / "sizes.json").read_text()) == {"shard-000000.tar": 40, "shard-000001.tar": 40, "shard-000002.tar": 20}
+    captions = [c for _, c in shard_pairs(str(out), image_size=32, shuffle_buffer=0)]
+    assert captions == expected
+    # By default the order is shuffled (seeded): the same samples, not the file's order.
+    mixed = tmp_path / "mixed"
+    assert main(["data", "convert", "--shapes", "--out", str(mixed), "--split", "val", *shapes]) == 0
+    shuffled = [c for _, c in shard_pairs(str(mixed), image_size=32, shuffle_buffer=0)]
+    assert sorted(shuffled) == sorted(expected) and shuffled != expected
+    # The recorded count stands in for data.shards.epoch_length.
+    from topoclip.config import load_config
+
+    assert load_config(None, ["data.source=shards", f"data.shards.urls={mixed}", "train.batch_size=10"]).data.shards.epoch_length == 100
 
 
 def test_data_convert_from_csv_keeps_bytes_and_bad_input_errors(tmp_path, capsys):
@@ -87,6 +100,12 @@ def test_data_convert_from_csv_keeps_bytes_and_bad_input_errors(tmp_path, capsys
         assert tar.extractfile(png).read() == (tmp_path / "g.png").read_bytes()
     assert main(["data", "convert", "--csv", str(tmp_path / "missing.tsv"), "--out", str(tmp_path / "x")]) == 2
     assert "missing.tsv" in capsys.readouterr().err
+    # An image that does not decode is named and left out; the others are written.
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (tmp_path / "two.tsv").write_text("filepath\ttitle\ng.png\ta green square\nbad.png\ta broken one\n")
+    assert main(["data", "convert", "--csv", str(tmp_path / "two.tsv"), "--out", str(tmp_path / "t")]) == 0
+    out = capsys.readouterr().out
+    assert "wrote 1 samples" in out and "bad.png" in out
 
 
 def test_resume_names_the_command_for_a_run_of_the_other_kind(tmp_path, capsys):

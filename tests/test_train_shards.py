@@ -93,7 +93,7 @@ def test_a_stream_that_ends_early_is_an_error_not_a_short_epoch(tmp_path, shard_
     "overrides,message",
     [
         (["data.source=shards", "data.shards.epoch_length=100"], "data.shards.urls: needed"),
-        (["data.source=shards", "data.shards.urls=x"], "data.shards.epoch_length: needed"),
+        (["data.source=shards", "data.shards.urls=x"], "data.shards.epoch_length: not given, and no sizes.json"),
         (["data.source=shards", "data.shards.urls=x", "data.shards.epoch_length=10"], "less than one batch"),
         (["data.shards.shuffle_buffer=-1"], "data.shards.shuffle_buffer"),
         (["data.source=webdataset"], "data.source"),

@@ -116,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--caption-key", default="title", help="CSV column of captions")
     convert.add_argument("--image-root", type=Path, default=None, help="root of relative image paths (default: the CSV's folder)")
     convert.add_argument("--split", default="train", help="shapes split to write (train/val/test)")
+    convert.add_argument("--no-shuffle", action="store_true",
+                         help="keep the input order (default: a seeded shuffle, so that a file sorted by class "
+                         "does not give batches of one class)")
+    convert.add_argument("--seed", type=int, default=0, help="seed of the shuffle (default 0)")
     convert.add_argument("overrides", nargs="*", metavar="key=value", help="shapes settings, e.g. num_train=5000 noise=0.1")
     _add_finetune_parser(sub)
     _add_finetune_demo_parser(sub)
@@ -280,8 +284,9 @@ def _data_convert(args: argparse.Namespace) -> int:
 
             sep = args.sep.encode().decode("unicode_escape")  # "\t" on the command line -> tab
             pairs = CsvPairs(args.csv, args.image_root, sep=sep, image_key=args.image_key, caption_key=args.caption_key)
-            samples = files_to_samples(pairs.image_paths, pairs.captions)
-            count = len(pairs)
+            order = _order(len(pairs), args)
+            skipped: list[str] = []
+            samples = files_to_samples([pairs.image_paths[i] for i in order], [pairs.captions[i] for i in order], skipped)
         else:
             from topoclip.data.shapes import make_shapes
             from topoclip.dataclass_io import parse_override
@@ -292,13 +297,27 @@ def _data_convert(args: argparse.Namespace) -> int:
                 settings[".".join(keys)] = value
             data = make_shapes(None, **settings)
             split = data.split(args.split)
-            samples = tensor_pairs_to_samples(split.images, split.captions)
-            count = len(split)
+            order = _order(len(split), args)
+            samples = tensor_pairs_to_samples(split.images[order], [split.captions[i] for i in order])
+            skipped = []
         paths = write_shards(samples, args.out, maxcount=args.maxcount)
     except (ValueError, OSError) as err:
         return _fail("data convert", err, 2)
-    print(f"wrote {count} samples into {len(paths)} shards in {args.out}")
+    from topoclip.data.shards import SIZES_FILE, dataset_size
+
+    left_out = f"; {len(skipped)} images that do not decode left out (first: {skipped[0]})" if skipped else ""
+    shuffled = "in input order" if args.no_shuffle else f"shuffled with seed {args.seed}"
+    print(f"wrote {dataset_size(str(args.out))} samples ({shuffled}) into {len(paths)} shards in {args.out}, "
+          f"counts in {SIZES_FILE}{left_out}")
     return 0
+
+
+def _order(n: int, args: argparse.Namespace) -> list[int]:
+    if args.no_shuffle:
+        return list(range(n))
+    import torch
+
+    return torch.randperm(n, generator=torch.Generator().manual_seed(args.seed)).tolist()
 
 
 def _add_ablate_parsers(sub) -> None:

@@ -62,7 +62,15 @@ class DataConfig:
     def __post_init__(self):
         check_source(self.source, self.csv, self.folder, self.karpathy, self.shards)
         if self.source == "shards" and self.shards.epoch_length is None:
-            raise ValueError("data.shards.epoch_length: needed with data.source=shards (samples per epoch)")
+            # `topoclip data convert` records the count (sizes.json); other shards must say it.
+            from topoclip.data.shards import dataset_size
+
+            self.shards.epoch_length = dataset_size(self.shards.urls)
+            if self.shards.epoch_length is None:
+                raise ValueError(
+                    "data.shards.epoch_length: not given, and no sizes.json beside the shards to count them "
+                    "(shards written by `topoclip data convert` have one; else give the samples per epoch)"
+                )
         if self.vocab_size < 6:
             raise ValueError(f"data.vocab_size: must be > 5 (the special tokens), got {self.vocab_size}")
         if self.tokenizer is not None and not Path(self.tokenizer).is_dir():

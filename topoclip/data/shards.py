@@ -28,9 +28,13 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
+from topoclip.atomic import atomic_write_json
+
 from .transforms import ImageTransform
 
 __all__ = [
+    "SIZES_FILE",
+    "dataset_size",
     "write_shards",
     "tensor_pairs_to_samples",
     "files_to_samples",
@@ -44,6 +48,24 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
+# Samples per shard, keyed by shard file name: OpenCLIP's convention, so its --train-num-samples
+# lookup and topoclip's epoch_length default read the same file.
+SIZES_FILE = "sizes.json"
+
+
+def dataset_size(urls: str) -> int | None:
+    """The number of samples of a local shard directory or pattern from its ``sizes.json``
+    (written by ``write_shards``), or None when there is none."""
+    import json
+
+    first = urls.split("::")[0]
+    folder = Path(first) if Path(first).is_dir() else Path(first).parent
+    sizes = folder / SIZES_FILE
+    if not sizes.is_file():
+        return None
+    counts = json.loads(sizes.read_text())
+    names = {Path(u).name for u in expand_urls(urls)} if not Path(first).is_dir() else set(counts)
+    return sum(int(n) for name, n in counts.items() if name in names)
 
 
 def write_shards(
@@ -71,12 +93,17 @@ def write_shards(
         written.append(final)
 
     pattern = os.fspath(out / f"{prefix}-%06d.tar.partial")
+    count = 0
     with wds.ShardWriter(pattern, maxcount=maxcount, verbose=0, post=finish) as sink:
         for index, (image_bytes, ext, caption) in enumerate(samples):
             ext = ext.lower().lstrip(".")
             if ext not in IMAGE_KEYS:
                 raise ValueError(f"sample {index}: image extension must be one of {IMAGE_KEYS}, got {ext!r}")
             sink.write({"__key__": f"{index:09d}", ext: image_bytes, "txt": caption.encode("utf-8")})
+            count += 1
+    # ShardWriter opens a new shard every maxcount samples: the counts follow from the total.
+    sizes = {f"{prefix}-{i:06d}.tar": min(maxcount, count - i * maxcount) for i in range(math.ceil(count / maxcount))}
+    atomic_write_json(out / SIZES_FILE, sizes)
     return sorted(written)
 
 
@@ -90,13 +117,31 @@ def tensor_pairs_to_samples(images: torch.Tensor, captions: Sequence[str]) -> It
         yield buf.getvalue(), "png", caption
 
 
-def files_to_samples(paths: Sequence[str], captions: Sequence[str]) -> Iterator[tuple[bytes, str, str]]:
-    """Image files + captions -> samples carrying the original bytes (no re-encoding)."""
+def files_to_samples(
+    paths: Sequence[str], captions: Sequence[str], skipped: list[str] | None = None
+) -> Iterator[tuple[bytes, str, str]]:
+    """Image files + captions -> samples carrying the original bytes (no re-encoding).
+
+    Every image is decoded first: one that does not decode is reported with its path (a
+    warning, and appended to ``skipped``) and left out, so no corrupt sample reaches a shard.
+    A format shards cannot carry (not png/jpg/webp) is re-encoded as PNG."""
     for path, caption in zip(paths, captions):
-        ext = Path(path).suffix.lower().lstrip(".")
-        ext = "jpg" if ext == "jpeg" else ext
         with open(path, "rb") as f:
-            yield f.read(), ext, caption
+            data = f.read()
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                image.load()
+                kind = (image.format or "").lower()
+                if kind not in ("png", "jpeg", "webp"):
+                    buf = io.BytesIO()
+                    image.save(buf, format="PNG")
+                    data, kind = buf.getvalue(), "png"
+        except Exception as err:  # PIL raises several types for broken files
+            logger.warning("%s: does not decode (%s); left out of the shards", path, err)
+            if skipped is not None:
+                skipped.append(path)
+            continue
+        yield data, "jpg" if kind == "jpeg" else kind, caption
 
 
 class ShardStats:
