@@ -58,12 +58,11 @@ def test_eval_of_a_missing_checkpoint(tmp_path, capsys):
 
 
 def test_data_convert_writes_shards_that_read_back(tmp_path):
-    from topoclip.cli import main
-    from topoclip.data.shards import shard_pairs
-
     import json
 
+    from topoclip.cli import main
     from topoclip.data.shapes import make_shapes
+    from topoclip.data.shards import shard_pairs
 
     shapes = ["num_train=10", "num_val=100", "num_test=10"]
     expected = list(make_shapes(None, num_train=10, num_val=100, num_test=10).val.captions)

@@ -272,3 +272,30 @@ def test_bf16_autocast_trains_without_nan_and_fp16_needs_cuda(tmp_path):
             make_trainer(make_config(tmp_path, "train.precision=fp16"), tmp_path / "fp16")
     with pytest.raises(ValueError, match="train.precision"):
         make_config(tmp_path, "train.precision=fp8")
+
+
+class UniformLogits(nn.Module):
+    """A loss stuck at ln(batch) with no gradient: what a collapsed run reports."""
+
+    def forward(self, u, v, scale, return_details=False):
+        loss = torch.log(torch.tensor(float(u.shape[0]))) + 0.0 * (u.sum() + v.sum() + scale)
+        return (loss, {}) if return_details else loss
+
+
+def test_a_collapsed_run_is_named_once_with_its_likely_causes(tmp_path, capsys):
+    from topoclip.engine.trainer import COLLAPSE_STEPS
+
+    cfg = make_config(tmp_path, f"train.steps={COLLAPSE_STEPS + 5}", "train.checkpoint_every=0")
+    make_trainer(cfg, tmp_path / "c", loss_fn=UniformLogits()).fit()
+    out = capsys.readouterr().out
+    assert out.count("the run has collapsed") == 1 and "data sorted by class" in out and "ln(batch) = 2.079" in out
+    make_trainer(make_config(tmp_path, "train.steps=20"), tmp_path / "fine").fit()  # a training run says nothing
+    assert "collapsed" not in capsys.readouterr().out
+
+
+def test_collapse_is_uniform_logits_with_a_vanishing_gradient():
+    from topoclip.engine.trainer import is_collapsed_step
+
+    assert is_collapsed_step(math.log(128), 0.001, 128) and is_collapsed_step(math.log(128), math.nan, 128)
+    assert not is_collapsed_step(4.853, 0.37, 128)  # the default run near its start: loss ~ ln 128, still learning
+    assert not is_collapsed_step(3.9, 0.001, 128)

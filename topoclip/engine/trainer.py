@@ -132,6 +132,25 @@ class _Encode(nn.Module):
         return self.task.encode(batch)
 
 
+# A run whose loss sits at ln(batch) -- uniform logits, every pair alike -- with a vanishing
+# gradient for this many steps in a row has collapsed; the trainer says so once.
+COLLAPSE_STEPS = 50
+COLLAPSE_GRAD_NORM = 0.05
+COLLAPSE_MESSAGE = (
+    "warning: for {steps} steps the loss has sat at ln(batch) = {ln_b:.3f} with a gradient norm below {g}: "
+    "the logits are uniform and the run has collapsed. Likely causes: data sorted by class or caption (batches "
+    "of one class; `topoclip data convert` shuffles, a CSV keeps its order within a shuffle buffer), many "
+    "identical captions per batch, a learning rate far too high or too low, or a temperature too low for the "
+    "topology's similarity range (model.logit_scale.init, optim.logit_scale_lr)."
+)
+
+
+def is_collapsed_step(loss: float, grad_norm: float, batch_size: int) -> bool:
+    """Uniform logits: the loss within 0.5% of ln(batch) and (almost) no gradient."""
+    ln_b = math.log(batch_size)
+    return abs(loss - ln_b) < 0.005 * ln_b and not grad_norm >= COLLAPSE_GRAD_NORM
+
+
 @dataclass(frozen=True)
 class BestRule:
     """Which evaluation metric picks the best checkpoint, and whether higher is better."""
@@ -546,12 +565,17 @@ class Trainer:
         )
         metrics: dict[str, Any] = {"loss": math.nan, "scale": self.task.current_scale()}
         checkpoint: Path | None = None
+        collapsed, warned = 0, False
         start = time.perf_counter()
         try:
             tick = time.perf_counter()
             for epoch, batch in self._batches():
                 metrics = self.train_step(batch)
                 self.step += 1
+                collapsed = collapsed + 1 if is_collapsed_step(metrics["loss"], metrics["grad_norm"], self.batch_size) else 0
+                if collapsed >= COLLAPSE_STEPS and not warned and main:
+                    warned = True
+                    tqdm.write(COLLAPSE_MESSAGE.format(steps=collapsed, ln_b=math.log(self.batch_size), g=COLLAPSE_GRAD_NORM))
                 now = time.perf_counter()
                 elapsed, tick = now - tick, now
                 self.step_times.append(elapsed)
