@@ -124,3 +124,42 @@ def test_report_of_a_directory_that_is_neither_run_nor_grid(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("topoclip report: error: report:") and "neither a grid directory" in err
+
+
+# ------------------------------------------------------------------ runs on any data source
+
+def _tiny_run(tmp_path, name, *overrides):
+    cfg = load_config(None, [*QUIET_RUN, "model.image.depth=1", "model.image.width=32", "model.image.heads=2",
+                             "model.text.depth=1", "model.text.width=32", "model.text.heads=2", "train.steps=4",
+                             "train.batch_size=4", "data.shapes.num_test=8", "eval.robustness=false",
+                             f"output.dir={tmp_path}", f"output.name={name}", *overrides])
+    pretrain.run(cfg)
+    return tmp_path / name
+
+
+def test_report_on_a_csv_run_with_evaluation_during_training(tmp_path):
+    from tests.test_data_sources import write_csv
+    from topoclip.cli import main
+
+    csv = write_csv(tmp_path)
+    run = _tiny_run(tmp_path, "csv", "data.source=csv", f"data.csv.path={csv}", "data.csv.holdout=0.3", "eval.every=2")
+    assert main(["report", str(run)]) == 0
+    page = (run / "report.html").read_text()
+    assert "<h2>Retrieval (%)</h2>" in page and "Analysis" not in page  # no shapes analysis of a CSV run
+    assert (run / "plots" / "eval_during_training.png").is_file() and _is_png(run / "plots" / "eval_during_training.png")
+
+
+def test_report_on_a_shards_run_and_on_a_fine_tuned_run(tmp_path):
+    from topoclip.cli import main
+    from topoclip.config import load_finetune_config
+    from topoclip.recipes.finetune import run_finetune
+
+    shards = tmp_path / "shards"
+    assert main(["data", "convert", "--shapes", "--out", str(shards), "num_train=40", "num_val=4", "num_test=8"]) == 0
+    run = _tiny_run(tmp_path, "sh", "data.source=shards", f"data.shards.urls={shards}")
+    assert main(["report", str(run)]) == 0 and "Zero-shot classification" in (run / "report.html").read_text()
+    tuned = load_finetune_config(None, [f"source.path={run}", "train.steps=2", "train.batch_size=4", "data.shapes.num_train=16",
+                                        "data.shapes.num_test=8", "eval.robustness=false", *QUIET_RUN, f"output.dir={tmp_path}"])
+    run_finetune(tuned)
+    assert main(["report", str(tmp_path / "finetune-ft")]) == 0
+    assert "Fine-tuned models: target and reference distributions" in (tmp_path / "finetune-ft" / "report.html").read_text()

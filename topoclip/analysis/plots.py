@@ -13,7 +13,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["plot_temperature_trajectories", "plot_similarity_distributions", "plot_uniformity_alignment"]
+__all__ = ["plot_temperature_trajectories", "plot_eval_curves", "plot_similarity_distributions", "plot_uniformity_alignment"]
 
 _KIND_COLOURS = {"positive": "tab:green", "negative": "tab:red", "image-image": "tab:blue", "text-text": "tab:orange"}
 
@@ -56,6 +56,30 @@ def plot_temperature_trajectories(
     ax.set_title(title or "temperature during training")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    return _save(figure, path)
+
+
+def plot_eval_curves(records: Sequence[dict], path: str | os.PathLike, title: str = "", max_panels: int = 12) -> Path | None:
+    """One panel per metric of the evaluations during training (``eval.jsonl``), over steps;
+    counts (``.../n``) are left out. None when there is nothing to plot."""
+    metrics = [k for k in records[0] if k != "step" and not k.endswith("/n")] if records else []
+    metrics = [k for k in metrics if any(isinstance(r.get(k), (int, float)) for r in records)][:max_panels]
+    if not metrics:
+        return None
+    from matplotlib.figure import Figure
+
+    columns = min(3, len(metrics))
+    rows = (len(metrics) + columns - 1) // columns
+    figure = Figure(figsize=(4.2 * columns, 3.0 * rows), dpi=100)
+    for i, key in enumerate(metrics):
+        ax = figure.add_subplot(rows, columns, i + 1)
+        points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+        ax.plot(*zip(*points), marker="o", markersize=3, linewidth=1.2)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.grid(True, alpha=0.3)
+    figure.suptitle(title or "evaluation during training")
+    figure.tight_layout()
     return _save(figure, path)
 
 

@@ -20,7 +20,9 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .plots import plot_similarity_distributions, plot_temperature_trajectories
+from topoclip.runs import EVAL_LOG_FILE, read_jsonl, read_run_config
+
+from .plots import plot_eval_curves, plot_similarity_distributions, plot_temperature_trajectories
 from .run_metrics import (
     ANALYSIS_FILE,
     SIMILARITY_FILE,
@@ -136,14 +138,54 @@ def grid_report_html(grid_dir: str | os.PathLike) -> str:
     return _page(f"topoclip ablation: {grid_dir.name}", sections)
 
 
+def _analysable(run_dir: Path) -> bool:
+    """The analysis (linear probe, similarity samples, Grad-CAM on the shapes data) applies to
+    pretraining runs on the embedded shapes; other runs report their own evaluations."""
+    try:
+        config, info = read_run_config(run_dir)
+    except ValueError:
+        return False
+    return info.kind == "pretrain" and (config.get("data") or {}).get("source", "shapes") == "shapes"
+
+
 def _run_analysis(run_dir: Path) -> dict | None:
     # With a checkpoint: the cached analysis while current (same settings, same results), else
     # recomputed, so an analysis from before a new metric existed gets it. Without: the cache.
+    if not _analysable(run_dir):
+        return None
     if (run_dir / "checkpoints").is_dir():
         return load_run_metrics(run_dir, cached_settings(run_dir))[0]
     if (run_dir / ANALYSIS_FILE).is_file() and (run_dir / SIMILARITY_FILE).is_file():
         return json.loads((run_dir / ANALYSIS_FILE).read_text())
     return None
+
+
+def _evaluation_sections(results: dict, run_dir: Path) -> list[str]:
+    """The run's evaluation, whatever it ran on: zero-shot per dataset, retrieval (one table
+    row per dataset and direction), linear probes; a fine-tuning run's table of models on the
+    target and reference distributions."""
+    sections = []
+    if "models" in results:  # a fine-tuning run
+        from topoclip.recipes.finetune import format_finetune_table
+
+        table = format_finetune_table({results.get("method", "ft"): results})
+        sections += ["<h2>Fine-tuned models: target and reference distributions</h2>", f"<pre>{html.escape(table)}</pre>"]
+    evaluation = results.get("eval", {})
+    if evaluation.get("zeroshot"):
+        rows = [[task, f"{100 * m['top1']:.1f}", f"{100 * m.get('top5', float('nan')):.1f}"] for task, m in evaluation["zeroshot"].items()]
+        sections += ["<h2>Zero-shot classification (%)</h2>", _table(["task", "top-1", "top-5"], rows)]
+    retrieval = evaluation.get("retrieval")
+    if retrieval:
+        by_dataset = {"": retrieval} if "i2t_R@1" in retrieval else retrieval
+        rows = [[f"{name} {d}".strip(), *(f"{100 * r.get(f'{d}_R@{k}', float('nan')):.1f}" for k in (1, 5, 10))]
+                for name, r in by_dataset.items() for d in ("i2t", "t2i")]
+        sections += ["<h2>Retrieval (%)</h2>", _table(["direction", "R@1", "R@5", "R@10"], rows)]
+    probes = evaluation.get("linear_probe")
+    if probes:
+        by_dataset = {"": probes} if "top1" in probes else probes
+        rows = [[name or "linear probe", f"{100 * p['top1']:.1f}", p["n_train"]] for name, p in by_dataset.items()]
+        sections += ["<h2>Linear probe (%)</h2>", _table(["dataset", "top-1", "training images"], rows)]
+    return sections
 
 
 def run_report_html(run_dir: str | os.PathLike) -> str:
@@ -156,16 +198,12 @@ def run_report_html(run_dir: str | os.PathLike) -> str:
             f"<p>{train['steps']} steps in {train['seconds']:.0f}s; final loss {train['final_loss']:.4f}, "
             f"final logit scale {train['final_scale']:.4g}.</p>"
         )
-    evaluation = results.get("eval", {})
-    if evaluation.get("zeroshot"):
-        rows = [[task, f"{100 * m['top1']:.1f}", f"{100 * m.get('top5', float('nan')):.1f}"] for task, m in evaluation["zeroshot"].items()]
-        sections += ["<h2>Zero-shot classification (%)</h2>", _table(["task", "top-1", "top-5"], rows)]
-    if evaluation.get("retrieval"):
-        r = evaluation["retrieval"]
-        rows = [[d, *(f"{100 * r.get(f'{d}_R@{k}', float('nan')):.1f}" for k in (1, 5, 10))] for d in ("i2t", "t2i")]
-        sections += ["<h2>Retrieval (%)</h2>", _table(["direction", "R@1", "R@5", "R@10"], rows)]
+    sections += _evaluation_sections(results, run_dir)
     analysis = _run_analysis(run_dir)
     plots = run_dir / "plots"
+    evaluations = read_jsonl(run_dir / EVAL_LOG_FILE) if (run_dir / EVAL_LOG_FILE).is_file() else []
+    if evaluations:
+        plot_eval_curves(evaluations, plots / "eval_during_training.png")
     if analysis is not None:
         row = {"learnable": analysis["temperature"]["learnable"]}
         step = format_cell(analysis["convergence"]["step"], "step", row)
