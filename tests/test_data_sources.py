@@ -145,3 +145,23 @@ def test_topoclip_train_on_a_file_source_evaluates_on_its_held_out_part(tmp_path
         assert "retrieval" not in evaluated
     else:
         assert "zeroshot" not in evaluated and 0.0 <= evaluated["retrieval"]["i2t_R@1"] <= 1.0
+
+
+def test_a_comma_csv_read_as_tsv_says_which_separator_to_set(tmp_path):
+    from topoclip.data import CsvPairs
+
+    _image(0, 0, "RGB").save(tmp_path / "a.png")
+    (tmp_path / "pairs.csv").write_text("filepath,title\na.png,a picture\n")
+    with pytest.raises(ValueError, match=r"pairs\.csv: no column 'filepath'.*looks comma-separated: set the separator to ','"):
+        CsvPairs(tmp_path / "pairs.csv")
+    assert len(CsvPairs(tmp_path / "pairs.csv", sep=",")) == 1
+
+
+def test_an_empty_class_folder_is_named(tmp_path):
+    from topoclip.data import ImageFolderClassification
+
+    root = write_folder(tmp_path / "f", per_class=2)
+    (root / "empty").mkdir()
+    (root / "empty" / "notes.txt").write_text("no images here")
+    with pytest.raises(ValueError, match=r"class folder 'empty' has no usable images"):
+        ImageFolderClassification(root)

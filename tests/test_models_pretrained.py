@@ -297,3 +297,16 @@ def test_load_pretrained_says_what_it_expected(tmp_path):
     with pytest.raises(ValueError, match="model_type='siglip'; expected 'clip'"):
         load_pretrained(other)
 
+
+
+def test_weights_of_another_architecture_say_so(openclip_files, tmp_path):
+    import json as _json
+
+    open_clip = pytest.importorskip("open_clip")
+    _, root = openclip_files
+    other = {"embed_dim": EMBED, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 48, "heads": 2, "layers": 1}}
+    (tmp_path / "topoclip-test-other.json").write_text(_json.dumps(other))
+    open_clip.add_model_config(tmp_path / "topoclip-test-other.json")
+    with pytest.raises(ValueError, match=r"do not match the architecture 'topoclip-test-other' \(is --model-name right\?\)"):
+        load_openclip("topoclip-test-other", root / "tiny.pt")

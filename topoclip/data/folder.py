@@ -96,7 +96,9 @@ class ImageFolderClassification(ClassificationSet, LazyImageFiles):
                     labels.append(label)
                     found += 1
             if found == 0:
-                logger.warning("%s: class folder %r has no images", source, folder)
+                # A class without images has no zero-shot accuracy and silently shifts every
+                # later label's meaning for a classnames file: an error, naming the folder.
+                raise ValueError(f"{source}: class folder {folder!r} has no usable images ({', '.join(exts)})")
         stats.summarize(len(paths), "images")
         if not paths:
             raise ValueError(f"{source}: no usable images in any class folder")

@@ -23,6 +23,15 @@ from topoclip.data.datasets import LazyImageFiles, PairDataset, RetrievalSet, Sk
 from topoclip.data.transforms import CLIP_MEAN, CLIP_STD, CorruptImageError, ImageTransform, load_image
 
 
+def separator_hint(columns: Sequence[str], sep: str) -> str:
+    """When a header was split with the wrong separator, say which one the file looks like."""
+    header = "".join(columns)
+    for other, name in ((",", "comma"), ("\t", "tab"), (";", "semicolon")):
+        if other != sep and other in header:
+            return f" -- the file looks {name}-separated: set the separator to {other!r} (data.csv.sep, --sep)"
+    return ""
+
+
 class FilePairs(PairDataset, LazyImageFiles):
     """``ds[i] -> (image FloatTensor[3,H,W], caption)`` for lists of image files and captions,
     decoded on access (an unreadable file is a counted skip, or an error with ``strict``).
@@ -91,7 +100,7 @@ class CsvPairs(FilePairs):
             columns = reader.fieldnames or []
             for key, field in ((image_key, "image_key"), (caption_key, "caption_key")):
                 if key not in columns:
-                    raise ValueError(f"{source}: no column {key!r} ({field}); columns are {columns}")
+                    raise ValueError(f"{source}: no column {key!r} ({field}); columns are {columns}{separator_hint(columns, sep)}")
             for row in reader:
                 where = f"{source}:{reader.line_num}"
                 caption = (row.get(caption_key) or "").strip()

@@ -21,7 +21,7 @@ from topoclip.config.sections import SuiteConfig
 from topoclip.data.datasets import ClassificationSet, LazyImageFiles, SkipStats
 from topoclip.data.folder import DEFAULT_TEMPLATES, ImageFolderClassification
 from topoclip.data.karpathy import KarpathyRetrieval
-from topoclip.data.pairs import CsvPairs, PairsRetrieval
+from topoclip.data.pairs import CsvPairs, PairsRetrieval, separator_hint
 from topoclip.data.sources import read_classnames, read_templates
 from topoclip.dataclass_io import from_dict
 
@@ -54,7 +54,8 @@ class CsvClassification(ClassificationSet, LazyImageFiles):
             reader = csv.DictReader(f, delimiter=sep)
             for key, what in ((image_key, "image_key"), (label_key, "label_key")):
                 if key not in (reader.fieldnames or []):
-                    raise ValueError(f"{source}: no column {key!r} ({what}); columns are {reader.fieldnames} (separator {sep!r})")
+                    raise ValueError(f"{source}: no column {key!r} ({what}); columns are {reader.fieldnames} (separator "
+                                     f"{sep!r}){separator_hint(reader.fieldnames or [], sep)}")
             for row in reader:
                 where = f"{source}:{reader.line_num}"
                 file = os.fspath(root / (row[image_key] or "").strip())

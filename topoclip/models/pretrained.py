@@ -321,9 +321,13 @@ def load_openclip(
             # With no full checkpoint, a Hugging Face text tower would fetch its base weights.
             pretrained_text=allow_download,
         )
-    except (RuntimeError, KeyError, OSError) as err:
+    except (RuntimeError, KeyError, OSError, AssertionError) as err:
+        # open_clip asserts on shapes it resizes ("text pos_embed width changed!") and raises
+        # RuntimeError on size mismatches: both mean the file holds another architecture.
         source = pretrained if pretrained is not None else model_name
-        raise ValueError(f"cannot load OpenCLIP model {model_name!r} from {source!r}: {err}") from err
+        hint = (f" -- the weights in {source!r} do not match the architecture {model_name!r} (is --model-name right?)"
+                if pretrained is not None and isinstance(err, (AssertionError, RuntimeError)) else "")
+        raise ValueError(f"cannot load OpenCLIP model {model_name!r} from {source!r}: {err or type(err).__name__}{hint}") from err
     # HFTokenizer forwards extra kwargs to AutoTokenizer.from_pretrained: keep it offline
     # (SimpleTokenizer, the BPE vocabulary shipped inside open_clip, takes no such kwarg).
     uses_hf_tokenizer = bool(cfg.get("text_cfg", {}).get("hf_tokenizer_name"))
