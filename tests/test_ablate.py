@@ -448,3 +448,27 @@ def test_cli_list_and_errors(tmp_path, capsys):
     assert main(["ablate", "--grid", str(grid_file), "optim.lrr=1"]) == 2
     assert "optim.lrr: unknown key" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_grid_on_your_own_data_has_its_suites_as_columns(tmp_path):
+    from tests.test_eval_suites import write_suite
+    from topoclip.analysis import load_grid, run_grid, write_report
+
+    suite = write_suite(tmp_path)
+    grid = tmp_path / "mine.yaml"
+    grid.write_text(yaml.safe_dump({
+        "base": str(CONFIGS / "default.yaml"),
+        "overrides": [*TINY_TOWERS, *QUIET_RUN, "data.source=csv", f"data.csv.path={tmp_path / 'pairs.tsv'}",
+                      "data.csv.holdout=0.3", f"eval.suite_file={suite}", "eval.robustness=false",
+                      "train.steps=2", "train.batch_size=4"],
+        "axes": {"space": [{"name": "sphere", "topology.name": "sphere"}, {"name": "ob", "topology.name": "oblique-inner"}]},
+    }))
+    rows = run_grid(load_grid(grid), tmp_path / "out", echo=lambda m: None)
+    assert [r["embedding"] for r in rows] == ["Sphere(128)", "Ob(16,8) inner"]
+    table = (tmp_path / "out" / "table.md").read_text()
+    for column in ("shapes-folder/acc1", "pairs/text_retrieval_recall@1", "probe/lp_acc1"):
+        assert column in table.splitlines()[0]
+        assert all(0.0 <= r[column] <= 1.0 for r in rows)
+    bench = [json.loads(line) for line in (tmp_path / "out" / "clip_benchmark.jsonl").read_text().splitlines()]
+    assert {r["dataset"] for r in bench} == {"shapes-folder", "letters", "pairs", "karpathy", "probe"}
+    assert write_report(tmp_path / "out").is_file()

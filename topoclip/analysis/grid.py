@@ -34,6 +34,7 @@ from typing import Any
 import yaml
 
 from topoclip.config import ExperimentConfig, config_from_dict, default_config_path, read_config_file, resolve_config_path
+from topoclip.config.overrides import drop_dependents
 from topoclip.dataclass_io import apply_overrides, from_dict, to_dict
 from topoclip.dataclass_io import config_differences as _config_differences
 
@@ -174,6 +175,9 @@ def _run_config(base: dict, settings: dict[str, Any], run_name: str) -> Experime
             if not found:
                 raise ValueError(f"{key}: ${{{source}}} names no config field")
         _set_dotted(data, key, value)
+    # The axis' values are overrides like the command line's: what depends on them follows
+    # (topology.name=sphere drops the base's blocks, train.steps its epochs).
+    drop_dependents(data, set(settings))
     data.setdefault("output", {})["name"] = run_name
     return config_from_dict(data)
 

@@ -20,18 +20,19 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from topoclip.runs import EVAL_LOG_FILE, read_jsonl, read_run_config
+from topoclip.runs import EVAL_LOG_FILE, read_jsonl
 
 from .plots import plot_eval_curves, plot_similarity_distributions, plot_temperature_trajectories
 from .run_metrics import (
     ANALYSIS_FILE,
     SIMILARITY_FILE,
     cached_settings,
+    is_analysable,
     load_run_metrics,
     load_similarities,
     scale_trajectory,
 )
-from .table import METRIC_COLUMNS, format_cell
+from .table import format_cell, table_columns
 
 __all__ = ["write_report", "grid_report_html", "run_report_html", "REPORT_FILE"]
 
@@ -123,9 +124,10 @@ def grid_report_html(grid_dir: str | os.PathLike) -> str:
     grid_dir = Path(grid_dir)
     table = json.loads((grid_dir / "table.json").read_text())
     axes = table["axes"]
-    headers = ["run", *axes, *(h for _, h, _ in METRIC_COLUMNS)]
+    columns = table_columns(table["rows"])
+    headers = ["run", *axes, *(h for _, h, _ in columns)]
     rows = [
-        [row["run"], *(row[a] for a in axes), *(format_cell(row.get(k), kind, row) for k, _, kind in METRIC_COLUMNS)]
+        [row["run"], *(row[a] for a in axes), *(format_cell(row.get(k), kind, row) for k, _, kind in columns)]
         for row in table["rows"]
     ]
     sections = [
@@ -138,20 +140,10 @@ def grid_report_html(grid_dir: str | os.PathLike) -> str:
     return _page(f"topoclip ablation: {grid_dir.name}", sections)
 
 
-def _analysable(run_dir: Path) -> bool:
-    """The analysis (linear probe, similarity samples, Grad-CAM on the shapes data) applies to
-    pretraining runs on the embedded shapes; other runs report their own evaluations."""
-    try:
-        config, info = read_run_config(run_dir)
-    except ValueError:
-        return False
-    return info.kind == "pretrain" and (config.get("data") or {}).get("source", "shapes") == "shapes"
-
-
 def _run_analysis(run_dir: Path) -> dict | None:
     # With a checkpoint: the cached analysis while current (same settings, same results), else
     # recomputed, so an analysis from before a new metric existed gets it. Without: the cache.
-    if not _analysable(run_dir):
+    if not is_analysable(run_dir):
         return None
     if (run_dir / "checkpoints").is_dir():
         return load_run_metrics(run_dir, cached_settings(run_dir))[0]

@@ -46,7 +46,7 @@ from topoclip.eval import embed_images, embed_texts, run_linear_probe, temperatu
 from topoclip.eval.geometry_metrics import alignment, uniformity
 from topoclip.eval.map_at_r import evaluate_map_at_r
 from topoclip.eval.token_subsets import evaluate_token_subsets
-from topoclip.runs import LOG_FILE, RESULTS_FILE, load_run, read_jsonl, run_config_path
+from topoclip.runs import LOG_FILE, RESULTS_FILE, load_run, read_jsonl, read_run_config, run_config_path
 
 from .run_attribution import write_gradcam_overlays
 
@@ -113,6 +113,16 @@ class AnalysisConfig:
         bad = sorted(set(self.ood_shapes) - known)
         if bad:
             raise ValueError(f"AnalysisConfig.ood_shapes.{bad[0]}: not a shapes field that can shift (allowed: {', '.join(sorted(known))})")
+
+
+def is_analysable(run_dir: str | os.PathLike) -> bool:
+    """The analysis (linear probe, similarity samples, Grad-CAM on the shapes data) applies to
+    pretraining runs on the embedded shapes; runs on other data report their own suites."""
+    try:
+        config, info = read_run_config(run_dir)
+    except ValueError:
+        return False
+    return info.kind == "pretrain" and (config.get("data") or {}).get("source", "shapes") == "shapes"
 
 
 def topology_label(config) -> str:

@@ -25,12 +25,12 @@ import yaml
 
 from topoclip.config import load_config
 from topoclip.recipes import pretrain
-from topoclip.runs import RESULTS_FILE, run_config_path
+from topoclip.runs import RECORDS_FILE, RESULTS_FILE, read_jsonl, run_config_path
 
 from .grid import Grid, GridRun, config_differences, select_runs
 from .plots import plot_similarity_distributions, plot_temperature_trajectories, plot_uniformity_alignment
-from .run_metrics import ANALYSIS_FILE, load_run_metrics, load_similarities, scale_trajectory, to_json_settings
-from .table import clip_benchmark_rows, table_row, token_subset_tables, write_clip_benchmark, write_table
+from .run_metrics import ANALYSIS_FILE, is_analysable, load_run_metrics, load_similarities, scale_trajectory, to_json_settings
+from .table import clip_benchmark_rows, suite_row, table_row, token_subset_tables, write_clip_benchmark, write_table
 
 __all__ = ["run_grid", "write_grid_outputs", "RUNS_DIR", "PLOTS_DIR"]
 
@@ -54,6 +54,9 @@ def _describe(row: dict) -> str:
         value = row.get(key)
         return "-" if value is None else f"{100 * value:.1f}"
 
+    if "converge_step" not in row:  # a run on your own data: its suites' headline metrics
+        suites = "  ".join(f"{k} {pct(k)}" for k in row if "/" in k)
+        return f"{suites}  scale {row['scale_final']:.3g}"
     step = row["converge_step"]
     converge = "fixed" if not row["learnable"] else ("-" if step is None else str(step))
     return (
@@ -105,8 +108,8 @@ def run_grid(
             if device is not None:
                 config = dataclasses.replace(config, train=dataclasses.replace(config.train, device=device))
             pretrain.run(config, run_dir)
-        analysis, computed = load_run_metrics(run_dir, grid.analysis, device)
-        row = rows_by_name[run.name] = table_row(run.name, run.axes, analysis)
+        row, computed = _row(run, run_dir, grid, device)
+        rows_by_name[run.name] = row
         status = "trained" if not finished else ("analysed" if computed else "done already")
         echo(
             f"[{k}/{total}] {run.name}: {status} in {time.perf_counter() - run_started:.0f}s "
@@ -115,8 +118,7 @@ def run_grid(
     table_runs, rows = [], []
     for run in grid.runs:
         if run.name not in rows_by_name and (grid_dir / RUNS_DIR / run.name / RESULTS_FILE).is_file():
-            analysis, _ = load_run_metrics(grid_dir / RUNS_DIR / run.name, grid.analysis, device)
-            rows_by_name[run.name] = table_row(run.name, run.axes, analysis)
+            rows_by_name[run.name], _ = _row(run, grid_dir / RUNS_DIR / run.name, grid, device)
         if run.name in rows_by_name:
             table_runs.append(run)
             rows.append(rows_by_name[run.name])
@@ -127,10 +129,22 @@ def run_grid(
     return rows
 
 
+def _row(run: GridRun, run_dir: Path, grid: Grid, device) -> tuple[dict, bool]:
+    """(the run's table row, whether its analysis was computed now). Runs on the shapes get the
+    analysis; runs on your own data a row of their suites' records."""
+    if is_analysable(run_dir):
+        analysis, computed = load_run_metrics(run_dir, grid.analysis, device)
+        return table_row(run.name, run.axes, analysis), computed
+    results = json.loads((run_dir / RESULTS_FILE).read_text())
+    records = read_jsonl(run_dir / RECORDS_FILE) if (run_dir / RECORDS_FILE).is_file() else []
+    return suite_row(run.name, run.axes, run.config.topology.build().label, results, records), False
+
+
 def write_grid_outputs(grid: Grid, runs: list[GridRun], grid_dir: Path, rows: list[dict]) -> None:
     """Table, CLIP_benchmark rows and plots of the analysed ``runs`` of a grid (``rows`` in the same order)."""
     axes = list(grid.axes)
-    analyses = {run.name: json.loads((grid_dir / RUNS_DIR / run.name / ANALYSIS_FILE).read_text()) for run in runs}
+    analyses = {run.name: json.loads((grid_dir / RUNS_DIR / run.name / ANALYSIS_FILE).read_text())
+                for run in runs if is_analysable(grid_dir / RUNS_DIR / run.name)}
     meta = {"grid_file": str(grid.path) if grid.path else None, "token_subsets": token_subset_tables(analyses)}
     write_table(rows, axes, grid_dir, meta)
     bench_rows = []
@@ -138,10 +152,14 @@ def write_grid_outputs(grid: Grid, runs: list[GridRun], grid_dir: Path, rows: li
     trajectories, geometry = {}, {}
     for run in runs:
         run_dir = grid_dir / RUNS_DIR / run.name
+        trajectories[run.name] = scale_trajectory(run_dir)
+        if run.name not in analyses:  # a run on your own data: its records as they are
+            if (run_dir / RECORDS_FILE).is_file():
+                bench_rows += read_jsonl(run_dir / RECORDS_FILE)
+            continue
         analysis = analyses[run.name]
         model = f"topoclip-{analysis['topology']['label'].replace(' ', '-')}"
         bench_rows += clip_benchmark_rows(model, f"{grid_dir.name}/{run.name}", analysis)
-        trajectories[run.name] = scale_trajectory(run_dir)
         in_domain = analysis["geometry"]["in-domain"]
         geometry[run.name] = (in_domain["alignment"], in_domain["uniformity"])
         plot_similarity_distributions(
@@ -149,4 +167,5 @@ def write_grid_outputs(grid: Grid, runs: list[GridRun], grid_dir: Path, rows: li
         )
     write_clip_benchmark(bench_rows, grid_dir)
     plot_temperature_trajectories(trajectories, plots / "temperature.png", title=f"{grid_dir.name}: logit scale during training")
-    plot_uniformity_alignment(geometry, plots / "uniformity_alignment.png", title=f"{grid_dir.name}: uniformity vs alignment")
+    if geometry:
+        plot_uniformity_alignment(geometry, plots / "uniformity_alignment.png", title=f"{grid_dir.name}: uniformity vs alignment")

@@ -28,7 +28,7 @@ from topoclip.atomic import atomic_write_text
 
 __all__ = [
     "METRIC_COLUMNS", "RESERVED_COLUMNS", "table_row", "token_subset_tables", "format_cell", "write_table",
-    "format_markdown", "clip_benchmark_rows", "write_clip_benchmark",
+    "format_markdown", "clip_benchmark_rows", "write_clip_benchmark", "suite_row", "SUITE_METRICS", "table_columns",
 ]
 
 # (key in a row, Markdown header, how Markdown shows it)
@@ -99,18 +99,45 @@ def format_cell(value: Any, kind: str, row: dict[str, Any]) -> str:
     return str(value)
 
 
+# Headline metrics of a run's CLIP_benchmark records, as "<dataset>/<metric>" columns of a grid
+# table of runs on your own data (the suites are the columns).
+SUITE_METRICS = ("acc1", "mean_per_class_recall", "text_retrieval_recall@1", "image_retrieval_recall@1", "lp_acc1")
+
+
+def suite_row(run_name: str, axes: dict[str, str], label: str, results: dict[str, Any], records: Sequence[dict]) -> dict[str, Any]:
+    """A flat row of the table for a run on your own data: its embedding, final scale, and the
+    headline metric of each suite record (``<dataset>/<metric>``)."""
+    row: dict[str, Any] = {"run": run_name, **axes, "embedding": label,
+                           "scale_final": results.get("train", {}).get("final_scale"),
+                           "train_seconds": results.get("train", {}).get("seconds")}
+    for record in records:
+        for metric in SUITE_METRICS:
+            if metric in record["metrics"]:
+                row[f"{record['dataset']}/{metric}"] = record["metrics"][metric]
+    return row
+
+
+def table_columns(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """The fixed columns some row has, then the rows' suite columns (``dataset/metric``)."""
+    present = {k for row in rows for k in row}
+    fixed = [c for c in METRIC_COLUMNS if c[0] in present]
+    suites = list(dict.fromkeys(k for row in rows for k in row if "/" in k))
+    return fixed + [(k, k, "pct") for k in suites]
+
+
 def format_markdown(rows: Sequence[dict[str, Any]], axes: Sequence[str]) -> str:
-    headers = ["run", *axes, *(header for _, header, _ in METRIC_COLUMNS)]
+    columns = table_columns(rows)
+    headers = ["run", *axes, *(header for _, header, _ in columns)]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for row in rows:
-        cells = [row["run"], *(str(row[a]) for a in axes), *(format_cell(row.get(k), kind, row) for k, _, kind in METRIC_COLUMNS)]
+        cells = [row["run"], *(str(row[a]) for a in axes), *(format_cell(row.get(k), kind, row) for k, _, kind in columns)]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def _csv_text(rows: Sequence[dict[str, Any]]) -> str:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=list(dict.fromkeys(k for row in rows for k in row)), lineterminator="\n")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: "" if v is None else v for k, v in row.items()})
@@ -126,7 +153,7 @@ def write_table(rows: Sequence[dict[str, Any]], axes: Sequence[str], out_dir: st
     paths = {"md": out_dir / "table.md", "csv": out_dir / "table.csv", "json": out_dir / "table.json"}
     atomic_write_text(paths["md"], format_markdown(rows, axes))
     atomic_write_text(paths["csv"], _csv_text(rows))
-    payload = {**meta, "axes": list(axes), "columns": list(rows[0]), "rows": list(rows)}
+    payload = {**meta, "axes": list(axes), "columns": list(dict.fromkeys(k for row in rows for k in row)), "rows": list(rows)}
     atomic_write_text(paths["json"], json.dumps(payload, indent=2) + "\n")
     return paths
 

@@ -16,7 +16,7 @@ from typing import Any
 from topoclip.dataclass_io import apply_overrides, parse_override
 from topoclip.geometry import available_topologies, is_blockwise
 
-__all__ = ["apply_natural_overrides"]
+__all__ = ["apply_natural_overrides", "drop_dependents"]
 
 
 def _set_null(data: dict, section: str, key: str, overridden: set[str]) -> None:
@@ -35,6 +35,13 @@ def apply_natural_overrides(data: dict[str, Any], overrides: list[str]) -> dict[
     """
     overridden = {".".join(parse_override(text)[0]) for text in overrides}
     out = apply_overrides(copy.deepcopy(data or {}), list(overrides))
+    drop_dependents(out, overridden)
+    return out
+
+
+def drop_dependents(out: dict[str, Any], overridden: set[str]) -> None:
+    """In place: null the values of ``out`` that the ``overridden`` dotted keys make stale
+    (the rules of ``apply_natural_overrides``)."""
     train = out.get("train") if isinstance(out.get("train"), dict) else {}
     if "train.steps" in overridden and train.get("steps") is not None:
         _set_null(out, "train", "epochs", overridden)
@@ -53,4 +60,3 @@ def apply_natural_overrides(data: dict[str, Any], overrides: list[str]) -> dict[
             _set_null(out, "topology", "n", overridden)
     if "optim.warmup_ratio" in overridden:
         _set_null(out, "optim", "warmup_steps", overridden)
-    return out
