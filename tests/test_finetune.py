@@ -362,3 +362,14 @@ def test_a_partial_config_file_keeps_the_finetuning_defaults(tmp_path):
     cfg = load_finetune_config(path, ["train.steps=50", "train.epochs=null"])
     assert cfg.optim.lr == 1e-5 and cfg.optim.weight_decay == 0.05  # not the training lr 1e-3
     assert cfg.optim.warmup_for(50) == 5 and cfg.output.name == "finetune-m3mix"
+
+
+def test_fine_tuning_evaluates_its_target_during_training(topoclip_run, tmp_path):
+    cfg = load_finetune_config(None, TINY_DATA + [
+        f"source.path={topoclip_run}", "finetune.eval_zero_shot=false", "eval.robustness=false",
+        "eval.every=2", "eval.best=shape/top1", f"output.dir={tmp_path}",
+    ])
+    run_finetune(cfg)
+    lines = [json.loads(line) for line in (tmp_path / "finetune-ft" / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [2, 4] and "shape/top1" in lines[0] and "val/loss" not in lines[0]
+    assert (tmp_path / "finetune-ft" / "checkpoints" / "best" / "model.safetensors").is_file()
