@@ -16,7 +16,6 @@ COLUMNS = [  # (dataset, metric, header)
     ("digits", "mean_per_class_recall", "zero-shot mean per-class recall"),
     ("digits-captions", "text_retrieval_recall@1", "I→T R@1"),
     ("digits-captions", "image_retrieval_recall@1", "T→I R@1"),
-    ("digits-captions", "text_retrieval_map@r", "I→T mAP@R"),
     ("digits-probe", "lp_acc1", "linear probe"),
 ]
 
