@@ -165,3 +165,21 @@ def test_an_empty_class_folder_is_named(tmp_path):
     (root / "empty" / "notes.txt").write_text("no images here")
     with pytest.raises(ValueError, match=r"class folder 'empty' has no usable images"):
         ImageFolderClassification(root)
+
+
+def test_topoclip_data_digits_writes_real_images_as_your_own_data(tmp_path):
+    pytest.importorskip("sklearn")
+    from topoclip.cli import main
+    from topoclip.eval.suites import build_entries, load_suite_file
+
+    assert main(["data", "digits", "--out", str(tmp_path / "d")]) == 0
+    train = (tmp_path / "d" / "train.tsv").read_text().splitlines()
+    test = (tmp_path / "d" / "test.tsv").read_text().splitlines()
+    assert len(train) - 1 + len(test) - 1 == 1797 and train[0] == "filepath\ttitle\tlabel"
+    cfg = load_config(None, ["data.source=csv", f"data.csv.path={tmp_path / 'd' / 'train.tsv'}"])
+    src = open_training_source("csv", cfg.data, TRANSFORM, seed=0)
+    image, caption = src.train[0]
+    assert image.shape == (3, 32, 32) and ("digit" in caption or "number" in caption)
+    zeroshot, retrieval, probe = build_entries(load_suite_file(tmp_path / "d" / "suite.yaml"), TRANSFORM)
+    assert zeroshot.dataset.classnames[:3] == ["zero", "one", "two"] and len(zeroshot.dataset) == len(test) - 1
+    assert len(retrieval.dataset) == len(test) - 1 and len(probe.train_dataset) == len(train) - 1
