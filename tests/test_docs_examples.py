@@ -37,10 +37,17 @@ def test_the_pages_hold_commands():
 
 
 @pytest.mark.parametrize("page, command", COMMANDS, ids=[f"{p}:{c[:60]}" for p, c in COMMANDS])
-def test_a_documented_command_parses_and_its_config_validates(page, command, monkeypatch):
+def test_a_documented_command_parses_and_its_config_validates(page, command, monkeypatch, tmp_path):
+    import json
+
     from topoclip.config import load_config, load_finetune_config
 
-    monkeypatch.chdir(ROOT)
+    # A working directory as the pages assume one: the checkout's configs, and the shards that
+    # the page's `topoclip data convert` line wrote just before (their recorded count).
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "sizes.json").write_text(json.dumps({"shard-000000.tar": 1000}))
+    monkeypatch.chdir(tmp_path)
     argv = shlex.split(command)[1:]
     # [--max 131072]-style optional parts of a usage line: the command without them.
     argv = [a for a in argv if not (a.startswith("[") or a.endswith("]"))]
