@@ -180,6 +180,7 @@ def test_topoclip_data_digits_writes_real_images_as_your_own_data(tmp_path):
     src = open_training_source("csv", cfg.data, TRANSFORM, seed=0)
     image, caption = src.train[0]
     assert image.shape == (3, 32, 32) and ("digit" in caption or "number" in caption)
-    zeroshot, retrieval, probe = build_entries(load_suite_file(tmp_path / "d" / "suite.yaml"), TRANSFORM)
+    zeroshot, retrieval, classes, probe = build_entries(load_suite_file(tmp_path / "d" / "suite.yaml"), TRANSFORM)
+    assert classes.tasks == ("retrieval", "map_at_r") and classes.dataset.positive_pairs is not None
     assert zeroshot.dataset.classnames[:3] == ["zero", "one", "two"] and len(zeroshot.dataset) == len(test) - 1
     assert len(retrieval.dataset) == len(test) - 1 and len(probe.train_dataset) == len(train) - 1

@@ -109,3 +109,30 @@ def test_training_with_a_suite_writes_clip_benchmark_records_and_topoclip_eval_r
     assert {"text_retrieval_ece@15", "uniformity", "modality_gap"} <= set(retrieval)  # topoclip's own names
     assert main(["eval", "--checkpoint", str(run), "--suite", str(suite), "--output", str(tmp_path / "e.json")]) == 0
     assert [r["metrics"] for r in _records(tmp_path / "e.jsonl")] == [r["metrics"] for r in rows]
+
+
+def test_class_level_retrieval_counts_any_caption_of_the_images_class(tmp_path):
+    import torch
+
+    import topoclip
+    from tests.helpers import FakeDualEncoder, FakeTokenizer
+    from tests.test_data_sources import _image
+    from topoclip.eval import embed_dataset, run_evaluation
+
+    rows = ["filepath\ttitle\tlabel"]
+    for i in range(8):
+        _image(i % 2, i, "RGB").save(tmp_path / f"c{i}.png")
+        rows.append(f"c{i}.png\tpicture {i} of a {'cat' if i % 2 else 'dog'}\t{'cat' if i % 2 else 'dog'}")
+    (tmp_path / "labelled.tsv").write_text("\n".join(rows) + "\n")
+    suite = [{"name": "pets", "task": "retrieval", "data": {"csv": "labelled.tsv", "label_key": "label", "class_level": True}}]
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(suite))
+    (entry,) = build_entries(load_suite_file(tmp_path / "s.yaml"), ImageTransform(4))
+    assert entry.tasks == ("retrieval", "map_at_r") and entry.dataset.positive_pairs.shape == (32, 2)  # 4 x 4 per class
+    model, tok = FakeDualEncoder(topoclip.topology("sphere", dim=8)), FakeTokenizer()
+    (record, _) = run_evaluation(model, tok, [entry], batch_size=4)
+    emb = embed_dataset(model, entry.dataset, tok)
+    top = model.topology.similarity(emb.image_points, emb.text_points).argmax(1)
+    classes = torch.arange(8) % 2
+    assert record.metrics["i2t_R@1"] == pytest.approx(float((classes[top] == classes).float().mean()))
+    with pytest.raises(ValueError, match="class_level: needs a CSV with a label column"):
+        SuiteConfig("x", "retrieval", {"csv": "a.tsv", "class_level": True})

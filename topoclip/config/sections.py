@@ -170,7 +170,8 @@ class TrainConfig:
 # What each suite task reads from its ``data`` mapping (one of the first group names the data).
 SUITE_DATA_KEYS = {
     "zeroshot": ({"folder", "csv"}, {"classnames", "templates", "image_root", "image_key", "label_key", "sep", "verify", "strict"}),
-    "retrieval": ({"karpathy", "csv"}, {"image_root", "split", "image_key", "caption_key", "sep", "verify", "strict"}),
+    "retrieval": ({"karpathy", "csv"}, {"image_root", "split", "image_key", "caption_key", "sep", "verify", "strict",
+                                        "label_key", "class_level"}),
     "linear_probe": ({"train"}, {"test", "classnames", "verify", "strict"}),
 }
 
@@ -184,6 +185,8 @@ class SuiteConfig:
       ``templates`` (a JSON list, ``{}`` or ``{c}`` for the class) in CLIP_benchmark's forms;
     - ``retrieval``: ``{karpathy: JSON, image_root: DIR, split: test}`` or ``{csv: FILE,
       image_key: filepath, caption_key: title}`` with several captions (rows) per image;
+      ``class_level: true`` with a ``label_key`` column (CSV only): a caption is a positive of
+      every image of its class, for R@K and mAP@R;
     - ``linear_probe``: ``{train: DIR, test: DIR}`` image folders; features before the
       projection head.
 
@@ -209,6 +212,8 @@ class SuiteConfig:
             raise ValueError(f"{where}.data: give exactly one of {', '.join(sorted(sources))} (got {given or 'none'})")
         if self.task == "linear_probe" and "test" not in self.data:
             raise ValueError(f"{where}.data.test: a linear probe needs a test folder beside data.train")
+        if self.data.get("class_level") and ("csv" not in self.data or "label_key" not in self.data):
+            raise ValueError(f"{where}.data.class_level: needs a CSV with a label column (data.csv and data.label_key)")
         if self.task == "retrieval" and "karpathy" in self.data and "image_root" not in self.data:
             raise ValueError(f"{where}.data.image_root: a Karpathy JSON needs the folder of its images")
 

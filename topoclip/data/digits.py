@@ -8,7 +8,8 @@ as the files your own data would be:
     DIR/train/<k_name>/, DIR/test/<k_name>/   class folders, for zero-shot and the linear probe
     DIR/classnames.txt             zero ... nine, in the folders' order
     DIR/templates.json             the zero-shot prompts, in CLIP_benchmark's {c} form
-    DIR/suite.yaml                 zero-shot, retrieval and linear probe on the test split
+    DIR/suite.yaml                 zero-shot, retrieval (caption- and class-level) and linear
+                                   probe on the test split
 
 The split is stratified and seeded; captions use one of several phrasings per image.
 """
@@ -65,6 +66,7 @@ def write_digits(out: str | os.PathLike, test_fraction: float = 0.3, seed: int =
     suite = [
         {"name": "digits", "task": "zeroshot", "data": {"folder": "test", "classnames": "classnames.txt", "templates": "templates.json"}},
         {"name": "digits-captions", "task": "retrieval", "data": {"csv": "test.tsv"}},
+        {"name": "digits-classes", "task": "retrieval", "data": {"csv": "test.tsv", "label_key": "label", "class_level": True}},
         {"name": "digits-probe", "task": "linear_probe", "data": {"train": "train", "test": "test", "classnames": "classnames.txt"}},
     ]
     (out / "suite.yaml").write_text(yaml.safe_dump(suite, sort_keys=False))

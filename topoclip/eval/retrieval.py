@@ -141,9 +141,19 @@ def evaluate_retrieval(
     return retrieval_metrics(emb, ks, chunk_size)
 
 
-def retrieval_metrics(emb, ks: Sequence[int] = (1, 5, 10), chunk_size: int = 1024) -> dict[str, float]:
-    """R@k of an embedded retrieval set (``topoclip.eval.embedded.EmbeddedSet``)."""
+def retrieval_metrics(emb, ks: Sequence[int] = (1, 5, 10), chunk_size: int = 1024, positives: str = "captions") -> dict[str, float]:
+    """R@k of an embedded retrieval set (``topoclip.eval.embedded.EmbeddedSet``).
+
+    ``positives``: ``captions`` (an image's own captions) or ``annotated`` (the set's
+    ``positive_pairs``, e.g. every caption of the image's class for class-level retrieval)."""
     emb.require("retrieval")
+    if positives == "annotated":
+        if emb.positive_pairs is None:
+            raise ValueError(f"{emb.name}: positives='annotated' needs a set with positive_pairs")
+        return retrieval_recall(emb.topology, emb.image_points, emb.text_points, None, ks, chunk_size,
+                                positive_pairs=emb.merged_positive_pairs())
+    if positives != "captions":
+        raise ValueError(f"positives: must be 'captions' or 'annotated', got {positives!r}")
     if emb.caption_text is None:
         return retrieval_recall(emb.topology, emb.image_points, emb.text_points, emb.caption_to_image, ks, chunk_size)
     return retrieval_recall(emb.topology, emb.image_points, emb.text_points, None, ks, chunk_size,

@@ -125,6 +125,26 @@ def load_suite_file(path: str | os.PathLike) -> list[SuiteConfig]:
     return suites
 
 
+def _class_pairs(data: dict, dataset: PairsRetrieval) -> torch.Tensor:
+    """(image, caption) pairs of a class-level retrieval set: every caption is a positive of
+    every image whose row has the caption's label."""
+    root = Path(data.get("image_root") or Path(data["csv"]).parent)
+    label_of: dict[str, str] = {}
+    with open(data["csv"], newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f, delimiter=data.get("sep", "\t"))
+        if data["label_key"] not in (reader.fieldnames or []):
+            raise ValueError(f"{data['csv']}: no column {data['label_key']!r} (label_key); columns are {reader.fieldnames}")
+        for row in reader:
+            label_of[os.fspath(root / (row[data.get("image_key", "filepath")] or "").strip())] = (row[data["label_key"]] or "").strip()
+    image_paths = [dataset.pairs.image_paths[r] for r in dataset._rows]
+    image_labels = [label_of[p] for p in image_paths]
+    caption_labels = [image_labels[i] for i in dataset.caption_to_image.tolist()]
+    names = {n: i for i, n in enumerate(sorted(set(image_labels)))}
+    images = torch.tensor([names[n] for n in image_labels])
+    captions = torch.tensor([names[n] for n in caption_labels])
+    return torch.nonzero(images[:, None] == captions[None, :])
+
+
 def _class_lists(data: dict) -> dict:
     out = {}
     if data.get("classnames") is not None:
@@ -152,6 +172,10 @@ def _entry(suite: SuiteConfig, transform: Callable) -> EvalEntry:
             pairs = CsvPairs(d["csv"], d.get("image_root"), transform, sep=d.get("sep", "\t"),
                              image_key=d.get("image_key", "filepath"), caption_key=d.get("caption_key", "title"), **check)
             dataset = PairsRetrieval(pairs, range(len(pairs)), name=suite.name)
+            if d.get("class_level"):
+                dataset.positive_pairs = _class_pairs(d, dataset)
+                options = {"positives": "annotated"}
+                return EvalEntry(dataset, ("retrieval", "map_at_r"), suite.name, {"retrieval": options})
         return EvalEntry(dataset, ("retrieval",), suite.name)
     lists = _class_lists(d)
     train = ImageFolderClassification(d["train"], transform, name=f"{suite.name}-train", **lists, **check)
