@@ -8,8 +8,6 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
-
 from topoclip.atomic import atomic_write_json
 from topoclip.config import EvalConfig
 from topoclip.data import ClassificationSet, ImageFolderClassification, KarpathyRetrieval, RetrievalSet, ShapesData, make_shapes
@@ -21,7 +19,7 @@ from topoclip.eval.records import clip_benchmark_records, write_jsonl
 from topoclip.eval.suites import build_entries, load_suite_file
 from topoclip.runs import load_run, resolve_checkpoint
 
-__all__ = ["eval_entries", "evaluate", "suite_entries", "evaluate_entries", "write_records", "shapes_eval_sets", "format_summary", "evaluate_checkpoint"]
+__all__ = ["eval_entries", "suite_entries", "evaluate_entries", "write_records", "shapes_eval_sets", "format_summary", "evaluate_checkpoint"]
 
 
 def eval_entries(
@@ -33,23 +31,6 @@ def eval_entries(
     if retrieval_set is not None:
         entries.append(EvalEntry(retrieval_set, ("retrieval", "robustness") if robustness else ("retrieval",)))
     return entries
-
-
-def evaluate(
-    model,
-    tokenizer,
-    tasks: Sequence[ClassificationSet],
-    retrieval_set: RetrievalSet | None,
-    batch_size: int,
-    device: torch.device,
-    robustness: bool = True,
-    plot_dir: str | os.PathLike | None = None,
-) -> dict[str, Any]:
-    """Zero-shot accuracy on each classification task and recall on the retrieval set; with
-    ``robustness`` also calibration, geometry and mixup hardness on the retrieval set (its
-    PNG plots go to ``plot_dir`` when given). Every dataset is embedded once."""
-    records = run_evaluation(model, tokenizer, eval_entries(tasks, retrieval_set, robustness), batch_size, device, plot_dir)
-    return nest_records(records)
 
 
 def suite_entries(eval_config: EvalConfig, transform) -> list[EvalEntry] | None:

@@ -62,9 +62,6 @@ class LoadedRun:
         """Image files -> tensors at this model's input size and normalisation."""
         return ImageTransform(self.image_size, self.mean, self.std)
 
-    def image_transform(self) -> ImageTransform:
-        return self.transform
-
 
 def _source_topology(source: SourceConfig, embed_dim: int) -> Topology | None:
     if source.topology is None:
@@ -84,8 +81,9 @@ def load_run(path: str | os.PathLike, device: torch.device | str = "cpu") -> Loa
     written by ``topoclip train`` or ``topoclip finetune`` in any format version."""
     ckpt = resolve_checkpoint(path)
     run_dir = ckpt.parent.parent
-    info = read_run_info(run_dir, config=read_checkpoint_config(ckpt))
-    saved, kind = upgrade_config(read_checkpoint_config(ckpt), info), info.kind
+    saved = read_checkpoint_config(ckpt)
+    info = read_run_info(run_dir, config=saved)
+    saved, kind = upgrade_config(saved, info), info.kind
     if kind == "finetune":  # rebuild the source's architecture, then load the fine-tuned weights
         config = from_dict(FinetuneConfig, saved)
         loaded = load_source(config.source, device)
