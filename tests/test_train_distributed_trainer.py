@@ -2,8 +2,8 @@
 
 Each rank keeps its half of every global batch, the model runs under DDP (logit scale
 included), the loss gathers features with gradients; plain steps, local loss + gradient cache
-under no_sync, and a resume in which every rank loads the checkpoint all end with the
-1-process parameters.
+under no_sync, a resume in which every rank loads the checkpoint, and evaluation every step on
+rank 0 all end with the 1-process parameters.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import topoclip
 from topoclip.config import config_from_dict
 from topoclip.engine import ContrastiveTask, TrainingSettings
 from topoclip.engine.distributed import DistInfo, init_distributed
-from topoclip.engine.trainer import Trainer, seed_everything
+from topoclip.engine.trainer import BestRule, Trainer, seed_everything
 from topoclip.models import ModelConfig, build_model
 from topoclip.runs import read_jsonl
 from topoclip.runs.checkpoint import list_checkpoints
@@ -87,7 +87,7 @@ class NaNOnLastRank:
         return loss, details
 
 
-def make_trainer(cfg, run_dir, info: DistInfo, local_loss=False, nan_at=None):
+def make_trainer(cfg, run_dir, info: DistInfo, local_loss=False, nan_at=None, **trainer_options):
     seed_everything(0)
     model_cfg = ModelConfig.from_dict({
         "num_tokens": 1,
@@ -98,7 +98,23 @@ def make_trainer(cfg, run_dir, info: DistInfo, local_loss=False, nan_at=None):
     loss_fn = topoclip.ContrastiveLoss(model.topology, local_loss=local_loss)
     if nan_at is not None:
         loss_fn = NaNOnLastRank(loss_fn, info, nan_at)
-    return Trainer(ContrastiveTask(model, loss_fn), PairSet(), collate, TrainingSettings.of(cfg), run_dir, device="cpu", dist_info=info)
+    return Trainer(ContrastiveTask(model, loss_fn), PairSet(), collate, TrainingSettings.of(cfg), run_dir, device="cpu", dist_info=info,
+                   **trainer_options)
+
+
+class RankZeroEvaluator:
+    """Embeds random images with the model and draws random numbers (both must leave the
+    training untouched); on any rank but 0 it refuses to run."""
+
+    def __init__(self, info: DistInfo):
+        self.info, self.model, self.calls = info, None, 0
+
+    def __call__(self):
+        assert self.info.rank == 0, f"evaluation ran on rank {self.info.rank}"
+        self.calls += 1
+        with torch.no_grad():
+            feats = self.model.encode_image(torch.randn(4, 3, 16, 16))
+        return {"probe/score": float(feats.sum()) + float(torch.rand(()))}
 
 
 def weights(trainer):
@@ -124,6 +140,15 @@ def runs(out_dir, info: DistInfo) -> dict[str, dict[str, torch.Tensor]]:
     assert resumed.step == 2
     resumed.fit()
     got["resumed"] = weights(resumed)
+
+    # Evaluation every step on rank 0 (the best checkpoint kept too): the same trajectory.
+    evaluator = RankZeroEvaluator(info)
+    evaluated = make_trainer(checkpointed, os.path.join(out_dir, "evaluated"), info, evaluator=evaluator, eval_every=1,
+                             best=BestRule("probe/score", higher_is_better=True))
+    evaluator.model = evaluated.model
+    evaluated.fit()
+    assert evaluator.calls == (STEPS if info.rank == 0 else 0)
+    got["evaluated"] = weights(evaluated)
 
     skipping = make_trainer(make_config(out_dir), os.path.join(out_dir, "skipped"), info, nan_at=2)
     assert skipping.fit().skipped_steps == 1
@@ -158,7 +183,8 @@ def test_two_process_trainer_equals_one_process_trainer(tmp_path):
     assert any(not torch.equal(initial[k], one["plain"][k]) for k in initial)  # the steps moved the weights
     worst = 0.0
     assert any(not torch.equal(one["skipped"][k], one["plain"][k]) for k in initial)
-    for variant, reference in (("plain", "plain"), ("cached", "plain"), ("resumed", "plain"), ("skipped", "skipped")):
+    for variant, reference in (("plain", "plain"), ("cached", "plain"), ("resumed", "plain"), ("evaluated", "plain"),
+                               ("skipped", "skipped")):
         for k, want in one[reference].items():
             worst = max(worst, (rank0[variant][k] - want).abs().max().item())
             torch.testing.assert_close(rank0[variant][k], want, atol=1e-5, rtol=0, msg=f"{variant}: {k}")
@@ -169,6 +195,9 @@ def test_two_process_trainer_equals_one_process_trainer(tmp_path):
     # Rank 0 alone logs and checkpoints: one log line per step, the checkpoints of steps 2 and 3.
     assert [r["step"] for r in read_jsonl(two / "plain" / "log.jsonl")] == [1, 2, 3]
     assert [p.name for p in list_checkpoints(two / "plain")] == ["step_00000002", "step_00000003"]
+    # Rank 0 alone evaluated: one line a step, and the best of them kept as a checkpoint.
+    assert [r["step"] for r in read_jsonl(two / "evaluated" / "eval.jsonl")] == [1, 2, 3]
+    assert (two / "evaluated" / "checkpoints" / "best").is_dir()
     # The logged loss is the global batch's (the mean over ranks of the local losses).
     logged = [r["loss"] for r in read_jsonl(two / "cached" / "log.jsonl")]
     want = [r["loss"] for r in read_jsonl(tmp_path / "one" / "plain" / "log.jsonl")]
