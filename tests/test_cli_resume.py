@@ -77,3 +77,23 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     assert final_full.keys() == final_resumed.keys()
     for name in final_full:
         assert torch.equal(final_full[name], final_resumed[name]), name
+
+
+def test_resuming_a_finished_run_keeps_its_results_and_a_longer_run_goes_on(tmp_path, capsys):
+    from tests.helpers import QUIET_RUN, TINY_TOWERS
+    from topoclip.cli import main
+
+    tiny = [*TINY_TOWERS, *QUIET_RUN, "data.shapes.num_train=48", "data.shapes.num_val=8", "data.shapes.num_test=16",
+            "train.batch_size=8", "eval.robustness=false", f"output.dir={tmp_path}", "output.name=done"]
+    run = tmp_path / "done"
+    assert main(["train", *tiny, "train.steps=2"]) == 0
+    written = (run / "results.json").read_bytes()
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run)]) == 0
+    assert "is finished (step 2/2); its results are kept" in capsys.readouterr().out
+    assert (run / "results.json").read_bytes() == written  # not the summary of zero steps
+    assert main(["train", "--resume", str(run), "train.steps=3"]) == 0
+    assert [p.name for p in list_checkpoints(run)][-1] == "step_00000003"
+    import json
+
+    assert json.loads((run / "results.json").read_text())["train"]["steps"] == 3

@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from topoclip.recipes.evaluate import format_number
 from topoclip.runs import EVAL_LOG_FILE, read_jsonl
 
 from .plots import plot_eval_curves, plot_similarity_distributions, plot_temperature_trajectories
@@ -187,8 +188,8 @@ def run_report_html(run_dir: str | os.PathLike) -> str:
     train = results.get("train")
     if train:
         sections.append(
-            f"<p>{train['steps']} steps in {train['seconds']:.0f}s; final loss {train['final_loss']:.4f}, "
-            f"final logit scale {train['final_scale']:.4g}.</p>"
+            f"<p>{train['steps']} steps in {train['seconds']:.0f}s; final loss {format_number(train['final_loss'], '.4f')}, "
+            f"final logit scale {format_number(train['final_scale'], '.4g')}.</p>"
         )
     sections += _evaluation_sections(results, run_dir)
     analysis = _run_analysis(run_dir)

@@ -17,9 +17,10 @@ from topoclip.engine.trainer import BestRule, Trainer
 from topoclip.eval import flat_metrics, run_evaluation
 from topoclip.eval.validation import validation_loss
 from topoclip.losses import ContrastiveLoss
-from topoclip.runs import CONFIG_FILE, latest_checkpoint, write_run_info
+from topoclip.runs import CONFIG_FILE, RESULTS_FILE, latest_checkpoint, write_run_info
 
-__all__ = ["prepare_run_dir", "record_run", "start_run", "build_loss", "make_trainer", "periodic_evaluator"]
+__all__ = ["prepare_run_dir", "record_run", "start_run", "build_loss", "make_trainer", "periodic_evaluator",
+           "finished_results"]
 
 
 def prepare_run_dir(config: RunSettings, run_dir: str | os.PathLike | None = None) -> tuple[Path, bool]:
@@ -82,6 +83,26 @@ def build_loss(config: RunSettings, topology) -> ContrastiveLoss:
         tile_threshold=config.loss.tile_threshold,
         tile_size=config.loss.tile_size,
     )
+
+
+def finished_results(trainer: Trainer, run_dir: Path, say) -> dict | None:
+    """The results of a run that a resume found finished (its checkpoint at the last step and
+    its results.json written), or None if there is training left. A finished run keeps its
+    results: training zero steps again would overwrite the real summary with an empty one.
+    A resume with a longer ``train.steps`` is not finished and goes on."""
+    import json
+
+    results_file = run_dir / RESULTS_FILE
+    # Rank 0's view decides for every rank (each must return, or each must train).
+    done = trainer.step >= trainer.total_steps and (results_file.is_file() if trainer.dist.is_main else True)
+    if not broadcast_object(done if trainer.dist.is_main else None, trainer.dist):
+        return None
+    if not trainer.dist.is_main:
+        return {}
+
+    say(f"{run_dir} is finished (step {trainer.step}/{trainer.total_steps}); its results are kept in {results_file} "
+        "(give a larger train.steps to train on)")
+    return json.loads(results_file.read_text())
 
 
 def make_trainer(task, train_set, collate, config: RunSettings, run_dir: Path, device, info: DistInfo,

@@ -75,6 +75,11 @@ def _by_dataset(section: dict | None, marker: str) -> list[tuple[str, dict]]:
     return [(f" {name}", metrics) for name, metrics in section.items()]
 
 
+def format_number(value: float | None, spec: str) -> str:
+    """``value`` in ``spec``; a missing value (null in a results file: no step was taken) as "-"."""
+    return "-" if value is None else format(value, spec)
+
+
 def format_summary(results: dict[str, Any]) -> str:
     """A short table of the headline numbers."""
     lines = []
@@ -82,8 +87,8 @@ def format_summary(results: dict[str, Any]) -> str:
     if train:
         total = f" ({results['total_seconds']:.0f}s in all)" if "total_seconds" in results else ""
         lines.append(
-            f"trained {train['steps']} steps in {train['seconds']:.0f}s{total}; final loss {train['final_loss']:.3f}, "
-            f"scale {train['final_scale']:.2f}, skipped steps {train['skipped_steps']}"
+            f"trained {train['steps']} steps in {train['seconds']:.0f}s{total}; final loss {format_number(train['final_loss'], '.3f')}, "
+            f"scale {format_number(train['final_scale'], '.2f')}, skipped steps {train['skipped_steps']}"
         )
     zeroshot = results.get("eval", {}).get("zeroshot", {})
     if zeroshot:

@@ -49,7 +49,7 @@ from topoclip.losses.mixup import M3MixLoss
 from topoclip.models import interpolate_weights
 from topoclip.runs import PLOTS_DIR, RECORDS_FILE, RESULTS_FILE, LoadedRun, load_source
 
-from .common import build_loss, make_trainer, periodic_evaluator, start_run
+from .common import build_loss, finished_results, make_trainer, periodic_evaluator, start_run
 from .evaluate import eval_entries, evaluate_entries, shapes_eval_sets, suite_entries, write_records
 
 __all__ = ["WISE_DIR", "run_finetune", "format_finetune_table", "load_finetune_config"]
@@ -151,6 +151,9 @@ def _run_finetune(config: FinetuneConfig, run_dir: str | os.PathLike | None, inf
         evaluator = periodic_evaluator(model, loaded.tokenizer, target, None, collate, config, device)
         trainer = make_trainer(ContrastiveTask(model, loss_fn), train_set, collate, config, run_dir, device, info, evaluator)
         if resume and trainer.resume():
+            finished = finished_results(trainer, run_dir, say)
+            if finished is not None:
+                return finished
             say(f"resuming {run_dir} at step {trainer.step}/{trainer.total_steps}")
         results["train"] = trainer.fit().summary()
         if not info.is_main:

@@ -25,7 +25,7 @@ from topoclip.eval import EvalEntry
 from topoclip.models import build_model
 from topoclip.runs import PLOTS_DIR, RECORDS_FILE, RESULTS_FILE, TOKENIZER_DIR
 
-from .common import build_loss, make_trainer, periodic_evaluator, start_run
+from .common import build_loss, finished_results, make_trainer, periodic_evaluator, start_run
 from .evaluate import eval_entries, evaluate_entries, format_summary, shapes_eval_sets, suite_entries, write_records
 
 __all__ = ["run", "RunData", "open_data", "build_components"]
@@ -162,6 +162,9 @@ def _run(config: ExperimentConfig, run_dir: str | os.PathLike | None, info: Dist
     trainer = make_trainer(task, train_set, collate, config, run_dir, device, info, evaluator)
     if resume:
         trainer.resume()
+        finished = finished_results(trainer, run_dir, say)
+        if finished is not None:
+            return finished
         say(f"resuming {run_dir} at step {trainer.step}/{trainer.total_steps}")
     num_params = sum(p.numel() for p in model.parameters())
     processes = f", {info.world_size} processes" if info.distributed else ""
