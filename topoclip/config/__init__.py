@@ -11,6 +11,7 @@ from .data import SOURCES, CsvDataConfig, FolderDataConfig, KarpathyDataConfig, 
 from .experiment import DataConfig, ExperimentConfig, TopologyConfig, config_from_dict, load_config
 from .files import PACKAGED_CONFIGS, deep_merge, default_config_path, read_config_file, resolve_config_path, save_config
 from .finetune import (
+    BASE_METHODS,
     METHODS,
     MIXUP_TERMS,
     FinetuneConfig,
@@ -19,6 +20,7 @@ from .finetune import (
     SourceConfig,
     finetune_config_from_dict,
     load_finetune_config,
+    split_method,
 )
 from .sections import (
     EvalConfig,
@@ -33,8 +35,10 @@ from .sections import (
 )
 
 __all__ = [
+    "BASE_METHODS",
     "METHODS",
     "MIXUP_TERMS",
+    "split_method",
     "PACKAGED_CONFIGS",
     "SOURCES",
     "FolderDataConfig",

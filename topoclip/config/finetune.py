@@ -19,7 +19,10 @@ from .overrides import apply_natural_overrides
 from .sections import OptimConfig, RunSettings, TrainConfig
 
 __all__ = [
+    "BASE_METHODS",
     "METHODS",
+    "MIX_PATHS",
+    "split_method",
     "MIXUP_TERMS",
     "FinetuneConfig",
     "SourceConfig",
@@ -29,9 +32,14 @@ __all__ = [
     "load_finetune_config",
 ]
 
-METHODS = ("ft", "m2mix", "vmix", "lmix", "vlmix", "m3mix", "wise-ft", "embedding-shift")
-# The mixup terms each method adds to the contrastive loss (MixupConfig field names).
+# The base methods: how the model is trained (or not) and what is taken from it.
+BASE_METHODS = ("ft", "lp-ft", "wise-ft", "embedding-shift")
+# The mixup terms each mixup method adds to the contrastive loss (MixupConfig field names).
 MIXUP_TERMS = {"m2mix": ("m2",), "vmix": ("v",), "lmix": ("l",), "vlmix": ("vl",), "m3mix": ("m2", "v", "l", "vl")}
+# Every single-word method; a method may also compose a base with mixups: "wise-ft+m2mix"
+# (the paper's "WiSE-FT w/ m²-Mix"), "lp-ft+m2mix", "ft+vmix+lmix". A mixup alone means FT with it.
+METHODS = (*BASE_METHODS, *MIXUP_TERMS)
+MIX_PATHS = ("geodesic", "linear")
 
 
 @dataclass
@@ -56,31 +64,74 @@ class SourceConfig:
             raise ValueError(f"source.m: must be >= 1, got {self.m}")
 
 
+def split_method(method: str) -> tuple[str, tuple[str, ...]]:
+    """(base method, mixup methods) of a method name; ValueError naming the field if unknown."""
+    parts = [p.strip() for p in str(method).split("+")]
+    base = parts[0] if parts[0] in BASE_METHODS else "ft"
+    mixups = tuple(parts[1:] if parts[0] in BASE_METHODS else parts)
+    for part in mixups:
+        if part not in MIXUP_TERMS:
+            known = ", ".join(METHODS)
+            raise ValueError(f"finetune.method: unknown method {part!r} in {method!r} (known: {known}; "
+                             "compose a base with mixups as wise-ft+m2mix)")
+    if base == "embedding-shift" and mixups:
+        raise ValueError(f"finetune.method: {method!r}: the embedding shift trains nothing, so no mixup can be added")
+    if len(set(mixups)) != len(mixups):
+        raise ValueError(f"finetune.method: {method!r} names a mixup twice")
+    return base, mixups
+
+
 @dataclass
 class FinetuneMethodConfig:
-    """Which method, and its settings."""
+    """Which method, and its settings.
+
+    ``method``: a base (``ft``, ``lp-ft``, ``wise-ft``, ``embedding-shift``), a mixup (``m2mix``,
+    ``vmix``, ``lmix``, ``vlmix``, ``m3mix``: FT with it), or a base with mixups joined by ``+``.
+    ``mix_path``: mixup along the topology's geodesic, or the straight line projected back.
+    LP-FT: the first ``lp_ratio`` of the steps train only the image projection (a linear probe
+    on frozen image features, starting from the zero-shot classifier), at ``lp_lr`` (null: 10x
+    ``optim.lr``); the rest fine-tune everything.
+    """
 
     method: str = "ft"
     mixup: MixupConfig = field(default_factory=MixupConfig)
+    mix_path: str = "geodesic"
     wise_alpha: float = 0.5  # weight of the fine-tuned model in WiSE-FT (0: zero-shot, 1: fine-tuned)
+    lp_ratio: float = 0.5
+    lp_lr: Optional[float] = None
     shift: float = 1.0  # c of the embedding shift: points move by c * gap / 2
     gap_pairs: int = 4096  # fine-tuning pairs the modality gap is measured on
     eval_zero_shot: bool = True  # also evaluate the source model before fine-tuning
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"finetune.method: unknown method {self.method!r} (known: {', '.join(METHODS)})")
-        for term in MIXUP_TERMS.get(self.method, ()):
+        _, mixups = split_method(self.method)
+        for term in self.mixup_terms:
             if getattr(self.mixup, term) <= 0:
                 raise ValueError(f"finetune.mixup.{term}: the {self.method} method needs a weight > 0")
+        if self.mix_path not in MIX_PATHS:
+            raise ValueError(f"finetune.mix_path: unknown path {self.mix_path!r} (known: {', '.join(MIX_PATHS)})")
         if not 0.0 <= self.wise_alpha <= 1.0:
             raise ValueError(f"finetune.wise_alpha: must lie in [0, 1], got {self.wise_alpha}")
+        if not 0.0 < self.lp_ratio < 1.0:
+            raise ValueError(f"finetune.lp_ratio: must lie in (0, 1), got {self.lp_ratio}")
+        if self.lp_lr is not None and not self.lp_lr > 0:
+            raise ValueError(f"finetune.lp_lr: must be > 0, got {self.lp_lr}")
         if self.gap_pairs < 1:
             raise ValueError(f"finetune.gap_pairs: must be >= 1, got {self.gap_pairs}")
 
+    @property
+    def base(self) -> str:
+        return split_method(self.method)[0]
+
+    @property
+    def mixup_terms(self) -> tuple[str, ...]:
+        """The MixupConfig terms the method adds, in the order m2, v, l, vl."""
+        active = {t for part in split_method(self.method)[1] for t in MIXUP_TERMS[part]}
+        return tuple(t for t in ("m2", "v", "l", "vl") if t in active)
+
     def mixup_weights(self) -> MixupConfig:
         """The mixup weights with every term this method does not use set to 0."""
-        active = MIXUP_TERMS.get(self.method, ())
+        active = self.mixup_terms
         return dataclasses.replace(self.mixup, **{t: 0.0 for t in ("m2", "v", "l", "vl") if t not in active})
 
 

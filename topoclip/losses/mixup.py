@@ -14,6 +14,10 @@ finite at θ = 0 (identical pairs, repeated class-name prompts, the middle row o
 paired with itself) and θ = π, and computes half-precision inputs in fp32.
 
 Every loss here averages its two directions (image->text and text->image) like the CLIP loss.
+
+``path="linear"`` mixes along the straight line instead and projects back onto the manifold
+(``topology.project``: renormalisation on the sphere, per block on Ob(n, m); nothing in
+Euclidean space, where both paths agree): the baseline of the paper's linear-vs-geodesic table.
 """
 
 from __future__ import annotations
@@ -31,7 +35,10 @@ from ..geometry import Topology
 from .contrastive import ContrastiveLoss
 
 __all__ = [
+    "MIX_PATHS",
     "geodesic_mix",
+    "linear_mix",
+    "mix",
     "m2_mix_loss",
     "v_mix_loss",
     "l_mix_loss",
@@ -45,6 +52,23 @@ __all__ = [
 def geodesic_mix(topology: Topology, a: Tensor, b: Tensor, lam: float | Tensor) -> Tensor:
     """m_lam(a, b): the point on the geodesic with weight lam on a (lam=1 -> a, lam=0 -> b)."""
     return topology.interpolate(a, b, 1.0 - lam)
+
+
+def linear_mix(topology: Topology, a: Tensor, b: Tensor, lam: float | Tensor) -> Tensor:
+    """lam a + (1 - lam) b, projected onto the manifold (in fp32 for half-precision inputs).
+    Antipodal points at lam = 1/2 meet at zero, which ``project`` maps to a fixed point."""
+    dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+    return topology.project(lam * a.to(dtype) + (1.0 - lam) * b.to(dtype))
+
+
+MIX_PATHS = {"geodesic": geodesic_mix, "linear": linear_mix}
+
+
+def mix(topology: Topology, a: Tensor, b: Tensor, lam: float | Tensor, path: str = "geodesic") -> Tensor:
+    """m_lam(a, b) along ``path``: "geodesic" (the topology's geodesic) or "linear"."""
+    if path not in MIX_PATHS:
+        raise ValueError(f"mix path: unknown {path!r} (known: {', '.join(MIX_PATHS)})")
+    return MIX_PATHS[path](topology, a, b, lam)
 
 
 def _reversed(x: Tensor) -> Tensor:
@@ -61,14 +85,15 @@ def _labels(n: int, device) -> Tensor:
     return torch.arange(n, device=device)
 
 
-def m2_mix_loss(topology: Topology, image: Tensor, text: Tensor, scale: Tensor | float, lam: float) -> Tensor:
+def m2_mix_loss(topology: Topology, image: Tensor, text: Tensor, scale: Tensor | float, lam: float,
+                path: str = "geodesic") -> Tensor:
     """m²-Mix: the negatives of each anchor are replaced by mixed points m_j = m_lam(v_j, t_j).
 
     Row i (image anchor): positive <v_i, t_i>, negatives <v_i, m_j> for j != i; likewise for the
     text anchor t_i. ``scale`` is this term's own logit scale (the "high temperature variant":
     1/0.07 while the CLIP term runs at 1/0.01 during fine-tuning).
     """
-    mixed = geodesic_mix(topology, image, text, lam)
+    mixed = mix(topology, image, text, lam, path)
     positive = scale * topology.paired_similarity(image, text)
     logits_image = _with_diagonal(scale * topology.similarity(image, mixed), positive)
     logits_text = _with_diagonal(scale * topology.similarity(text, mixed), positive)
@@ -88,26 +113,29 @@ def _soft_symmetric_ce(logits: Tensor, targets: Tensor) -> Tensor:
     return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
 
 
-def v_mix_loss(topology: Topology, image: Tensor, text: Tensor, scale: Tensor | float, lam: float) -> Tensor:
+def v_mix_loss(topology: Topology, image: Tensor, text: Tensor, scale: Tensor | float, lam: float,
+               path: str = "geodesic") -> Tensor:
     """V-Mix: images mixed with the reversed batch, ṽ_i = m_lam(v_i, v_J(i)); logits <ṽ_i, t_j>,
     soft targets lam at j = i and 1 - lam at j = J(i)."""
-    mixed = geodesic_mix(topology, image, _reversed(image), lam)
+    mixed = mix(topology, image, _reversed(image), lam, path)
     logits = scale * topology.similarity(mixed, text)
     return _soft_symmetric_ce(logits, _soft_targets(image.shape[0], lam, logits.device, logits.dtype))
 
 
-def l_mix_loss(topology: Topology, image: Tensor, text: Tensor, scale: Tensor | float, lam: float) -> Tensor:
+def l_mix_loss(topology: Topology, image: Tensor, text: Tensor, scale: Tensor | float, lam: float,
+               path: str = "geodesic") -> Tensor:
     """L-Mix: the same on the text side, t̃_i = m_lam(t_i, t_J(i)); logits <v_i, t̃_j>."""
-    mixed = geodesic_mix(topology, text, _reversed(text), lam)
+    mixed = mix(topology, text, _reversed(text), lam, path)
     logits = scale * topology.similarity(image, mixed)
     return _soft_symmetric_ce(logits, _soft_targets(image.shape[0], lam, logits.device, logits.dtype))
 
 
-def vl_mix_loss(topology: Topology, image: Tensor, text: Tensor, scale: Tensor | float, lam: float) -> Tensor:
+def vl_mix_loss(topology: Topology, image: Tensor, text: Tensor, scale: Tensor | float, lam: float,
+                path: str = "geodesic") -> Tensor:
     """VL-Mix: both sides mixed with one lam; (ṽ_i, t̃_i) is the positive, the negatives keep
     the original similarities <v_i, t_j> (hard targets on the diagonal)."""
-    image_mixed = geodesic_mix(topology, image, _reversed(image), lam)
-    text_mixed = geodesic_mix(topology, text, _reversed(text), lam)
+    image_mixed = mix(topology, image, _reversed(image), lam, path)
+    text_mixed = mix(topology, text, _reversed(text), lam, path)
     logits = _with_diagonal(scale * topology.similarity(image, text), scale * topology.paired_similarity(image_mixed, text_mixed))
     labels = _labels(image.shape[0], logits.device)
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
@@ -153,10 +181,13 @@ class M3MixLoss(nn.Module):
     """
 
     def __init__(
-        self, topology: Topology, weights: MixupConfig | None = None, seed: int = 0, clip_loss: nn.Module | None = None
+        self, topology: Topology, weights: MixupConfig | None = None, seed: int = 0, clip_loss: nn.Module | None = None,
+        path: str = "geodesic",
     ):
         super().__init__()
-        self.topology = topology
+        if path not in MIX_PATHS:
+            raise ValueError(f"mix path: unknown {path!r} (known: {', '.join(MIX_PATHS)})")
+        self.topology, self.path = topology, path
         self.weights = weights or MixupConfig()
         # The L_CLIP term; pass a configured ContrastiveLoss (local loss, tiling) to share it.
         # Under torch.distributed it gathers the batch, while the mixup terms see each
@@ -181,16 +212,16 @@ class M3MixLoss(nn.Module):
         lams: dict[str, float] = {}
         if w.m2 > 0:
             lams["m2"] = self._draw(w.alpha_m2)
-            terms["m2"] = m2_mix_loss(self.topology, image, text, w.m2_scale, lams["m2"])
+            terms["m2"] = m2_mix_loss(self.topology, image, text, w.m2_scale, lams["m2"], self.path)
         if w.v > 0:
             lams["v"] = self._draw(w.alpha_uni)
-            terms["v"] = v_mix_loss(self.topology, image, text, scale, lams["v"])
+            terms["v"] = v_mix_loss(self.topology, image, text, scale, lams["v"], self.path)
         if w.l > 0:
             lams["l"] = self._draw(w.alpha_uni)
-            terms["l"] = l_mix_loss(self.topology, image, text, scale, lams["l"])
+            terms["l"] = l_mix_loss(self.topology, image, text, scale, lams["l"], self.path)
         if w.vl > 0:
             lams["vl"] = self._draw(w.alpha_vl)
-            terms["vl"] = vl_mix_loss(self.topology, image, text, scale, lams["vl"])
+            terms["vl"] = vl_mix_loss(self.topology, image, text, scale, lams["vl"], self.path)
         total = terms["clip"]
         for name, value in terms.items():
             if name != "clip":
@@ -212,12 +243,13 @@ class M3MixLoss(nn.Module):
 
 
 @torch.no_grad()
-def mixup_hardness(topology: Topology, image: Tensor, text: Tensor, lam: float, bins: int = 50) -> dict:
+def mixup_hardness(topology: Topology, image: Tensor, text: Tensor, lam: float, bins: int = 50,
+                   path: str = "geodesic") -> dict:
     """How hard the m²-Mix negatives are (Fig. 4 of *Geodesic Multi-Modal Mixup*): similarities of each image anchor
     to the original negatives <v_i, t_j> and to the mixed negatives <v_i, m_j>, j != i, as
     histograms over a shared range plus their means. Harder negatives sit closer to the
     positives' similarities."""
-    mixed = geodesic_mix(topology, image, text, lam)
+    mixed = mix(topology, image, text, lam, path)
     off = ~torch.eye(image.shape[0], dtype=torch.bool, device=image.device)
     original = topology.similarity(image, text)[off].float().cpu()
     hard = topology.similarity(image, mixed)[off].float().cpu()

@@ -93,6 +93,11 @@ class DualEncoder(nn.Module):
         """Pre-projection [CLS] features concatenated, ``[b, k*width]`` (for linear probes)."""
         return self.image(images).flatten(1)
 
+    def image_head_parameters(self) -> list[nn.Parameter]:
+        """The image projection onto the embedding: what a linear probe on the frozen image
+        features trains (LP-FT's first stage)."""
+        return list(self.image_proj.parameters())
+
     def no_weight_decay_names(self) -> set[str]:
         """Parameter names to exclude from weight decay: every 1-d parameter (biases, norm
         gains, the logit scale) plus the towers' [CLS]/register tokens and position embeddings."""

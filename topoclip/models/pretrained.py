@@ -180,6 +180,18 @@ class OpenClipDualEncoder(_PretrainedAdapter):
             return visual.trunk
         return None
 
+    def image_head_parameters(self) -> list[nn.Parameter]:
+        """The image projection (open_clip's ``visual.proj``, or a timm tower's head), which
+        LP-FT's linear probe trains; an error for towers whose projection is inside a pool."""
+        from open_clip.timm_model import TimmModel
+
+        visual = self.clip.visual
+        if isinstance(getattr(visual, "proj", None), nn.Parameter):
+            return [visual.proj]
+        if isinstance(visual, TimmModel) and len(visual.head) and "pool" not in visual.head:
+            return list(visual.head.parameters())
+        raise ValueError(f"LP-FT: the {type(visual).__name__} image tower has no separate projection to probe")
+
     def image_features(self, images: Tensor) -> Tensor:
         """Pooled image features for linear probes, ``[b, width]`` (see ``image_features_kind``)."""
         path = self._pre_projection_path()
@@ -373,6 +385,10 @@ class HFClipDualEncoder(_PretrainedAdapter):
 
     def text_embedding(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         return _pooled(self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
+
+    def image_head_parameters(self) -> list[nn.Parameter]:
+        """``visual_projection``: the linear map LP-FT's probe trains."""
+        return list(self.clip.visual_projection.parameters())
 
     def image_features(self, images: Tensor) -> Tensor:
         """Pooled vision features before the projection, ``[b, vision_hidden_size]``."""

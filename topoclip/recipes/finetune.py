@@ -10,8 +10,12 @@ Methods (``finetune.method``):
 - ``ft``: plain contrastive fine-tuning;
 - ``m2mix``, ``vmix``, ``lmix``, ``vlmix``, ``m3mix``: the contrastive loss plus the geodesic
   multi-modal mixup terms (``topoclip.losses.mixup``), on the model's own topology;
+- ``lp-ft``: a linear probe first (the image projection on frozen features, from the
+  zero-shot classifier), then ``ft`` (Kumar et al., 2022);
 - ``wise-ft``: ``ft``, then the weights interpolated between the zero-shot and the
   fine-tuned model with ``finetune.wise_alpha`` (``topoclip.models.wise_ft``);
+- a base with mixups joined by ``+``: ``wise-ft+m2mix``, ``lp-ft+m2mix``, ``ft+vmix+lmix``
+  (the paper's "WiSE-FT w/ m²-Mix"); ``finetune.mix_path=linear`` mixes along straight lines;
 - ``embedding-shift``: no training; the modality gap measured on the fine-tuning pairs is
   closed at inference (``topoclip.eval.shift``).
 
@@ -37,7 +41,7 @@ from safetensors.torch import save_model
 from torch import nn
 
 from topoclip.atomic import atomic_write, atomic_write_json
-from topoclip.config import MIXUP_TERMS, FinetuneConfig, load_finetune_config
+from topoclip.config import FinetuneConfig, load_finetune_config, split_method
 from topoclip.data import make_collate, make_shapes
 from topoclip.data.shapes import ShapesConfig
 from topoclip.data.sources import open_training_source
@@ -52,9 +56,10 @@ from topoclip.runs import PLOTS_DIR, RECORDS_FILE, RESULTS_FILE, LoadedRun, load
 from .common import build_loss, finished_results, make_trainer, periodic_evaluator, start_run
 from .evaluate import eval_entries, evaluate_entries, shapes_eval_sets, suite_entries, write_records
 
-__all__ = ["WISE_DIR", "run_finetune", "format_finetune_table", "load_finetune_config"]
+__all__ = ["WISE_DIR", "LP_DIR", "run_finetune", "lp_ft_configs", "format_finetune_table", "model_label", "load_finetune_config"]
 
 WISE_DIR = "wise_ft"
+LP_DIR = "linear_probe"  # LP-FT's first stage: its own checkpoints and log
 
 
 # ------------------------------------------------------------------------------ fine-tuning
@@ -102,6 +107,58 @@ def _save_weights_atomic(model: nn.Module, path: Path) -> None:
     atomic_write(path, lambda tmp: save_model(model, str(tmp)))
 
 
+def _loss(config: FinetuneConfig, model) -> nn.Module:
+    """The contrastive loss, with the method's mixup terms on the model's topology."""
+    loss_fn: nn.Module = build_loss(config, model.topology)
+    if config.finetune.mixup_terms:
+        loss_fn = M3MixLoss(model.topology, config.finetune.mixup_weights(), config.train.seed, loss_fn,
+                            path=config.finetune.mix_path)
+    return loss_fn
+
+
+def lp_ft_configs(config: FinetuneConfig, total_steps: int) -> tuple[FinetuneConfig, FinetuneConfig]:
+    """LP-FT's two stages out of one run of ``total_steps``: the probe's first ``lp_ratio`` of
+    the steps at ``lp_lr`` (null: 10x the lr, as a linear probe takes a larger step), with plain
+    contrastive loss; then full fine-tuning for the rest, with the method's mixups."""
+    fc = config.finetune
+    lp_steps = max(1, round(fc.lp_ratio * total_steps))
+    if lp_steps >= total_steps:
+        raise ValueError(f"finetune.lp_ratio: {fc.lp_ratio} of {total_steps} steps leaves none for fine-tuning")
+
+    def stage(steps: int, **optim) -> FinetuneConfig:
+        train = dataclasses.replace(config.train, steps=steps, epochs=None)
+        warmup = config.optim.warmup_steps
+        optim.setdefault("warmup_steps", None if warmup is None else min(warmup, steps))
+        return dataclasses.replace(config, train=train, optim=dataclasses.replace(config.optim, **optim))
+
+    lp = stage(lp_steps, lr=fc.lp_lr if fc.lp_lr is not None else 10 * config.optim.lr)
+    lp = dataclasses.replace(lp, finetune=dataclasses.replace(fc, method="ft"))
+    return lp, stage(total_steps - lp_steps)
+
+
+def _linear_probe_stage(model, train_set, collate, config: FinetuneConfig, stage_dir: Path, device, info: DistInfo,
+                        resume: bool, say) -> dict[str, Any]:
+    """LP-FT's first stage: only the image projection (and the logit scale) train, on frozen
+    image features -- a linear probe whose starting classifier is the zero-shot one (the class
+    prompts' text embeddings, which the frozen text tower keeps). Its checkpoints live in
+    ``stage_dir``; a finished stage is not trained again on resume."""
+    trainable = {id(p) for p in [*model.image_head_parameters(), *model.logit_scale.parameters()]}
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, was in flags:
+        p.requires_grad_(was and id(p) in trainable)
+    try:
+        trainer = make_trainer(ContrastiveTask(model, _loss(config, model)), train_set, collate, config, stage_dir,
+                               device, info)
+        if resume and trainer.resume():
+            say(f"linear probe: resuming {stage_dir} at step {trainer.step}/{trainer.total_steps}")
+        say(f"linear probe: {trainer.total_steps} steps on the image projection "
+            f"({sum(p.numel() for p in trainer.params) / 1e3:.1f}k parameters), then full fine-tuning")
+        return trainer.fit().summary()
+    finally:
+        for p, was in flags:
+            p.requires_grad_(was)
+
+
 def run_finetune(config: FinetuneConfig, run_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """Run one fine-tuning method (see the module docstring); writes and returns results.json.
 
@@ -144,12 +201,17 @@ def _run_finetune(config: FinetuneConfig, run_dir: str | os.PathLike | None, inf
         results["gap_norm"] = float(gap.norm())
     else:
         zero_shot_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        loss_fn: nn.Module = build_loss(config, model.topology)
-        if method in MIXUP_TERMS:
-            loss_fn = M3MixLoss(model.topology, config.finetune.mixup_weights(), config.train.seed, loss_fn)
+        base = config.finetune.base
         # eval.every: the target distribution's entries during fine-tuning (rank 0).
         evaluator = periodic_evaluator(model, loaded.tokenizer, target, None, collate, config, device)
-        trainer = make_trainer(ContrastiveTask(model, loss_fn), train_set, collate, config, run_dir, device, info, evaluator)
+        trainer = make_trainer(ContrastiveTask(model, _loss(config, model)), train_set, collate, config, run_dir, device, info,
+                               evaluator)
+        if base == "lp-ft":
+            lp_config, ft_config = lp_ft_configs(config, trainer.total_steps)
+            results["train_lp"] = _linear_probe_stage(model, train_set, collate, lp_config, run_dir / LP_DIR, device, info,
+                                                      resume, say)
+            trainer = make_trainer(ContrastiveTask(model, _loss(ft_config, model)), train_set, collate, ft_config, run_dir,
+                                   device, info, evaluator)
         if resume and trainer.resume():
             finished = finished_results(trainer, run_dir, say)
             if finished is not None:
@@ -161,7 +223,7 @@ def _run_finetune(config: FinetuneConfig, run_dir: str | os.PathLike | None, inf
         records: list = []
         results["models"]["finetuned"] = _evaluate_both(model, loaded, distributions, config, device, plots / "finetuned", records)
         write_records(run_dir / RECORDS_FILE, records, model, str(run_dir))
-        if method == "wise-ft":
+        if base == "wise-ft":
             wise = copy.deepcopy(model)
             wise.load_state_dict(interpolate_weights(zero_shot_state, model.state_dict(), config.finetune.wise_alpha))
             _save_weights_atomic(wise, run_dir / WISE_DIR / "model.safetensors")
@@ -176,8 +238,24 @@ def _run_finetune(config: FinetuneConfig, run_dir: str | os.PathLike | None, inf
 
 # --------------------------------------------------------------------------------- the table
 
-_MODEL_LABELS = {"zero_shot": "zero-shot", "finetuned": None, "wise_ft": "WiSE-FT", "embedding_shift": "embedding shift"}
-_METHOD_LABELS = {"ft": "FT", "m2mix": "m²-Mix", "vmix": "V-Mix", "lmix": "L-Mix", "vlmix": "VL-Mix", "m3mix": "m³-Mix", "wise-ft": "FT"}
+_LABELS = {"ft": "FT", "lp-ft": "LP-FT", "wise-ft": "WiSE-FT", "embedding-shift": "embedding shift", "m2mix": "m²-Mix",
+           "vmix": "V-Mix", "lmix": "L-Mix", "vlmix": "VL-Mix", "m3mix": "m³-Mix"}
+
+
+def model_label(method: str, model: str = "finetuned") -> str:
+    """The paper's name of one model of a method's run: "m²-Mix", "LP-FT w/ m²-Mix", "WiSE-FT
+    w/ m²-Mix" (the interpolated model of wise-ft+m2mix; its fine-tuned one is "m²-Mix")."""
+    if model == "zero_shot":
+        return "zero-shot"
+    if model == "embedding_shift":
+        return "embedding shift"
+    base, mixups = split_method(method)
+    if base == "wise-ft" and model != "wise_ft":
+        base = "ft"
+    mixed = " + ".join(_LABELS[m] for m in mixups)
+    if base == "ft" and mixups:
+        return mixed
+    return f"{_LABELS[base]} w/ {mixed}" if mixups else _LABELS[base]
 
 
 def _cells(evaluation: dict) -> list[float]:
@@ -212,7 +290,7 @@ def format_finetune_table(results_by_method: dict[str, dict]) -> str:
                 if seen_zero_shot:
                     continue
                 seen_zero_shot = True
-            label = _MODEL_LABELS.get(key) or _METHOD_LABELS.get(method, method)
+            label = model_label(method, key)
             cells = _cells(evaluation.get("target", {})) + _cells(evaluation.get("reference", {}))
             formats = ["{:.1f}", "{:.1f}", "{:.1f}", "{:.2f}", "{:.3f}", "{:.3f}", "{:.3f}"] * 2
             lines.append(f"| {label} | " + " | ".join(f.format(c) for f, c in zip(formats, cells)) + " |")
