@@ -1,6 +1,8 @@
 """LP-FT, methods that compose (a base with mixups: wise-ft+m2mix, lp-ft+m2mix), and mixup
 along the straight line versus the geodesic."""
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -138,6 +140,12 @@ def test_wise_ft_composes_with_m2mix(topoclip_run, tmp_path):  # noqa: F811
     ]))
     run_dir = tmp_path / "finetune-wise-ft+m2mix"
     assert set(results["models"]) == {"finetuned", "wise_ft"}
+    # the embedding arithmetic is part of the fine-tuning evaluation, on both distributions
+    for dist in ("target", "reference"):
+        simat = results["models"]["wise_ft"][dist]["arithmetic"]
+        assert simat["lambda"] == 1.0 and simat["queries"] > 0 and 0.0 <= simat["r1"] <= 1.0
+    rows = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
+    assert any(r["task"] == "embedding_arithmetic" and "simat_r1" in r["metrics"] for r in rows)
     assert (run_dir / "wise_ft" / "model.safetensors").is_file()
     assert all("loss_m2" in row for row in read_jsonl(run_dir / "log.jsonl"))
     assert [p.name for p in list_checkpoints(run_dir)] == ["step_00000004"]

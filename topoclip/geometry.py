@@ -302,6 +302,50 @@ class Topology:
         t = _broadcast_t(t, a, 1)
         return self._interpolate(a, b, t).reshape(out_shape)
 
+    # ---------------------------------------------------------- tangent spaces
+    # Moves on the manifold (embedding arithmetic: "this image, but blue instead of red").
+    # Every point argument is [b, d] (or broadcastable rows); computed in fp32 at least.
+    def log_map(self, x: Tensor, y: Tensor) -> Tensor:
+        """The tangent vector at x pointing to y, of length the geodesic distance."""
+        x, y = self._rows(x, y)
+        return self._log(x, y)
+
+    def exp_map(self, x: Tensor, v: Tensor) -> Tensor:
+        """The point reached from x along the tangent vector v (exp_x(log_x(y)) = y)."""
+        x, v = self._rows(x, v)
+        return self._exp(x, v)
+
+    def transport(self, a: Tensor, b: Tensor, v: Tensor) -> Tensor:
+        """Parallel transport of the tangent vector v at a to b, along the geodesic a -> b."""
+        a, b, v = self._rows(a, b, v)
+        return self._transport(a, b, v)
+
+    def translate(self, x: Tensor, a: Tensor, b: Tensor, lam: float | Tensor = 1.0) -> Tensor:
+        """x moved by lam times the displacement from a to b: exp_x(lam P_{a->x} log_a(b)).
+
+        In Euclidean space this is x + lam (b - a); on the sphere and per block on Ob(n, m)
+        the move stays on the manifold. With x = a it is the geodesic point interpolate(a, b, lam).
+        """
+        x, a, b = self._rows(x, a, b)
+        lam = _broadcast_t(lam, x, 1)
+        return self._exp(x, lam * self._transport(a, x, self._log(a, b)))
+
+    def _rows(self, *tensors: Tensor) -> list[Tensor]:
+        flat = [_compute_dtype(self._flat(t, f"arg{i}")) for i, t in enumerate(tensors)]
+        dtype = flat[0].dtype
+        for t in flat[1:]:
+            dtype = torch.promote_types(dtype, t.dtype)
+        return [t.to(dtype) for t in flat]
+
+    def _log(self, x: Tensor, y: Tensor) -> Tensor:
+        return y - x  # flat space; curved topologies override
+
+    def _exp(self, x: Tensor, v: Tensor) -> Tensor:
+        return x + v
+
+    def _transport(self, a: Tensor, b: Tensor, v: Tensor) -> Tensor:
+        return v
+
     @property
     def similarity_range(self) -> tuple[float, float]:
         raise NotImplementedError
@@ -424,6 +468,35 @@ class Oblique(Topology):
         # each unit block with the same t.
         t = t.unsqueeze(-1) if t.ndim else t
         return _slerp_last_axis(self.blocks(a), self.blocks(b), t).reshape(a.shape)
+
+    # Per block on the unit sphere S^(n-1) (a product manifold's maps are the factors' maps).
+    def _log(self, x: Tensor, y: Tensor) -> Tensor:
+        xb, yb = self.blocks(x), self.blocks(y)
+        cos = (xb * yb).sum(-1, keepdim=True)
+        tangent = yb - cos * xb
+        sin = torch.linalg.vector_norm(tangent, dim=-1, keepdim=True)
+        theta = torch.atan2(sin, cos)
+        # theta / sin theta -> 1 as theta -> 0; at the antipode the direction is undefined and
+        # the tangent (0) is kept: a finite, deterministic choice.
+        ratio = torch.where(sin > 1e-7, theta / sin.clamp_min(1e-7), torch.ones_like(sin))
+        return (ratio * tangent).reshape(x.shape)
+
+    def _exp(self, x: Tensor, v: Tensor) -> Tensor:
+        xb, vb = self.blocks(x), self.blocks(v)
+        # A tangent vector has no component along x; removing any keeps rounding off the path.
+        vb = vb - (xb * vb).sum(-1, keepdim=True) * xb
+        norm = torch.linalg.vector_norm(vb, dim=-1, keepdim=True)
+        # sin(|v|)/|v| = sinc(|v|/pi): smooth through |v| = 0, where exp_x(v) = x.
+        out = torch.cos(norm) * xb + torch.sinc(norm / math.pi) * vb
+        return self.project(out.reshape(x.shape))
+
+    def _transport(self, a: Tensor, b: Tensor, v: Tensor) -> Tensor:
+        ab, bb, vb = self.blocks(a), self.blocks(b), self.blocks(v)
+        # P(v) = v - <b, v> / (1 + <a, b>) (a + b): the rotation of the great circle a -> b.
+        # At b = -a there is no unique geodesic; the clamp keeps the result finite there.
+        denom = (1.0 + (ab * bb).sum(-1, keepdim=True)).clamp_min(1e-6)
+        out = vb - (bb * vb).sum(-1, keepdim=True) / denom * (ab + bb)
+        return out.reshape(v.shape)
 
     @property
     def label(self) -> str:

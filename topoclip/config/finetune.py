@@ -99,6 +99,7 @@ class FinetuneMethodConfig:
     wise_alpha: float = 0.5  # weight of the fine-tuned model in WiSE-FT (0: zero-shot, 1: fine-tuned)
     lp_ratio: float = 0.5
     lp_lr: Optional[float] = None
+    simat_lambda: Optional[float] = 1.0  # embedding arithmetic on the shapes: the move's lam (null: off)
     shift: float = 1.0  # c of the embedding shift: points move by c * gap / 2
     gap_pairs: int = 4096  # fine-tuning pairs the modality gap is measured on
     eval_zero_shot: bool = True  # also evaluate the source model before fine-tuning
@@ -116,6 +117,8 @@ class FinetuneMethodConfig:
             raise ValueError(f"finetune.lp_ratio: must lie in (0, 1), got {self.lp_ratio}")
         if self.lp_lr is not None and not self.lp_lr > 0:
             raise ValueError(f"finetune.lp_lr: must be > 0, got {self.lp_lr}")
+        if self.simat_lambda is not None and not self.simat_lambda > 0:
+            raise ValueError(f"finetune.simat_lambda: must be > 0 (null: no embedding arithmetic), got {self.simat_lambda}")
         if self.gap_pairs < 1:
             raise ValueError(f"finetune.gap_pairs: must be >= 1, got {self.gap_pairs}")
 

@@ -400,6 +400,12 @@ def _object_phrase(o: dict[str, str]) -> str:
     return f"{o['size']} {o['colour']} {o['shape']} {POSITION_PHRASES[o['position']]}"
 
 
+def describe(objects: list[dict[str, str]], template: str = "a photo of a {o}") -> str:
+    """A caption of one object's attributes in the generator's phrasing (``{o}`` the full
+    phrase, ``{c}`` colour, ``{s}`` shape, ``{z}`` size, ``{p}`` position)."""
+    return _fill(template, objects)
+
+
 def _fill(template: str, objs: list[dict[str, str]]) -> str:
     if len(objs) == 1:
         o = objs[0]

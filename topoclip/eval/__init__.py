@@ -1,4 +1,5 @@
 """Evaluation: zero-shot classification, retrieval, linear probes and analyses, for any topology."""
+from topoclip.eval.arithmetic import arithmetic_metrics, arithmetic_options, arithmetic_set
 from topoclip.eval.attribution import Attribution, explain_pair, gradcam, save_overlay_png, save_text_relevance_png
 from topoclip.eval.convergence import temperature_convergence_step
 from topoclip.eval.embed import embed_images, embed_labelled_images, embed_texts, eval_mode
@@ -21,6 +22,9 @@ from topoclip.eval.zeroshot import (
 
 __all__ = [
     "TASKS",
+    "arithmetic_metrics",
+    "arithmetic_options",
+    "arithmetic_set",
     "Attribution",
     "EmbeddedSet",
     "EvalEntry",

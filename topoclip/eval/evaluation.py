@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from .arithmetic import arithmetic_metrics
 from .embedded import EmbeddedSet, embed_dataset
 from .linear_probe import linear_probe_metrics
 from .map_at_r import map_at_r_metrics
@@ -40,6 +41,8 @@ TASKS: dict[str, tuple[str, Callable[..., dict]]] = {
     "robustness": ("retrieval", _robustness),
     # Needs the entry's train_dataset too; run_evaluation embeds both with their features.
     "linear_probe": ("classification", linear_probe_metrics),
+    # On an ArithmeticSet; its queries come in the entry's options (arithmetic_options).
+    "arithmetic": ("retrieval", arithmetic_metrics),
 }
 
 

@@ -33,6 +33,7 @@ BENCHMARK_TASKS = {
     "map_at_r": "zeroshot_retrieval",
     "robustness": "zeroshot_retrieval",
     "linear_probe": "linear_probe",
+    "arithmetic": "embedding_arithmetic",  # topoclip's own: CLIP_benchmark has no such task
 }
 
 
@@ -70,6 +71,8 @@ def benchmark_metrics(task: str, metrics: dict[str, Any]) -> dict[str, Any]:
         return out
     if task == "linear_probe":
         return {"lp_acc1": metrics["top1"], "lp_l2": metrics["l2"], "lp_n_train": metrics["n_train"]}
+    if task == "arithmetic":
+        return {f"simat_{k}": v for k, v in metrics.items()}
     raise ValueError(f"no CLIP_benchmark form for task {task!r}")
 
 

@@ -48,7 +48,7 @@ from topoclip.data.sources import open_training_source
 from topoclip.engine.distributed import DistInfo, process_group
 from topoclip.engine.task import ContrastiveTask
 from topoclip.engine.trainer import seed_everything
-from topoclip.eval import EmbeddingShiftModel, EvalEntry, estimate_modality_gap
+from topoclip.eval import EmbeddingShiftModel, EvalEntry, arithmetic_options, arithmetic_set, estimate_modality_gap
 from topoclip.losses.mixup import M3MixLoss
 from topoclip.models import interpolate_weights
 from topoclip.runs import PLOTS_DIR, RECORDS_FILE, RESULTS_FILE, LoadedRun, load_source
@@ -69,7 +69,14 @@ def _rendered_for(shapes: ShapesConfig, loaded: LoadedRun, **extra) -> ShapesCon
 
 
 def _shapes_entries(data, config: FinetuneConfig) -> list[EvalEntry]:
-    return eval_entries(*shapes_eval_sets(data, config.eval), config.eval.robustness)
+    """The shapes test split's zero-shot tasks and retrieval, and the embedding arithmetic
+    (SIMAT-style, ``finetune.simat_lambda``) on its single-object images."""
+    entries = eval_entries(*shapes_eval_sets(data, config.eval), config.eval.robustness)
+    lam = config.finetune.simat_lambda
+    if lam is not None and config.eval.retrieval:
+        queries = arithmetic_set(data.test, name="shapes-arithmetic")
+        entries.append(EvalEntry(queries, ("arithmetic",), options={"arithmetic": arithmetic_options(queries, lam)}))
+    return entries
 
 
 def _target_data(config: FinetuneConfig, loaded: LoadedRun):
@@ -266,6 +273,7 @@ def _cells(evaluation: dict) -> list[float]:
     geometry = robust.get("geometry", {})
     ece = [calib[k] for k in sorted(calib) if k.startswith("i2t_ece_")]
     nan = float("nan")
+    arithmetic = evaluation.get("arithmetic", {})
     return [
         100 * retrieval.get("i2t_R@1", nan),
         100 * retrieval.get("t2i_R@1", nan),
@@ -274,13 +282,14 @@ def _cells(evaluation: dict) -> list[float]:
         geometry.get("uniformity", nan),
         geometry.get("alignment", nan),
         geometry.get("modality_gap", nan),
+        100 * arithmetic.get("r1", nan),
     ]
 
 
 def format_finetune_table(results_by_method: dict[str, dict]) -> str:
     """A Markdown table: one row per model (zero-shot, each method's fine-tuned model,
     WiSE-FT, embedding shift), columns for the target and the reference distribution."""
-    columns = ["I→T R@1", "T→I R@1", "zero-shot acc", "ECE I→T", "uniformity", "alignment", "gap"]
+    columns = ["I→T R@1", "T→I R@1", "zero-shot acc", "ECE I→T", "uniformity", "alignment", "gap", "SIMAT R@1"]
     header = "| model | " + " | ".join(f"target {c}" for c in columns) + " | " + " | ".join(f"reference {c}" for c in columns) + " |"
     lines = [header, "|---|" + "---:|" * (2 * len(columns))]
     seen_zero_shot = False
@@ -292,6 +301,6 @@ def format_finetune_table(results_by_method: dict[str, dict]) -> str:
                 seen_zero_shot = True
             label = model_label(method, key)
             cells = _cells(evaluation.get("target", {})) + _cells(evaluation.get("reference", {}))
-            formats = ["{:.1f}", "{:.1f}", "{:.1f}", "{:.2f}", "{:.3f}", "{:.3f}", "{:.3f}"] * 2
+            formats = ["{:.1f}", "{:.1f}", "{:.1f}", "{:.2f}", "{:.3f}", "{:.3f}", "{:.3f}", "{:.1f}"] * 2
             lines.append(f"| {label} | " + " | ".join(f.format(c) for f, c in zip(formats, cells)) + " |")
     return "\n".join(lines)
