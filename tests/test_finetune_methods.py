@@ -149,3 +149,38 @@ def test_wise_ft_composes_with_m2mix(topoclip_run, tmp_path):  # noqa: F811
     assert (run_dir / "wise_ft" / "model.safetensors").is_file()
     assert all("loss_m2" in row for row in read_jsonl(run_dir / "log.jsonl"))
     assert [p.name for p in list_checkpoints(run_dir)] == ["step_00000004"]
+
+
+# ----------------------------------------------------------------------- few-shot adaptation
+
+def test_few_shot_adaptation_on_k_shots_of_a_folder_scored_on_the_test_split_and_its_shifts(tmp_path):
+    pytest.importorskip("sklearn")
+    from tests.helpers import QUIET_RUN, TINY_TOWERS
+    from topoclip.config import load_config
+    from topoclip.data.digits import SHIFTS, write_digits
+    from topoclip.recipes import pretrain
+    from topoclip.recipes.finetune import format_finetune_table
+
+    digits = tmp_path / "digits"
+    write_digits(digits)
+    assert sorted(p.name for p in (digits / "shifted").iterdir()) == sorted(SHIFTS)
+    # the shifted copies are the test split's images, changed
+    test_files = sorted(p.name for p in (digits / "test").rglob("*.png"))
+    assert sorted(p.name for p in (digits / "shifted" / "inverted").rglob("*.png")) == test_files
+    pretrain.run(load_config(None, [*TINY_TOWERS, *QUIET_RUN, "data.source=csv", f"data.csv.path={digits / 'train.tsv'}",
+                                    "train.steps=2", "train.batch_size=16", "eval.enabled=false", f"output.dir={tmp_path}",
+                                    "output.name=pre"]))
+    results = run_finetune(load_finetune_config(None, [
+        f"source.path={tmp_path / 'pre'}", "finetune.method=m2mix", "data.source=folder",
+        f"data.folder.root={digits / 'train'}", "data.folder.shots_per_class=2", f"data.folder.classnames={digits / 'classnames.txt'}",
+        f"data.folder.templates={digits / 'templates.json'}", f"eval.suite_file={digits / 'shifted-suite.yaml'}",
+        "train.steps=3", "train.batch_size=10", "optim.lr=1e-3", "finetune.simat_lambda=null", *QUIET_RUN,
+        f"output.dir={tmp_path}", "output.name=fewshot", "eval.robustness=false",
+    ]))
+    log = read_jsonl(tmp_path / "fewshot" / "log.jsonl")
+    assert [r["epoch"] for r in log] == [0, 0, 1]  # 2 shots x 10 classes = 20 pairs: 2 batches of 10 an epoch
+    for model in ("zero_shot", "finetuned"):
+        zeroshot = results["models"][model]["target"]["zeroshot"]
+        assert set(zeroshot) == {"digits", *(f"digits-{s}" for s in SHIFTS)}
+        assert all(0.0 <= m["top1"] <= 1.0 for m in zeroshot.values())
+    assert "Target datasets" in format_finetune_table({"m2mix": results}) and "digits-inverted top1" in format_finetune_table({"m2mix": results})

@@ -303,4 +303,50 @@ def format_finetune_table(results_by_method: dict[str, dict]) -> str:
             cells = _cells(evaluation.get("target", {})) + _cells(evaluation.get("reference", {}))
             formats = ["{:.1f}", "{:.1f}", "{:.1f}", "{:.2f}", "{:.3f}", "{:.3f}", "{:.3f}", "{:.1f}"] * 2
             lines.append(f"| {label} | " + " | ".join(f.format(c) for f, c in zip(formats, cells)) + " |")
+    datasets = _dataset_table(results_by_method)
+    return "\n".join(lines) + (f"\n\nTarget datasets (%):\n\n{datasets}" if datasets else "")
+
+
+# A suite's headline metric per task, as the per-dataset table shows it.
+_HEADLINES = {"zeroshot": ("top1",), "retrieval": ("i2t_R@1", "t2i_R@1"), "linear_probe": ("top1",), "arithmetic": ("r1",)}
+
+
+def dataset_headlines(evaluation: dict) -> dict[str, float]:
+    """``{"<dataset> <metric>": value}`` of an ``eval`` section whose tasks ran on several
+    datasets (suites: keyed by dataset); empty when each task ran on one."""
+    out: dict[str, float] = {}
+    for task, metrics in _HEADLINES.items():
+        section = evaluation.get(task) or {}
+        if not section:
+            continue
+        if any(m in section for m in metrics):  # one dataset: the main table has all but the probe
+            if task == "linear_probe":
+                out["linear probe top1"] = section["top1"]
+            continue
+        for dataset, values in section.items():
+            for metric in metrics:
+                if isinstance(values, dict) and metric in values:
+                    out[f"{dataset} {metric}"] = values[metric]
+    return out
+
+
+def _dataset_table(results_by_method: dict[str, dict]) -> str:
+    """Models x (dataset, headline metric) of the target, when it is several datasets (suites:
+    a few-shot set's test folder and its shifted folders, say)."""
+    rows, seen_zero_shot = [], False
+    for method, results in results_by_method.items():
+        for key, evaluation in results.get("models", {}).items():
+            if key == "zero_shot":
+                if seen_zero_shot:
+                    continue
+                seen_zero_shot = True
+            cells = dataset_headlines(evaluation.get("target", {}))
+            if cells:
+                rows.append((model_label(method, key), cells))
+    if not rows:
+        return ""
+    columns = list(dict.fromkeys(c for _, cells in rows for c in cells))
+    lines = ["| model | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    for label, cells in rows:
+        lines.append(f"| {label} | " + " | ".join(f"{100 * cells[c]:.1f}" if c in cells else "–" for c in columns) + " |")
     return "\n".join(lines)
