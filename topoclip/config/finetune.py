@@ -55,8 +55,28 @@ class SourceConfig:
     model_name: Optional[str] = None
     topology: Optional[str] = None
     m: Optional[int] = None
+    # Or two towers pretrained apart (instead of path): a timm image model (name + weights
+    # file, or a timm directory) and a Hugging Face text model directory, joined by new
+    # projection heads to an embed_dim-dimensional embedding.
+    image_tower: Optional[str] = None
+    image_weights: Optional[str] = None
+    text_tower: Optional[str] = None
+    embed_dim: int = 256
+
+    @property
+    def separate_towers(self) -> bool:
+        return any(v is not None for v in (self.image_tower, self.image_weights, self.text_tower))
 
     def __post_init__(self):
+        if self.separate_towers:
+            if self.path is not None or self.model_name is not None:
+                raise ValueError("source.path: give either a pretrained model (path) or two towers "
+                                 "(image_tower/image_weights and text_tower), not both")
+            if self.image_weights is None or self.text_tower is None:
+                missing = "source.image_weights" if self.image_weights is None else "source.text_tower"
+                raise ValueError(f"{missing}: separately pretrained towers need both an image tower's weights and a text tower")
+        if isinstance(self.embed_dim, bool) or not isinstance(self.embed_dim, int) or self.embed_dim < 2:
+            raise ValueError(f"source.embed_dim: must be an integer >= 2, got {self.embed_dim!r}")
         if self.topology is not None and self.topology not in available_topologies():
             known = ", ".join(available_topologies())
             raise ValueError(f"source.topology: unknown topology {self.topology!r} (known: {known})")

@@ -120,6 +120,8 @@ def is_run(path: str | os.PathLike) -> bool:
 
 def load_source(source: SourceConfig, device) -> LoadedRun:
     """The model a fine-tuning run starts from: a topoclip run, or an OpenCLIP / HF model."""
+    if source.separate_towers:
+        return _load_separate_towers(source, device)
     if source.path is None:
         raise ValueError(
             "source.path: give the pretrained model (--from PATH): a topoclip run, an OpenCLIP weights file or "
@@ -146,6 +148,20 @@ def load_source(source: SourceConfig, device) -> LoadedRun:
         raise ValueError(f"source.path: the model's image size {size} is outside the shapes generator's 16..512")
     reference = ShapesConfig(image_size=size, mean=mean, std=std)
     return LoadedRun(model.to(device), tokenizer, size, mean, std, reference, str(path))
+
+
+def _load_separate_towers(source: SourceConfig, device) -> LoadedRun:
+    from topoclip.models.separate_towers import load_separate_towers
+
+    dim = source.embed_dim
+    model, tokenizer, transform = load_separate_towers(source.image_tower, source.image_weights, source.text_tower, dim,
+                                                       device=device)
+    topo = _source_topology(source, dim)
+    if topo is not None:
+        model.topology = topo
+    size, mean, std = int(transform.image_size), tuple(transform.mean), tuple(transform.std)
+    description = f"timm {source.image_tower or source.image_weights} + {source.text_tower}"
+    return LoadedRun(model.to(device), tokenizer, size, mean, std, ShapesConfig(image_size=size, mean=mean, std=std), description)
 
 
 def _input_settings(model: nn.Module, transform) -> tuple[int, tuple, tuple]:
