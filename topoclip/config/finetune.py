@@ -120,6 +120,9 @@ class FinetuneMethodConfig:
     lp_ratio: float = 0.5
     lp_lr: Optional[float] = None
     simat_lambda: Optional[float] = 1.0  # embedding arithmetic on the shapes: the move's lam (null: off)
+    # The paper's high-temperature variants ("FT (τ)", "m³-Mix (τ)"): fine-tune with the logit
+    # scale fixed at 1/temperature instead of the model's own learned one (null).
+    temperature: Optional[float] = None
     shift: float = 1.0  # c of the embedding shift: points move by c * gap / 2
     gap_pairs: int = 4096  # fine-tuning pairs the modality gap is measured on
     eval_zero_shot: bool = True  # also evaluate the source model before fine-tuning
@@ -137,6 +140,9 @@ class FinetuneMethodConfig:
             raise ValueError(f"finetune.lp_ratio: must lie in (0, 1), got {self.lp_ratio}")
         if self.lp_lr is not None and not self.lp_lr > 0:
             raise ValueError(f"finetune.lp_lr: must be > 0, got {self.lp_lr}")
+        if self.temperature is not None and not 0.01 <= self.temperature <= 10.0:
+            raise ValueError(f"finetune.temperature: must lie in [0.01, 10] (a logit scale of 1/temperature <= 100), "
+                             f"got {self.temperature}")
         if self.simat_lambda is not None and not self.simat_lambda > 0:
             raise ValueError(f"finetune.simat_lambda: must be > 0 (null: no embedding arithmetic), got {self.simat_lambda}")
         if self.gap_pairs < 1:

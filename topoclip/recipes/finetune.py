@@ -32,11 +32,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import save_model
 from torch import nn
 
@@ -112,6 +114,17 @@ def _evaluate_both(model, loaded: LoadedRun, distributions: dict[str, list[EvalE
 
 def _save_weights_atomic(model: nn.Module, path: Path) -> None:
     atomic_write(path, lambda tmp: save_model(model, str(tmp)))
+
+
+def _fix_temperature(model, temperature: float) -> None:
+    """The high-temperature variant: the logit scale held at 1/temperature while fine-tuning
+    (the same parameter, set and frozen: the checkpoint keeps its layout)."""
+    scale = model.logit_scale
+    if scale.max is not None and 1.0 / temperature > scale.max + 1e-9:
+        raise ValueError(f"finetune.temperature: 1/{temperature} exceeds the model's maximum logit scale {scale.max}")
+    with torch.no_grad():
+        scale.log_scale.fill_(math.log(1.0 / temperature))
+    scale.log_scale.requires_grad_(False)
 
 
 def _loss(config: FinetuneConfig, model) -> nn.Module:
@@ -208,6 +221,8 @@ def _run_finetune(config: FinetuneConfig, run_dir: str | os.PathLike | None, inf
         results["gap_norm"] = float(gap.norm())
     else:
         zero_shot_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if config.finetune.temperature is not None:
+            _fix_temperature(model, config.finetune.temperature)
         base = config.finetune.base
         # eval.every: the target distribution's entries during fine-tuning (rank 0).
         evaluator = periodic_evaluator(model, loaded.tokenizer, target, None, collate, config, device)
