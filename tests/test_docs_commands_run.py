@@ -22,7 +22,7 @@ from topoclip.cli import main
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 # Weights files and directories that only a user has.
-USER_WEIGHTS = ("ViT-B-32.safetensors", "ViT-B-32.pt", "./clip-vit-base-patch32")
+USER_WEIGHTS = ("ViT-B-32.safetensors", "ViT-B-32.pt", "./clip-vit-base-patch32", "source.image_weights=vit_small.safetensors")
 
 TINY_DATA = ["data.shapes.num_train=64", "data.shapes.num_val=16", "data.shapes.num_test=16"]
 TINY_TRAIN = [*TINY_TOWERS, *QUIET_RUN, *TINY_DATA, "train.steps=2", "train.batch_size=8", "eval.batch_size=32",

@@ -358,20 +358,23 @@ def _finetune_worker(rank, world, init_file, overrides):
         dist.destroy_process_group()
 
 
-def test_two_process_finetune_equals_one_process(topoclip_run, tmp_path):
+@pytest.mark.parametrize("method", ["ft", "lp-ft"])  # lp-ft: two trainers (two DDP wrappers) in turn
+def test_two_process_finetune_equals_one_process(topoclip_run, tmp_path, method):
     import torch.multiprocessing as mp
 
-    common = TINY_DATA + [f"source.path={topoclip_run}", "optim.lr=1e-4", "eval.enabled=false", "train.device=cpu"]
+    common = TINY_DATA + [f"source.path={topoclip_run}", "optim.lr=1e-4", "eval.enabled=false", "train.device=cpu",
+                          f"finetune.method={method}"]
     mp.spawn(_finetune_worker, args=(2, str(tmp_path / "init"), common + [f"output.dir={tmp_path / 'two'}"]), nprocs=2)
     run_finetune(load_finetune_config(None, common + [f"output.dir={tmp_path / 'one'}"]))
-    two = load_file(str(latest_checkpoint(tmp_path / "two" / "finetune-ft") / "model.safetensors"))
-    one = load_file(str(latest_checkpoint(tmp_path / "one" / "finetune-ft") / "model.safetensors"))
+    two = load_file(str(latest_checkpoint(tmp_path / "two" / f"finetune-{method}") / "model.safetensors"))
+    one = load_file(str(latest_checkpoint(tmp_path / "one" / f"finetune-{method}") / "model.safetensors"))
     source = load_run(topoclip_run).model.state_dict()
     assert any(not torch.equal(one[k], source[k]) for k in one)
     for key in one:
         torch.testing.assert_close(two[key], one[key], atol=1e-5, rtol=0, msg=key)
-    assert json.loads((tmp_path / "two" / "finetune-ft" / "results.json").read_text())["train"]["steps"] == 4
-    assert len((tmp_path / "two" / "finetune-ft" / "log.jsonl").read_text().splitlines()) == 4  # rank 0 logs alone
+    steps = 4 if method == "ft" else 2  # lp-ft: 2 probe steps, then 2 of fine-tuning
+    assert json.loads((tmp_path / "two" / f"finetune-{method}" / "results.json").read_text())["train"]["steps"] == steps
+    assert len((tmp_path / "two" / f"finetune-{method}" / "log.jsonl").read_text().splitlines()) == steps  # rank 0 logs alone
 
 
 def test_a_partial_config_file_keeps_the_finetuning_defaults(tmp_path):

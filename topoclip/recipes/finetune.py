@@ -208,7 +208,9 @@ def _run_finetune(config: FinetuneConfig, run_dir: str | os.PathLike | None, inf
     processes = f", {info.world_size} processes" if info.distributed else ""
     say(f"finetune {run_dir}: {method} from {loaded.description} on {model.topology.name}, device {device}{processes}")
 
-    results: dict[str, Any] = {"run_dir": str(run_dir), "method": method, "source": loaded.description, "models": {}}
+    results: dict[str, Any] = {"run_dir": str(run_dir), "method": method, "source": loaded.description, "models": {},
+                               # the target is your suites: the summary adds a table per dataset
+                               "target_suites": bool(config.eval.suites) or config.eval.suite_file is not None}
     if method == "embedding-shift" and not info.is_main:
         return results  # nothing to train: rank 0 measures and evaluates alone
     if config.finetune.eval_zero_shot and info.is_main:
@@ -350,6 +352,8 @@ def _dataset_table(results_by_method: dict[str, dict]) -> str:
     a few-shot set's test folder and its shifted folders, say)."""
     rows, seen_zero_shot = [], False
     for method, results in results_by_method.items():
+        if not results.get("target_suites"):
+            continue
         for key, evaluation in results.get("models", {}).items():
             if key == "zero_shot":
                 if seen_zero_shot:
