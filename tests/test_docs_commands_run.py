@@ -30,7 +30,8 @@ TINY_TRAIN = [*TINY_TOWERS, *QUIET_RUN, *TINY_DATA, "train.steps=2", "train.batc
 TINY_FINETUNE = [*TINY_DATA, "train.steps=2", "train.batch_size=8", "finetune.gap_pairs=16", "eval.robustness=false"]
 # Benchmark flags whose page values take minutes or gigabytes: their tiny stand-ins.
 TINY_FLAGS = {"--batch": ["16"], "--dim": ["32"], "--repeats": ["1"], "--limit-gib": ["4"], "--chunk": ["8"],
-              "--start": ["16"], "--max": ["32"], "--steps": ["1"], "--tile-size": ["8"]}
+              "--start": ["16"], "--max": ["32"], "--steps": ["1"], "--tile-size": ["8"], "--pretrain-steps": ["2"],
+              "--seeds": ["1"], "--temperatures": ["0.05,0.1"]}
 
 
 def tiny(argv: list[str]) -> list[str]:
@@ -38,6 +39,9 @@ def tiny(argv: list[str]) -> list[str]:
     out, i = [], 0
     while i < len(argv):
         flag = argv[i]
+        if flag == "--full":  # a size preset: the tiny sizes below replace it
+            i += 1
+            continue
         if flag in TINY_FLAGS:
             out += [flag, *TINY_FLAGS[flag]]
             i += 1
@@ -50,6 +54,11 @@ def tiny(argv: list[str]) -> list[str]:
     if command == "train":
         out += TINY_TRAIN
     elif command == "finetune":
+        out += TINY_FINETUNE
+    elif command == "finetune-demo":
+        for flag, value in (("--pretrain-steps", "2"), ("--steps", "1"), ("--seeds", "1")):
+            if flag not in out:
+                out[1:1] = [flag, value]
         out += TINY_FINETUNE
     elif command == "ablate" and "--list" not in out:
         # One run of the grid (its own warm-up is longer than 2 steps). The options go before
@@ -103,7 +112,7 @@ def test_every_documented_command_runs_at_a_tiny_size(tmp_path, monkeypatch):
         argv = tiny(argv)
         code = main(argv)
         (ran if code == 0 else failed).append(f"{page}: topoclip {shlex.join(argv)} -> {code}")
-        if argv[:2] == ["data", "digits"]:
+        if argv[:2] == ["data", "digits"] and not (tmp_path / "pairs.tsv").exists():
             _stand_ins(tmp_path)
     assert not failed, "\n".join(failed)
     assert len(ran) >= 25

@@ -182,13 +182,24 @@ def _add_finetune_demo_parser(sub) -> None:
     demo.add_argument("--steps", type=int, default=None, help="steps of each fine-tuning run (default 40; --full 300)")
     demo.add_argument("--seeds", type=int, default=None, help="fine-tuning seeds per method (default 3)")
     demo.add_argument("--lr", type=float, default=3e-4, help="fine-tuning learning rate (default 3e-4)")
-    demo.add_argument("--temperatures", type=float, nargs="*", default=None, metavar="TAU",
+    # One comma-separated value, so that key=value overrides after it stay overrides.
+    demo.add_argument("--temperatures", type=_float_list, default=None, metavar="TAU,TAU,...",
                       help="also fine-tune FT and m2-Mix at these fixed temperatures, for ECE against tau "
-                      "(default none; --full 0.01 0.03 0.07 0.1)")
+                      "(default none; --full 0.01,0.03,0.07,0.1)")
     demo.add_argument("--full", action="store_true",
                       help="the documented full demo: 900 pretraining and 300 fine-tuning steps, 20000 training "
                       "and 1000 test pairs, 3 seeds, the temperature sweep")
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="fine-tuning config overrides, e.g. finetune.mixup.m2=0.05")
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, e.g. 0.01,0.07, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return values
 
 
 def _finetune_demo(args: argparse.Namespace) -> int:
