@@ -254,7 +254,8 @@ def test_finetune_demo_over_seeds_judges_the_claims_then_reuses_finished_stages(
 
     assert json.loads((tmp_path / "table.json").read_text())["claims"] == json_safe(demo["claims"])
     stamps = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("results.json")}
-    assert len(stamps) == 1 + 2 * (7 + 2)  # pretrain + 2 seeds x (7 arms + FT and m²-Mix at one temperature)
+    assert len(stamps) == 1 + 2 * (7 + 3)  # pretrain + 2 seeds x (7 arms + FT, m²-Mix, linear m²-Mix at one τ)
+    assert any(row["claim"].endswith("at τ = 0.05") for row in demo["claims"]) and "r1" in demo["ece_sweep"]
     run_demo(tmp_path, **kwargs)
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("results.json")} == stamps
 

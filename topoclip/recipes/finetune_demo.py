@@ -5,7 +5,8 @@ judged against the seed spread.
 2. For each of ``seeds`` fine-tuning seeds, fine-tune it on a shifted distribution (light
    backgrounds) with every arm: FT (and WiSE-FT from it), m²-Mix along the geodesic and along
    the straight line, m³-Mix, LP-FT, LP-FT w/ m²-Mix, WiSE-FT w/ m²-Mix, and the embedding
-   shift. Optionally (``temperatures``) FT and m²-Mix at fixed temperatures, for ECE against τ.
+   shift. Optionally (``temperatures``) FT and m²-Mix (geodesic and linear) at fixed
+   temperatures: ECE against τ, and linear vs geodesic mixup at each τ.
 3. Evaluate every model on the fine-tuning distribution ("target") and the original one
    ("reference"); write a table of mean ± std over the seeds (Markdown + JSON) and check the
    claims of *Geodesic Multi-Modal Mixup for Robust Fine-Tuning* (Oh et al., NeurIPS 2023) one
@@ -238,11 +239,17 @@ def _claims_markdown(rows: list[dict[str, Any]]) -> str:
 
 # ------------------------------------------------------------------------- temperature sweep
 
-def _ece_sweep(per_seed_sweep: Sequence[dict[float, dict[str, dict]]], temperatures: Sequence[float]) -> tuple[str, dict]:
-    """ECE against the fixed fine-tuning temperature, FT vs m²-Mix (mean ± std over seeds)."""
-    read, _ = COLUMNS["target ECE"]
+# The sweep's arms: (directory stem, method, overrides, label).
+SWEEP_ARMS = (("ft", "ft", (), "FT"), ("m2mix", "m2mix", (), "m²-Mix"),
+              ("m2mix-linear", "m2mix", ("finetune.mix_path=linear",), "m²-Mix (linear)"))
+
+
+def _sweep_table(per_seed_sweep: Sequence[dict[float, dict[str, dict]]], temperatures: Sequence[float],
+                 column: str, labels: Sequence[str]) -> tuple[str, dict]:
+    """One column against the fixed fine-tuning temperature (mean ± std over the seeds)."""
+    read, _ = COLUMNS[column]
     out: dict[str, dict[str, tuple[float, float]]] = {}
-    for label in ("FT", "m²-Mix"):
+    for label in labels:
         out[label] = {str(t): _mean_std([read(sweep[t][label]) for sweep in per_seed_sweep if label in sweep.get(t, {})])
                       for t in temperatures}
     header = "| model | " + " | ".join(f"τ = {t:g}" for t in temperatures) + " | spread over τ |"
@@ -253,6 +260,21 @@ def _ece_sweep(per_seed_sweep: Sequence[dict[float, dict[str, dict]]], temperatu
         lines.append(f"| {label} | " + " | ".join(f"{m:.1f} ± {s:.1f}" for m, s in (cells[str(t)] for t in temperatures))
                      + f" | {spread:.1f} |")
     return "\n".join(lines), out
+
+
+def _sweep_claims(per_seed_sweep: Sequence[dict[float, dict[str, dict]]], temperatures: Sequence[float]) -> list[dict]:
+    """Geodesic vs linear m²-Mix at each temperature (the paper's linear-vs-geodesic table)."""
+    read, _ = COLUMNS["target R@1"]
+    rows = []
+    for t in temperatures:
+        pairs = [(read(s[t]["m²-Mix"]), read(s[t]["m²-Mix (linear)"])) for s in per_seed_sweep
+                 if "m²-Mix" in s.get(t, {}) and "m²-Mix (linear)" in s.get(t, {})]
+        verdict, mean, std = _verdict([a - b for a, b in pairs])
+        rows.append({"claim": f"geodesic m²-Mix beats linear m²-Mix on the target at τ = {t:g}", "a": "m²-Mix",
+                     "b": "m²-Mix (linear)", "column": "target R@1", "mean_a": _mean_std([p[0] for p in pairs])[0],
+                     "mean_b": _mean_std([p[1] for p in pairs])[0], "difference": mean, "std": std, "seeds": len(pairs),
+                     "verdict": verdict})
+    return rows
 
 
 # ------------------------------------------------------------------------------------- run
@@ -302,9 +324,9 @@ def run_demo(
         per_seed.append(_models(results, by_name))
         sweep: dict[float, dict[str, dict]] = {}
         for t in temperatures:
-            for method in ("ft", "m2mix"):
-                res = finetune(seed, f"{method}-t{t:g}", method, (f"finetune.temperature={t}",), zero_shot=False)
-                sweep.setdefault(t, {})[model_label(method)] = res["models"]["finetuned"]
+            for stem, method, extra, label in SWEEP_ARMS:
+                res = finetune(seed, f"{stem}-t{t:g}", method, (*extra, f"finetune.temperature={t}"), zero_shot=False)
+                sweep.setdefault(t, {})[label] = res["models"]["finetuned"]
         per_seed_sweep.append(sweep)
 
     table = seed_table(per_seed)
@@ -320,8 +342,13 @@ def run_demo(
     )
     sweep_json = None
     if temperatures:
-        sweep_text, sweep_json = _ece_sweep(per_seed_sweep, temperatures)
-        text += f"\nECE (%) against the fine-tuning temperature τ (logit scale fixed at 1/τ):\n\n{sweep_text}\n"
+        ece_text, ece = _sweep_table(per_seed_sweep, temperatures, "target ECE", ("FT", "m²-Mix"))
+        r1_text, r1 = _sweep_table(per_seed_sweep, temperatures, "target R@1", ("FT", "m²-Mix", "m²-Mix (linear)"))
+        sweep_claims = _sweep_claims(per_seed_sweep, temperatures)
+        claims += sweep_claims
+        sweep_json = {"ece": ece, "r1": r1}
+        text += (f"\nECE (%) against the fine-tuning temperature τ (logit scale fixed at 1/τ):\n\n{ece_text}\n"
+                 f"\nTarget R@1 (%) against τ, geodesic vs linear mixup:\n\n{r1_text}\n\n{_claims_markdown(sweep_claims)}\n")
     (out / "table.md").write_text(text)
     atomic_write_json(out / "table.json", {"table": table, "claims": claims, "ece_sweep": sweep_json,
                                            "results": per_seed_results})
