@@ -69,7 +69,7 @@ def test_tiled_equals_plain_in_loss_and_gradients(name, options):
     b = SigmoidLoss(topo, tile_threshold=0, tile_size=5)(*tiled)  # 5 tiles, the last one short
     a.backward()
     b.backward()
-    assert float(a) == pytest.approx(float(b), rel=1e-6)
+    assert a.item() == pytest.approx(b.item(), rel=1e-6)
     for x, y in zip(plain, tiled):
         torch.testing.assert_close(x.grad, y.grad, atol=1e-6, rtol=1e-5)
 

@@ -3,7 +3,7 @@
 Each rank keeps its half of every global batch, the model runs under DDP (logit scale
 included), the loss gathers features with gradients; plain steps, local loss + gradient cache
 under no_sync, a resume in which every rank loads the checkpoint, and evaluation every step on
-rank 0 all end with the 1-process parameters.
+rank 0, and the sigmoid loss with its learnable bias all end with the 1-process parameters.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from topoclip.config import config_from_dict
 from topoclip.engine import ContrastiveTask, TrainingSettings
 from topoclip.engine.distributed import DistInfo, init_distributed
 from topoclip.engine.trainer import BestRule, Trainer, seed_everything
+from topoclip.losses import SigmoidLoss
 from topoclip.models import ModelConfig, build_model
 from topoclip.runs import read_jsonl
 from topoclip.runs.checkpoint import list_checkpoints
@@ -87,15 +88,19 @@ class NaNOnLastRank:
         return loss, details
 
 
-def make_trainer(cfg, run_dir, info: DistInfo, local_loss=False, nan_at=None, **trainer_options):
+def make_trainer(cfg, run_dir, info: DistInfo, local_loss=False, nan_at=None, sigmoid=False, **trainer_options):
     seed_everything(0)
     model_cfg = ModelConfig.from_dict({
         "num_tokens": 1,
         "image": {"img_size": 16, "patch_size": 8, "depth": 1, "width": 32, "heads": 2},
         "text": {"width": 32, "depth": 1, "heads": 2, "context_length": LENGTH},
+        **({"logit_bias": -10.0, "logit_scale": {"init": 10.0}} if sigmoid else {}),
     })
     model = build_model(model_cfg, cfg.topology.build(), vocab_size=VOCAB)
-    loss_fn = topoclip.ContrastiveLoss(model.topology, local_loss=local_loss)
+    if sigmoid:  # the bias comes out of the DDP forward: its gradient is averaged too
+        loss_fn = SigmoidLoss(model.topology, tile_threshold=0, tile_size=3)
+    else:
+        loss_fn = topoclip.ContrastiveLoss(model.topology, local_loss=local_loss)
     if nan_at is not None:
         loss_fn = NaNOnLastRank(loss_fn, info, nan_at)
     return Trainer(ContrastiveTask(model, loss_fn), PairSet(), collate, TrainingSettings.of(cfg), run_dir, device="cpu", dist_info=info,
@@ -150,6 +155,10 @@ def runs(out_dir, info: DistInfo) -> dict[str, dict[str, torch.Tensor]]:
     assert evaluator.calls == (STEPS if info.rank == 0 else 0)
     got["evaluated"] = weights(evaluated)
 
+    sigmoid = make_trainer(make_config(out_dir), os.path.join(out_dir, "sigmoid"), info, sigmoid=True)
+    sigmoid.fit()
+    got["sigmoid"] = weights(sigmoid)
+
     skipping = make_trainer(make_config(out_dir), os.path.join(out_dir, "skipped"), info, nan_at=2)
     assert skipping.fit().skipped_steps == 1
     got["skipped"] = weights(skipping)
@@ -183,8 +192,9 @@ def test_two_process_trainer_equals_one_process_trainer(tmp_path):
     assert any(not torch.equal(initial[k], one["plain"][k]) for k in initial)  # the steps moved the weights
     worst = 0.0
     assert any(not torch.equal(one["skipped"][k], one["plain"][k]) for k in initial)
+    assert one["sigmoid"]["logit_bias.bias"] != -10.0  # the sigmoid run trained its bias
     for variant, reference in (("plain", "plain"), ("cached", "plain"), ("resumed", "plain"), ("evaluated", "plain"),
-                               ("skipped", "skipped")):
+                               ("skipped", "skipped"), ("sigmoid", "sigmoid")):
         for k, want in one[reference].items():
             worst = max(worst, (rank0[variant][k] - want).abs().max().item())
             torch.testing.assert_close(rank0[variant][k], want, atol=1e-5, rtol=0, msg=f"{variant}: {k}")

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LogitScale", "check_scale_bounds"]
+__all__ = ["LogitScale", "LogitBias", "check_scale_bounds"]
 
 
 def check_scale_bounds(init: float, max: float | None, prefix: str = "LogitScale.") -> None:
@@ -67,3 +67,27 @@ class LogitScale(nn.Module):
 
     def extra_repr(self) -> str:
         return f"value={self.value:.4g}, learnable={self.learnable}, max={self.max}"
+
+
+class LogitBias(nn.Module):
+    """The sigmoid loss's learnable logit offset (SigLIP starts it at -10): ``bias()``, a
+    0-dim tensor. A model carries it next to its LogitScale, so that under DDP its gradient
+    is averaged like every other parameter's."""
+
+    def __init__(self, init: float = -10.0, learnable: bool = True):
+        super().__init__()
+        if not math.isfinite(init):
+            raise ValueError(f"logit bias: init must be finite, got {init}")
+        value = torch.tensor(float(init), dtype=torch.float32)
+        if learnable:
+            self.bias = nn.Parameter(value)
+        else:
+            self.register_buffer("bias", value)
+
+    def forward(self) -> Tensor:
+        return self.bias.float()
+
+    @property
+    def value(self) -> float:
+        return float(self.bias.detach())
+

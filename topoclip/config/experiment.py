@@ -17,6 +17,7 @@ from typing import Any, Optional
 from topoclip.data.shapes import ShapesConfig
 from topoclip.dataclass_io import from_dict
 from topoclip.geometry import Topology, available_topologies, is_blockwise, topology
+from topoclip.losses.sigmoid import SIGLIP_INIT
 from topoclip.models import ModelConfig, check_tokens_fit_topology
 
 from .data import CsvDataConfig, FolderDataConfig, KarpathyDataConfig, ShardsConfig, check_source
@@ -139,6 +140,10 @@ class ExperimentConfig(RunSettings):
                 f"model.image.img_size: {image_size} differs from data.shapes.image_size={self.data.shapes.image_size}"
             )
         check_tokens_fit_topology(self.model.num_tokens, self.topology.build())
+        if self.loss.kind == "sigmoid" and self.model.logit_bias is None:
+            self.model.logit_bias = SIGLIP_INIT["bias"]  # the sigmoid loss needs its bias
+        elif self.loss.kind == "softmax" and self.model.logit_bias is not None:
+            raise ValueError("model.logit_bias: only the sigmoid loss has a logit bias (set loss.kind=sigmoid or null it)")
         shards = self.data.shards
         if self.data.source == "shards" and shards.epoch_length < self.train.batch_size:
             raise ValueError(

@@ -37,18 +37,26 @@ def _non_negative(value: float, name: str) -> None:
         raise ValueError(f"{name}: must be >= 0, got {value!r}")
 
 
+LOSS_KINDS = ("softmax", "sigmoid")
+
+
 @dataclass
 class LossConfig:
-    """How the contrastive loss is computed (never what it computes).
+    """Which contrastive loss, and how it is computed.
 
     From a global batch of ``tile_threshold`` pairs on, the exact tiled loss keeps memory at
     O(b d + tile_size^2) instead of O(b^2); null never tiles, 0 always tiles.
     """
 
+    # softmax: the symmetric InfoNCE of CLIP; sigmoid: SigLIP's pairwise loss, with the
+    # model's learnable logit bias (model.logit_bias, SigLIP's -10 unless given).
+    kind: str = "softmax"
     tile_threshold: Optional[int] = 16384
     tile_size: int = 1024
 
     def __post_init__(self):
+        if self.kind not in LOSS_KINDS:
+            raise ValueError(f"loss.kind: unknown loss {self.kind!r} (known: {', '.join(LOSS_KINDS)})")
         if self.tile_threshold is not None and self.tile_threshold < 0:
             raise ValueError(f"loss.tile_threshold: must be >= 0 or null (never tile), got {self.tile_threshold}")
         if self.tile_size < 1:

@@ -69,15 +69,25 @@ class ContrastiveTask(Task):
 
     def __init__(self, model: nn.Module, loss_fn: nn.Module):
         super().__init__()
+        from topoclip.losses.sigmoid import SigmoidLoss
+
+        if isinstance(loss_fn, SigmoidLoss) and getattr(model, "logit_bias", None) is None:
+            raise ValueError("loss.kind=sigmoid: the model has no logit bias (model.logit_bias; a pretrained "
+                             "source without one cannot be fine-tuned with the sigmoid loss yet)")
         self.model = model
         self.loss_fn = loss_fn
 
-    def encode(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    def encode(self, batch: dict[str, Tensor]) -> tuple[Tensor, ...]:
+        """(u, v, scale), and the logit bias when the model has one (the sigmoid loss): both
+        come out of the (DDP) forward, so their gradients are averaged over the ranks."""
         u, v = self.model(batch["images"], batch["input_ids"], batch["attention_mask"])
-        return u, v, self.model.logit_scale()
+        bias = getattr(self.model, "logit_bias", None)
+        if bias is None:
+            return u, v, self.model.logit_scale()
+        return u, v, self.model.logit_scale(), bias()
 
-    def loss(self, u: Tensor, v: Tensor, scale: Tensor) -> tuple[Tensor, dict[str, Any]]:
-        loss, details = self.loss_fn(u, v, scale, return_details=True)
+    def loss(self, u: Tensor, v: Tensor, scale: Tensor, *bias: Tensor) -> tuple[Tensor, dict[str, Any]]:
+        loss, details = self.loss_fn(u, v, scale, *bias, return_details=True)
         return loss, {**details, "scale": float(scale.detach())}
 
     def loss_state(self) -> dict[str, Any]:

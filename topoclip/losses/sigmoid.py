@@ -134,4 +134,4 @@ class SigmoidLoss(nn.Module):
             return loss
         with torch.no_grad():
             pos = self.topology.paired_similarity(u, v).mean()
-        return loss, {"pos_sim": float(pos), "bias": float(bias)}
+        return loss, {"pos_sim": float(pos), "bias": float(bias.detach()) if torch.is_tensor(bias) else float(bias)}

@@ -198,12 +198,17 @@ class ModelConfig:
     image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
     text: TextTowerConfig = field(default_factory=TextTowerConfig)
     logit_scale: LogitScaleConfig = field(default_factory=LogitScaleConfig)
+    # The sigmoid loss's learnable logit bias, its initial value (SigLIP: -10); null: none
+    # (the softmax loss has no use for one).
+    logit_bias: float | None = None
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
         check_types(self, "model")
+        if self.logit_bias is not None and not math.isfinite(self.logit_bias):
+            raise ValueError(f"model.logit_bias: must be a finite number or null, got {self.logit_bias}")
         _int(self.num_tokens, "model.num_tokens")
         for attr in ("image", "text", "logit_scale"):
             getattr(self, attr).validate()

@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..geometry import Topology
-from ..temperature import LogitScale
+from ..temperature import LogitBias, LogitScale
 from .config import ModelConfig
 from .towers import ImageTower, TextTower
 
@@ -62,10 +62,12 @@ class DualEncoder(nn.Module):
     """Image and text towers mapped to points of one topology, plus the logit scale.
 
     Attributes: ``image`` / ``text`` (towers), ``image_proj`` / ``text_proj``, ``topology``,
-    ``logit_scale`` (a :class:`topoclip.LogitScale`), ``num_tokens`` (k).
+    ``logit_scale`` (a :class:`topoclip.LogitScale`), ``logit_bias`` (a
+    :class:`topoclip.temperature.LogitBias` for the sigmoid loss, or None), ``num_tokens`` (k).
     """
 
-    def __init__(self, image: ImageTower, text: TextTower, topology: Topology, logit_scale: LogitScale):
+    def __init__(self, image: ImageTower, text: TextTower, topology: Topology, logit_scale: LogitScale,
+                 logit_bias: LogitBias | None = None):
         super().__init__()
         if image.num_tokens != text.num_tokens:
             raise ValueError(f"image tower has {image.num_tokens} [CLS] tokens, text tower {text.num_tokens}")
@@ -77,6 +79,7 @@ class DualEncoder(nn.Module):
         self.image_proj = TokenProjection(image.width, self.num_tokens, topology)
         self.text_proj = TokenProjection(text.width, self.num_tokens, topology)
         self.logit_scale = logit_scale
+        self.logit_bias = logit_bias  # the sigmoid loss's offset, or None
 
     def encode_image(self, images: Tensor) -> Tensor:
         """Images ``[b, 3, H, W]`` -> points ``[b, d]``."""
@@ -121,4 +124,5 @@ def build_model(cfg: ModelConfig, topology: Topology, vocab_size: int, pad_token
     image = ImageTower(cfg.image, cfg.num_tokens)
     text = TextTower(cfg.text, vocab_size, pad_token_id, cfg.num_tokens)
     scale = LogitScale(init=cfg.logit_scale.init, learnable=cfg.logit_scale.learnable, max=cfg.logit_scale.max)
-    return DualEncoder(image, text, topology, scale)
+    bias = LogitBias(cfg.logit_bias) if cfg.logit_bias is not None else None
+    return DualEncoder(image, text, topology, scale, bias)

@@ -16,7 +16,7 @@ from topoclip.engine.settings import TrainingSettings
 from topoclip.engine.trainer import BestRule, Trainer
 from topoclip.eval import flat_metrics, run_evaluation
 from topoclip.eval.validation import validation_loss
-from topoclip.losses import ContrastiveLoss
+from topoclip.losses import ContrastiveLoss, SigmoidLoss
 from topoclip.runs import CONFIG_FILE, RESULTS_FILE, latest_checkpoint, write_run_info
 
 __all__ = ["prepare_run_dir", "record_run", "start_run", "build_loss", "make_trainer", "periodic_evaluator",
@@ -75,8 +75,11 @@ def start_run(config: RunSettings, run_dir: str | os.PathLike | None, info: Dist
     return run_dir, resume, device, say
 
 
-def build_loss(config: RunSettings, topology) -> ContrastiveLoss:
-    """The run's contrastive loss: ``train.local_loss`` and the ``loss`` section's tiling."""
+def build_loss(config: RunSettings, topology) -> ContrastiveLoss | SigmoidLoss:
+    """The run's loss: ``loss.kind`` (softmax: with ``train.local_loss``; sigmoid: always the
+    local rows against every rank's texts) and the ``loss`` section's tiling."""
+    if config.loss.kind == "sigmoid":
+        return SigmoidLoss(topology, tile_threshold=config.loss.tile_threshold, tile_size=config.loss.tile_size)
     return ContrastiveLoss(
         topology,
         local_loss=config.train.local_loss,
