@@ -34,6 +34,7 @@ __all__ = [
     "Sphere",
     "Euclidean",
     "Oblique",
+    "Lorentz",
     "topology",
     "register_topology",
     "available_topologies",
@@ -530,6 +531,115 @@ class Sphere(Oblique):
         return f"Sphere(dim={self.dim})"
 
 
+# Largest sqrt(c) |x| the exp map at the origin takes (MERU's cap, asinh(2^15) ~ 11.1): space
+# and time components stay below ~2^15 / sqrt(c), so pairwise products are far from overflow
+# in fp32 and their gradients too.
+_LORENTZ_MAX_RADIUS = math.asinh(2.0**15)
+
+
+def _sinh_ratio(t: Tensor, theta: Tensor) -> Tensor:
+    """sinh(t theta) / sinh(theta) for theta >= 0, t in [0, 1]: t at theta = 0, no overflow
+    for large theta (there it is e^((t-1) theta) (1 - e^(-2 t theta)) / (1 - e^(-2 theta)))."""
+    small = theta < 1e-3
+    safe = torch.where(small, torch.ones_like(theta), theta)
+    big = theta > 20.0
+    moderate = torch.sinh(t * safe.clamp(max=20.0)) / torch.sinh(safe.clamp(max=20.0))
+    large = torch.exp((t - 1.0) * safe) * (-torch.expm1(-2.0 * t * safe)) / (-torch.expm1(-2.0 * safe))
+    series = t * (1.0 + (t * t - 1.0) * theta * theta / 6.0)  # sinh(tx)/sinh(x) to O(x^2)
+    return torch.where(small, series, torch.where(big, large, moderate))
+
+
+class Lorentz(Topology):
+    """The hyperboloid of curvature -c in R^(d+1), {x : <x, x>_L = -1/c, x_0 > 0}, with
+    <x, y>_L = x_s . y_s - x_0 y_0. Points are stored by their d space components x_s; the
+    time component x_0 = sqrt(1/c + |x_s|^2) is derived (as in MERU, Desai et al., ICML 2023).
+
+    similarity = -d(x, y) = -acosh(-c <x, y>_L) / sqrt(c). ``project`` is the exponential map
+    at the origin of the tangent vector (0, x). ``curvature`` is a float or a callable
+    returning a 0-dim tensor (a model's learnable curvature), read at every call.
+    """
+
+    name = "lorentz"
+
+    def __init__(self, dim: int, curvature: float | Callable[[], Tensor] = 1.0):
+        super().__init__(dim, 1)
+        if not callable(curvature) and not (isinstance(curvature, (int, float)) and curvature > 0):
+            raise ValueError(f"lorentz: curvature must be a positive number or a callable, got {curvature!r}")
+        self.curvature = curvature
+
+    def c(self, like: Tensor) -> Tensor:
+        if callable(self.curvature):
+            return self.curvature().to(device=like.device, dtype=like.dtype)
+        return torch.tensor(float(self.curvature), device=like.device, dtype=like.dtype)
+
+    def time(self, x: Tensor) -> Tensor:
+        """x_0 of space components x ``[..., d]``: sqrt(1/c + |x|^2)."""
+        x = _compute_dtype(x)
+        return torch.sqrt(1.0 / self.c(x) + (x * x).sum(-1))
+
+    def project(self, x: Tensor) -> Tensor:
+        x = _compute_dtype(self._flat(x))
+        c = self.c(x)
+        root = torch.sqrt(c)
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+        # exp_0((0, x)) has space part sinh(sqrt(c) |x|) x / (sqrt(c) |x|); the ratio is 1 at
+        # x = 0 (sinh(r)/r), and the radius is capped before sinh can overflow.
+        r = (root * norm).clamp(max=_LORENTZ_MAX_RADIUS)
+        scale = torch.where(r < 1e-4, 1.0 + r * r / 6.0, torch.sinh(r) / r.clamp_min(1e-4))
+        return scale * x * torch.where(root * norm > _LORENTZ_MAX_RADIUS, r / (root * norm).clamp_min(1e-30), 1.0)
+
+    def _similarity(self, u: Tensor, v: Tensor) -> Tensor:
+        c = self.c(u)
+        # -c <u, v>_L - 1 >= 0; from a GEMM it loses digits near coincident points, which only
+        # positives are (they take the paired form below).
+        z = (c * (self.time(u)[:, None] * self.time(v)[None, :] - u @ v.T) - 1.0).clamp_min(0.0)
+        return -_acosh1p(z) / torch.sqrt(c)
+
+    def _paired(self, u: Tensor, v: Tensor) -> Tensor:
+        c = self.c(u)
+        # -c <u, v>_L - 1 = c/2 * |u - v|_L^2, the difference's Lorentzian square, with
+        # u_0 - v_0 = (|u|^2 - |v|^2) / (u_0 + v_0) = (u - v).(u + v) / (u_0 + v_0): exact
+        # for near-identical points, where acosh of a rounded 1 + z would lose them.
+        diff = u - v
+        dt = (diff * (u + v)).sum(-1) / (self.time(u) + self.time(v))
+        z = (0.5 * c * ((diff * diff).sum(-1) - dt * dt)).clamp_min(0.0)
+        return -_acosh1p(z) / torch.sqrt(c)
+
+    def _interpolate(self, a: Tensor, b: Tensor, t: Tensor) -> Tensor:
+        # The geodesic on the hyperboloid: (sinh((1-t) theta) a + sinh(t theta) b) / sinh(theta),
+        # theta = sqrt(c) d(a, b), in full coordinates; its space part is the same combination
+        # of the space parts (the time part follows). Linear interpolation at theta = 0.
+        t = t.unsqueeze(-1) if t.ndim else t
+        theta = (-self._paired(a, b) * torch.sqrt(self.c(a))).unsqueeze(-1)
+        return _sinh_ratio(1.0 - t, theta) * a + _sinh_ratio(t * torch.ones_like(theta), theta) * b
+
+    def _log(self, x, y):
+        raise NotImplementedError("lorentz: tangent-space moves (log/exp maps, transport) are not implemented yet")
+
+    _exp = _transport = _log
+
+    @property
+    def label(self) -> str:
+        c = "learned c" if callable(self.curvature) else f"c={self.curvature:g}"
+        return f"Lorentz({self.dim}, {c})"
+
+    @property
+    def similarity_range(self) -> tuple[float, float]:
+        return (-math.inf, 0.0)
+
+    def __repr__(self) -> str:
+        return f"Lorentz(dim={self.dim}, curvature={self.curvature!r})"
+
+
+def _acosh1p(z: Tensor) -> Tensor:
+    """acosh(1 + z) = log1p(z + sqrt(z (z + 2))) for z >= 0, with the zero subgradient at
+    z = 0 (the distance of coincident points) instead of an infinite one; log(2 (1 + z)) for
+    large z, where z (z + 2) would overflow (the difference is below 1 / (4 z^2))."""
+    large = z > 1e6
+    small_z = torch.where(large, torch.zeros_like(z), z)
+    return torch.where(large, math.log(2.0) + torch.log1p(z), torch.log1p(small_z + _SafeSqrt.apply(small_z * (small_z + 2.0))))
+
+
 # ------------------------------------------------------------------------- registry
 #
 # Every builder takes the same keywords, ``dim``, ``n`` and ``m`` (None when not given), so a
@@ -572,6 +682,7 @@ _REGISTRY: dict[str, Callable[..., Topology]] = {
     "euclidean": _flat_builder(lambda dim: Euclidean(dim), "euclidean"),
     "oblique-inner": _oblique_builder("inner"),
     "oblique-geodesic": _oblique_builder("geodesic"),
+    "lorentz": _flat_builder(lambda dim: Lorentz(dim), "lorentz"),
 }
 _BLOCKWISE = {"oblique-inner", "oblique-geodesic"}
 

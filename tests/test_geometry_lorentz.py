@@ -1,0 +1,128 @@
+"""The Lorentz model of hyperbolic space: reference formulas in plain Python, points on the
+hyperboloid, float64 gradchecks, finiteness at coincident points, the origin and large
+norms, the geodesic, and the losses on it."""
+
+import math
+
+import pytest
+import torch
+
+import topoclip
+from topoclip.geometry import Lorentz
+
+
+def _ref_time(x, c):
+    return math.sqrt(1.0 / c + sum(a * a for a in x))
+
+
+def _ref_distance(x, y, c):
+    inner = sum(a * b for a, b in zip(x, y)) - _ref_time(x, c) * _ref_time(y, c)
+    return math.acosh(max(1.0, -c * inner)) / math.sqrt(c)
+
+
+def _ref_exp0(v, c):
+    norm = math.sqrt(sum(a * a for a in v))
+    if norm == 0:
+        return list(v)
+    r = math.sqrt(c) * norm
+    return [math.sinh(r) / r * a for a in v]
+
+
+def _points(topo, n, seed, scale=1.0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return topo.project(scale * torch.randn(n, topo.dim, generator=g, dtype=dtype))
+
+
+@pytest.mark.parametrize("c", [1.0, 0.3, 2.5])
+def test_project_similarity_and_paired_match_the_reference_formulas(c):
+    topo = Lorentz(6, curvature=c)
+    g = torch.Generator().manual_seed(0)
+    raw = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    x = topo.project(raw)
+    for i in range(4):
+        torch.testing.assert_close(x[i], torch.tensor(_ref_exp0(raw[i].tolist(), c), dtype=torch.float64))
+    # on the hyperboloid: <x, x>_L = -1/c
+    full = (x * x).sum(-1) - topo.time(x) ** 2
+    torch.testing.assert_close(full, torch.full((4,), -1.0 / c, dtype=torch.float64), atol=1e-6, rtol=0)
+    y = _points(topo, 4, 1)
+    sim = topo.similarity(x, y)
+    for i in range(4):
+        for j in range(4):
+            assert float(sim[i, j]) == pytest.approx(-_ref_distance(x[i].tolist(), y[j].tolist(), c), rel=1e-9, abs=1e-9)
+    torch.testing.assert_close(topo.paired_similarity(x, y), torch.diagonal(sim))
+
+
+def test_the_paired_distance_keeps_full_precision_for_near_identical_points():
+    topo = Lorentz(8)
+    x = _points(topo, 3, 2, dtype=torch.float32)
+    y = x + 1e-4 * torch.randn(3, 8)  # space parts 1e-4 apart
+    got = -topo.paired_similarity(x, y)
+    want = -topo.paired_similarity(x.double(), y.double())
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=0)  # the GEMM form would be off by far more
+
+
+def test_geodesic_goes_from_a_to_b_at_constant_speed_and_stays_on_the_hyperboloid():
+    topo = Lorentz(5, curvature=0.7)
+    a, b = _points(topo, 6, 3, scale=1.5), _points(topo, 6, 4, scale=1.5)
+    torch.testing.assert_close(topo.interpolate(a, b, 0.0), a)
+    torch.testing.assert_close(topo.interpolate(a, b, 1.0), b)
+    d = -topo.paired_similarity(a, b)
+    for t in (0.25, 0.6):
+        w = topo.interpolate(a, b, t)
+        torch.testing.assert_close(-topo.paired_similarity(a, w), t * d)
+        torch.testing.assert_close(-topo.paired_similarity(w, b), (1 - t) * d)
+    torch.testing.assert_close(topo.interpolate(a, a, 0.4), a)  # finite and fixed at a = b
+
+
+def test_finite_at_coincident_points_the_origin_and_large_norms():
+    topo = Lorentz(8)
+    origin = torch.zeros(2, 8, requires_grad=True)
+    far = topo.project(torch.full((2, 8), 50.0)).detach().requires_grad_()  # radius clamped
+    assert torch.isfinite(far).all()
+    for x in (origin, far):
+        for out in (topo.similarity(x, x), topo.paired_similarity(x, x), topo.interpolate(x, x.flip(0), 0.5)):
+            assert torch.isfinite(out).all()
+            out.sum().backward(retain_graph=True)
+            assert torch.isfinite(x.grad).all()
+            x.grad = None
+    assert float(topo.paired_similarity(far, far).abs().max()) == 0.0
+
+
+def test_gradcheck_in_float64():
+    topo = Lorentz(4, curvature=1.3)
+    a, b = _points(topo, 3, 5).requires_grad_(), _points(topo, 3, 6).requires_grad_()
+    assert torch.autograd.gradcheck(topo.similarity, (a, b))
+    assert torch.autograd.gradcheck(topo.paired_similarity, (a, b))
+    assert torch.autograd.gradcheck(lambda a, b: topo.interpolate(a, b, 0.3), (a, b))
+    raw = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(topo.project, (raw,))
+
+
+def test_a_learnable_curvature_gets_gradients_through_the_distance():
+    log_c = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    topo = Lorentz(4, curvature=lambda: log_c.exp())
+    a, b = _points(Lorentz(4), 3, 7), _points(Lorentz(4), 3, 8)
+    assert torch.autograd.gradcheck(lambda lc: Lorentz(4, curvature=lambda: lc.exp()).paired_similarity(a, b), (log_c,))
+    topo.similarity(a, b).sum().backward()
+    assert log_c.grad is not None and torch.isfinite(log_c.grad)
+
+
+def test_tiled_losses_equal_plain_on_lorentz():
+    from topoclip.losses import SigmoidLoss
+    from topoclip.losses.tiled import tiled_contrastive_loss
+
+    topo = topoclip.topology("lorentz", dim=8)
+    u, v = _points(topo, 13, 9, dtype=torch.float32), _points(topo, 13, 10, dtype=torch.float32)
+    scale = torch.tensor(3.0)
+    plain = topoclip.ContrastiveLoss(topo, tile_threshold=None)(u, v, scale)
+    assert float(tiled_contrastive_loss(topo, u, v, scale, tile=4)) == pytest.approx(float(plain), rel=1e-5)
+    a = SigmoidLoss(topo, tile_threshold=None)(u, v, scale, -2.0)
+    b = SigmoidLoss(topo, tile_threshold=0, tile_size=4)(u, v, scale, -2.0)
+    assert a.item() == pytest.approx(b.item(), rel=1e-6)
+
+
+def test_tangent_space_moves_say_they_are_not_there_yet():
+    topo = topoclip.topology("lorentz", dim=4)
+    x = _points(topo, 2, 11)
+    with pytest.raises(NotImplementedError, match="lorentz"):
+        topo.translate(x, x, x)
