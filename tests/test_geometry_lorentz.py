@@ -126,3 +126,41 @@ def test_tangent_space_moves_say_they_are_not_there_yet():
     x = _points(topo, 2, 11)
     with pytest.raises(NotImplementedError, match="lorentz"):
         topo.translate(x, x, x)
+
+
+def test_the_curvature_module_is_clamped_to_a_decade_either_side():
+    from topoclip.temperature import Curvature
+
+    c = Curvature(2.0)
+    assert c.value == pytest.approx(2.0)
+    with torch.no_grad():
+        c.log_c.fill_(10.0)
+    assert c.value == pytest.approx(20.0)  # forward clamps
+    c.clamp_()
+    assert float(c.log_c) == pytest.approx(math.log(20.0))
+    with pytest.raises(ValueError, match="curvature"):
+        Curvature(0.0)
+
+
+def test_a_run_learns_its_curvature_saves_and_reopens_it(tmp_path):
+    import json
+
+    from tests.helpers import QUIET_RUN, TINY_TOWERS
+    from topoclip.config import load_config
+    from topoclip.recipes import pretrain
+
+    cfg = load_config(None, [*TINY_TOWERS, *QUIET_RUN, "topology.name=lorentz", "topology.dim=32", "topology.curvature=0.5",
+                             "data.shapes.num_train=128", "data.shapes.num_val=8", "data.shapes.num_test=16",
+                             "train.batch_size=32", "train.steps=8", "optim.lr=5e-3", "eval.enabled=false",
+                             f"output.dir={tmp_path}", "output.name=h"])
+    pretrain.run(cfg)
+    log = [json.loads(line) for line in (tmp_path / "h" / "log.jsonl").read_text().splitlines()]
+    assert log[0]["curvature"] == pytest.approx(0.5, rel=0.05) and log[-1]["curvature"] != log[0]["curvature"]
+    opened = topoclip.load_run(tmp_path / "h")
+    assert opened.topology.curvature is opened.model.curvature  # the topology reads the model's
+    assert opened.model.curvature.value == pytest.approx(log[-1]["curvature"], rel=1e-3)
+    assert 0.05 <= opened.model.curvature.value <= 5.0
+    fixed = load_config(None, ["topology.name=lorentz", "topology.dim=32", "topology.learn_curvature=false"])
+    assert fixed.topology.build().learn_curvature is False
+    with pytest.raises(ValueError, match="only the lorentz topology has a curvature"):
+        load_config(None, ["topology.curvature=2"])

@@ -155,6 +155,17 @@ def runs(out_dir, info: DistInfo) -> dict[str, dict[str, torch.Tensor]]:
     assert evaluator.calls == (STEPS if info.rank == 0 else 0)
     got["evaluated"] = weights(evaluated)
 
+    # Hyperbolic space with a learned curvature: the curvature comes out of the DDP forward
+    # like the scale, so its gradient is averaged, with and without the gradient cache.
+    hyperbolic = ["topology.name=lorentz", "topology.dim=16", "topology.n=null", "topology.m=null"]
+    lorentz = make_trainer(make_config(out_dir, *hyperbolic), os.path.join(out_dir, "lorentz"), info)
+    lorentz.fit()
+    got["lorentz"] = weights(lorentz)
+    cached_lorentz = make_trainer(make_config(out_dir, *hyperbolic, "train.grad_cache_chunk=2"),
+                                  os.path.join(out_dir, "lorentz-cached"), info, local_loss=True)
+    cached_lorentz.fit()
+    got["lorentz-cached"] = weights(cached_lorentz)
+
     sigmoid = make_trainer(make_config(out_dir), os.path.join(out_dir, "sigmoid"), info, sigmoid=True)
     sigmoid.fit()
     got["sigmoid"] = weights(sigmoid)
@@ -193,8 +204,10 @@ def test_two_process_trainer_equals_one_process_trainer(tmp_path):
     worst = 0.0
     assert any(not torch.equal(one["skipped"][k], one["plain"][k]) for k in initial)
     assert one["sigmoid"]["logit_bias.bias"] != -10.0  # the sigmoid run trained its bias
+    assert one["lorentz"]["curvature.log_c"] != 0.0  # and the hyperbolic one its curvature
     for variant, reference in (("plain", "plain"), ("cached", "plain"), ("resumed", "plain"), ("evaluated", "plain"),
-                               ("skipped", "skipped"), ("sigmoid", "sigmoid")):
+                               ("skipped", "skipped"), ("sigmoid", "sigmoid"), ("lorentz", "lorentz"),
+                               ("lorentz-cached", "lorentz")):
         for k, want in one[reference].items():
             worst = max(worst, (rank0[variant][k] - want).abs().max().item())
             torch.testing.assert_close(rank0[variant][k], want, atol=1e-5, rtol=0, msg=f"{variant}: {k}")

@@ -23,6 +23,7 @@ log-sum-exp downstream are where fp16/bf16 lose the digits that matter.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable
 
@@ -561,11 +562,26 @@ class Lorentz(Topology):
 
     name = "lorentz"
 
-    def __init__(self, dim: int, curvature: float | Callable[[], Tensor] = 1.0):
+    def __init__(self, dim: int, curvature: float | Callable[[], Tensor] = 1.0, learn_curvature: bool = False):
         super().__init__(dim, 1)
         if not callable(curvature) and not (isinstance(curvature, (int, float)) and curvature > 0):
             raise ValueError(f"lorentz: curvature must be a positive number or a callable, got {curvature!r}")
         self.curvature = curvature
+        # Whether a model built on this topology should own a learnable curvature (starting at
+        # ``curvature``) and hand it to the topology: see models.build_model.
+        self.learn_curvature = bool(learn_curvature)
+
+    @contextlib.contextmanager
+    def curvature_of(self, c: Tensor):
+        """Within the block, the curvature is the tensor ``c``: a loss computed on the outputs
+        of a (DDP) forward uses the curvature that came out of it, so its gradient travels the
+        same way as the logit scale's."""
+        saved = self.curvature
+        self.curvature = lambda: c
+        try:
+            yield self
+        finally:
+            self.curvature = saved
 
     def c(self, like: Tensor) -> Tensor:
         if callable(self.curvature):
@@ -620,7 +636,7 @@ class Lorentz(Topology):
 
     @property
     def label(self) -> str:
-        c = "learned c" if callable(self.curvature) else f"c={self.curvature:g}"
+        c = "learned c" if callable(self.curvature) or self.learn_curvature else f"c={self.curvature:g}"
         return f"Lorentz({self.dim}, {c})"
 
     @property

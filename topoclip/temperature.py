@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LogitScale", "LogitBias", "check_scale_bounds"]
+__all__ = ["LogitScale", "LogitBias", "Curvature", "check_scale_bounds"]
 
 
 def check_scale_bounds(init: float, max: float | None, prefix: str = "LogitScale.") -> None:
@@ -90,4 +90,31 @@ class LogitBias(nn.Module):
     @property
     def value(self) -> float:
         return float(self.bias.detach())
+
+
+class Curvature(nn.Module):
+    """A learnable curvature c = exp(log_c) of hyperbolic space, clamped to [c0/10, 10 c0]
+    around its initial value c0 (MERU's range), so that training cannot flatten the space to
+    zero or fold it without bound. ``curvature()`` is a 0-dim tensor; the model owns it (it is
+    saved, resumed and, as a 0-dim parameter, exempt from weight decay)."""
+
+    def __init__(self, init: float = 1.0):
+        super().__init__()
+        if not (math.isfinite(init) and init > 0):
+            raise ValueError(f"curvature: init must be a positive number, got {init}")
+        self.low, self.high = math.log(init / 10.0), math.log(init * 10.0)
+        self.log_c = nn.Parameter(torch.tensor(math.log(init), dtype=torch.float32))
+
+    def forward(self) -> Tensor:
+        return self.log_c.float().clamp(self.low, self.high).exp()
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        """Pull the parameter back into its range after an optimizer step (where the clamp in
+        forward would block its gradient)."""
+        self.log_c.clamp_(self.low, self.high)
+
+    @property
+    def value(self) -> float:
+        return float(self.forward().detach())
 

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 from topoclip.data.shapes import ShapesConfig
 from topoclip.dataclass_io import from_dict
-from topoclip.geometry import Topology, available_topologies, is_blockwise, topology
+from topoclip.geometry import Lorentz, Topology, available_topologies, is_blockwise, topology
 from topoclip.losses.sigmoid import SIGLIP_INIT
 from topoclip.models import ModelConfig, check_tokens_fit_topology
 
@@ -91,11 +91,19 @@ class TopologyConfig:
     dim: Optional[int] = None
     n: Optional[int] = None
     m: Optional[int] = None
+    # lorentz only: the curvature -c of the hyperboloid (its start when learned) and whether
+    # the model learns it (c = exp(param), clamped to [c/10, 10 c]).
+    curvature: float = 1.0
+    learn_curvature: bool = True
 
     def __post_init__(self):
         known = available_topologies()
         if self.name not in known:
             raise ValueError(f"topology.name: unknown topology {self.name!r} (known: {', '.join(known)})")
+        if not self.curvature > 0:
+            raise ValueError(f"topology.curvature: must be > 0, got {self.curvature}")
+        if self.name != "lorentz" and self.curvature != 1.0:
+            raise ValueError(f"topology.curvature: only the lorentz topology has a curvature ({self.name} has none)")
         for key in ("dim", "n", "m"):
             value = getattr(self, key)
             if value is not None and value < 1:
@@ -119,6 +127,8 @@ class TopologyConfig:
             raise ValueError(f"topology.dim: n*m = {self.n}*{self.m} = {self.n * self.m} does not equal dim={self.dim}")
 
     def build(self) -> Topology:
+        if self.name == "lorentz":
+            return Lorentz(self.dim, curvature=self.curvature, learn_curvature=self.learn_curvature)
         return topology(self.name, dim=self.dim, n=self.n, m=self.m)
 
 

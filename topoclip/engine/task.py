@@ -81,13 +81,24 @@ class ContrastiveTask(Task):
         """(u, v, scale), and the logit bias when the model has one (the sigmoid loss): both
         come out of the (DDP) forward, so their gradients are averaged over the ranks."""
         u, v = self.model(batch["images"], batch["input_ids"], batch["attention_mask"])
-        bias = getattr(self.model, "logit_bias", None)
-        if bias is None:
-            return u, v, self.model.logit_scale()
-        return u, v, self.model.logit_scale(), bias()
+        extra = []
+        if getattr(self.model, "logit_bias", None) is not None:
+            extra.append(self.model.logit_bias())
+        if isinstance(getattr(self.model, "curvature", None), nn.Module):
+            extra.append(self.model.curvature())
+        return (u, v, self.model.logit_scale(), *extra)
 
-    def loss(self, u: Tensor, v: Tensor, scale: Tensor, *bias: Tensor) -> tuple[Tensor, dict[str, Any]]:
-        loss, details = self.loss_fn(u, v, scale, *bias, return_details=True)
+    def loss(self, u: Tensor, v: Tensor, scale: Tensor, *extra: Tensor) -> tuple[Tensor, dict[str, Any]]:
+        """The loss of encoded outputs: ``extra`` are the logit bias (when the model has one)
+        and the curvature (a learned one), in that order, as ``encode`` returned them."""
+        extra = list(extra)
+        curvature = extra.pop() if isinstance(getattr(self.model, "curvature", None), nn.Module) else None
+        if curvature is None:
+            loss, details = self.loss_fn(u, v, scale, *extra, return_details=True)
+        else:
+            with self.model.topology.curvature_of(curvature):
+                loss, details = self.loss_fn(u, v, scale, *extra, return_details=True)
+            details = {**details, "curvature": float(curvature.detach())}
         return loss, {**details, "scale": float(scale.detach())}
 
     def loss_state(self) -> dict[str, Any]:
@@ -104,6 +115,8 @@ class ContrastiveTask(Task):
     @torch.no_grad()
     def after_step(self) -> None:
         self.model.logit_scale.clamp_()
+        if isinstance(getattr(self.model, "curvature", None), nn.Module):
+            self.model.curvature.clamp_()
 
     def current_scale(self) -> float:
         return self.model.logit_scale.value

@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..geometry import Topology
-from ..temperature import LogitBias, LogitScale
+from ..temperature import Curvature, LogitBias, LogitScale
 from .config import ModelConfig
 from .towers import ImageTower, TextTower
 
@@ -125,4 +125,10 @@ def build_model(cfg: ModelConfig, topology: Topology, vocab_size: int, pad_token
     text = TextTower(cfg.text, vocab_size, pad_token_id, cfg.num_tokens)
     scale = LogitScale(init=cfg.logit_scale.init, learnable=cfg.logit_scale.learnable, max=cfg.logit_scale.max)
     bias = LogitBias(cfg.logit_bias) if cfg.logit_bias is not None else None
-    return DualEncoder(image, text, topology, scale, bias)
+    model = DualEncoder(image, text, topology, scale, bias)
+    if getattr(topology, "learn_curvature", False):
+        # The model owns the learnable curvature (saved, resumed, optimised); the topology
+        # reads it at every call.
+        model.curvature = Curvature(float(topology.curvature))
+        topology.curvature = model.curvature
+    return model
