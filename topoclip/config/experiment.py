@@ -150,6 +150,9 @@ class ExperimentConfig(RunSettings):
                 f"model.image.img_size: {image_size} differs from data.shapes.image_size={self.data.shapes.image_size}"
             )
         check_tokens_fit_topology(self.model.num_tokens, self.topology.build())
+        if self.loss.entailment > 0 and self.topology.name != "lorentz":
+            raise ValueError(f"loss.entailment: the entailment cone lives in hyperbolic space (topology.name=lorentz), "
+                             f"not {self.topology.name}")
         if self.loss.kind == "sigmoid" and self.model.logit_bias is None:
             self.model.logit_bias = SIGLIP_INIT["bias"]  # the sigmoid loss needs its bias
         elif self.loss.kind == "softmax" and self.model.logit_bias is not None:

@@ -51,12 +51,17 @@ class LossConfig:
     # softmax: the symmetric InfoNCE of CLIP; sigmoid: SigLIP's pairwise loss, with the
     # model's learnable logit bias (model.logit_bias, SigLIP's -10 unless given).
     kind: str = "softmax"
+    # lorentz only: the weight of MERU's entailment-cone term (text entails image; MERU: 0.2);
+    # 0 leaves it out.
+    entailment: float = 0.0
     tile_threshold: Optional[int] = 16384
     tile_size: int = 1024
 
     def __post_init__(self):
         if self.kind not in LOSS_KINDS:
             raise ValueError(f"loss.kind: unknown loss {self.kind!r} (known: {', '.join(LOSS_KINDS)})")
+        if not 0.0 <= self.entailment < float("inf"):
+            raise ValueError(f"loss.entailment: the weight must be >= 0, got {self.entailment}")
         if self.tile_threshold is not None and self.tile_threshold < 0:
             raise ValueError(f"loss.tile_threshold: must be >= 0 or null (never tile), got {self.tile_threshold}")
         if self.tile_size < 1:

@@ -75,17 +75,24 @@ def start_run(config: RunSettings, run_dir: str | os.PathLike | None, info: Dist
     return run_dir, resume, device, say
 
 
-def build_loss(config: RunSettings, topology) -> ContrastiveLoss | SigmoidLoss:
+def build_loss(config: RunSettings, topology) -> torch.nn.Module:
     """The run's loss: ``loss.kind`` (softmax: with ``train.local_loss``; sigmoid: always the
-    local rows against every rank's texts) and the ``loss`` section's tiling."""
+    local rows against every rank's texts), the ``loss`` section's tiling, and MERU's
+    entailment term when ``loss.entailment`` > 0."""
     if config.loss.kind == "sigmoid":
-        return SigmoidLoss(topology, tile_threshold=config.loss.tile_threshold, tile_size=config.loss.tile_size)
-    return ContrastiveLoss(
-        topology,
-        local_loss=config.train.local_loss,
-        tile_threshold=config.loss.tile_threshold,
-        tile_size=config.loss.tile_size,
-    )
+        loss = SigmoidLoss(topology, tile_threshold=config.loss.tile_threshold, tile_size=config.loss.tile_size)
+    else:
+        loss = ContrastiveLoss(
+            topology,
+            local_loss=config.train.local_loss,
+            tile_threshold=config.loss.tile_threshold,
+            tile_size=config.loss.tile_size,
+        )
+    if config.loss.entailment > 0:
+        from topoclip.losses.entailment import EntailmentLoss
+
+        loss = EntailmentLoss(loss, topology, config.loss.entailment)
+    return loss
 
 
 def finished_results(trainer: Trainer, run_dir: Path, say) -> dict | None:
