@@ -164,3 +164,19 @@ def test_a_run_learns_its_curvature_saves_and_reopens_it(tmp_path):
     assert fixed.topology.build().learn_curvature is False
     with pytest.raises(ValueError, match="only the lorentz topology has a curvature"):
         load_config(None, ["topology.curvature=2"])
+
+
+def test_uniformity_and_alignment_use_the_geodesic_distance_in_hyperbolic_space():
+    from topoclip.eval.geometry_metrics import alignment, geometry_report, uniformity
+
+    topo = Lorentz(4)
+    a, b = _points(topo, 5, 12), _points(topo, 5, 13)
+    d = -topo.paired_similarity(a, b)
+    assert alignment(a, b, topology=topo) == pytest.approx(float((d ** 2).mean()))
+    x = torch.cat([a, b])
+    sq = topo.similarity(x, x) ** 2
+    off = ~torch.eye(10, dtype=torch.bool)
+    want = float(torch.logsumexp(-2.0 * sq[off], 0) - math.log(90))
+    assert uniformity(a, b, topology=topo) == pytest.approx(want)
+    assert alignment(a, b) != pytest.approx(alignment(a, b, topology=topo))  # not the Euclidean one
+    assert set(geometry_report(a, b, topo)) == {"alignment", "uniformity", "relative_alignment", "modality_gap"}

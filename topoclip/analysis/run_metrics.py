@@ -184,7 +184,7 @@ def similarity_samples(
         "image-image": _sample(topo.similarity(u, u)[upper], samples, g),
         "text-text": _sample(topo.similarity(v, v)[upper], samples, g),
     }
-    geometry = {"alignment": alignment(u, v), "uniformity": uniformity(u, v), "pairs": n}
+    geometry = {"alignment": alignment(u, v, topology=topo), "uniformity": uniformity(u, v, topology=topo), "pairs": n}
     return values, geometry
 
 

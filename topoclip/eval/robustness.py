@@ -186,7 +186,7 @@ def robustness_metrics(
     image_pairs, text_pairs = image[pair_images], text[pair_captions]
 
     calibration = _calibration(topology, image, text, caption_to_image, scale, bins, chunk_size)
-    geometry = {**geometry_report(image_pairs.cpu(), text_pairs.cpu()), "num_pairs": int(pair_images.numel())}
+    geometry = {**geometry_report(image_pairs.cpu(), text_pairs.cpu(), topology), "num_pairs": int(pair_images.numel())}
     hardness = {"lam": float(hardness_lam), **mixup_hardness(topology, image_pairs, text_pairs, hardness_lam, hardness_bins)}
     better = {f"{d}_ece_{b}": "lower" for b in bins for d in ("i2t", "t2i")}
     better.update({key: "lower" for key in GEOMETRY_KEYS})
