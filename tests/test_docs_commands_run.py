@@ -61,9 +61,12 @@ def tiny(argv: list[str]) -> list[str]:
                 out[1:1] = [flag, value]
         out += TINY_FINETUNE
     elif command == "ablate" and "--list" not in out:
-        # One run of the grid (its own warm-up is longer than 2 steps). The options go before
+        # The grid's first run (its own warm-up is longer than 2 steps). The options go before
         # the overrides: argparse ends the key=value list at the next option.
-        out[1:1] = ["--only", "e0-fixed__sphere"]
+        from topoclip.analysis.grid import load_grid
+
+        grid = out[out.index("--grid") + 1]
+        out[1:1] = ["--only", load_grid(ROOT / grid if grid.startswith("configs/") else grid).runs[0].name]
         out += [*TINY_TRAIN, "optim.warmup_steps=1"]
     elif out[:2] == ["bench", "train-step"]:
         out += ["--model", "topoclip-bench-small"] if "--model" not in out else []

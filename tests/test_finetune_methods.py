@@ -184,3 +184,23 @@ def test_few_shot_adaptation_on_k_shots_of_a_folder_scored_on_the_test_split_and
         assert set(zeroshot) == {"digits", *(f"digits-{s}" for s in SHIFTS)}
         assert all(0.0 <= m["top1"] <= 1.0 for m in zeroshot.values())
     assert "Target datasets" in format_finetune_table({"m2mix": results}) and "digits-inverted top1" in format_finetune_table({"m2mix": results})
+
+
+def test_m2mix_fine_tuning_of_a_sigmoid_run_uses_the_sigmoid_form(tmp_path, topoclip_run):  # noqa: F811
+    from tests.helpers import QUIET_RUN, TINY_TOWERS
+    from topoclip.config import load_config
+    from topoclip.recipes import pretrain
+
+    pretrain.run(load_config(None, [*TINY_TOWERS, *QUIET_RUN, "loss.kind=sigmoid", "data.shapes.num_train=48",
+                                    "data.shapes.num_val=4", "data.shapes.num_test=24", "train.batch_size=8", "train.steps=2",
+                                    "eval.enabled=false", f"output.dir={tmp_path}", "output.name=sig"]))
+    common = TINY_DATA + ["finetune.method=m2mix", "loss.kind=sigmoid", "finetune.eval_zero_shot=false",
+                          "eval.robustness=false", "finetune.simat_lambda=null", f"output.dir={tmp_path}"]
+    run_finetune(load_finetune_config(None, [*common, f"source.path={tmp_path / 'sig'}", "output.name=ft-sig"]))
+    log = read_jsonl(tmp_path / "ft-sig" / "log.jsonl")
+    assert all("loss_m2" in r for r in log)
+    before, after = load_run(tmp_path / "sig").model.logit_bias.value, load_run(tmp_path / "ft-sig").model.logit_bias.value
+    assert after != before  # the bias fine-tunes with the model
+    # a source without a logit bias cannot take the sigmoid loss: said before training
+    with pytest.raises(ValueError, match="loss.kind=sigmoid: the model has no logit bias"):
+        run_finetune(load_finetune_config(None, [*common, f"source.path={topoclip_run}", "output.name=ft-none"]))

@@ -197,3 +197,26 @@ def test_hardness_histograms_count_every_negative_pair(name):
     off = ~torch.eye(16, dtype=torch.bool)
     assert out["mean_original"] == pytest.approx(float(topo.similarity(v, t)[off].mean()))
     assert len(out["edges"]) == 11
+
+
+def test_m2_mix_in_the_sigmoid_form_with_the_sigmoid_main_term():
+    from topoclip.losses import SigmoidLoss
+    from topoclip.losses.mixup import m2_mix_sigmoid_loss
+
+    topo = topoclip.topology("oblique-inner", dim=16, m=4)
+    g = torch.Generator().manual_seed(3)
+    image, text = topo.project(torch.randn(6, 16, generator=g)), topo.project(torch.randn(6, 16, generator=g))
+    lam, scale, bias = 0.4, 5.0, -2.0
+    got = float(m2_mix_sigmoid_loss(topo, image, text, scale, bias, lam))
+    mixed = geodesic_mix(topo, image, text, lam)
+    want = 0.0
+    for anchor in (image, text):
+        for i in range(6):
+            for j in range(6):
+                s = float(topo.paired_similarity(image[i:i + 1], text[i:i + 1])) if i == j else float(topo.similarity(anchor[i:i + 1], mixed[j:j + 1]))
+                z = 1.0 if i == j else -1.0
+                want += 0.5 * math.log1p(math.exp(-z * (scale * s + bias))) / 6
+    assert got == pytest.approx(want, rel=1e-5)
+    loss = M3MixLoss(topo, MixupConfig(m2=0.5, v=0.1, l=0, vl=0), seed=0, clip_loss=SigmoidLoss(topo))
+    total, details = loss(image, text, torch.tensor(scale), torch.tensor(bias), return_details=True)
+    assert {"loss_clip", "loss_m2", "loss_v"} <= set(details) and torch.isfinite(total)

@@ -167,8 +167,19 @@ class ExperimentConfig(RunSettings):
 
 
 def config_from_dict(data: dict[str, Any] | None, overrides: list[str] = ()) -> ExperimentConfig:
-    """Build and validate a config from a nested dict plus ``key=value`` overrides."""
-    return from_dict(ExperimentConfig, apply_natural_overrides(data or {}, list(overrides)))
+    """Build and validate a config from a nested dict plus ``key=value`` overrides.
+
+    Beyond the shared natural-override rules: ``loss.kind=sigmoid`` given starts the logit scale
+    at SigLIP's 10 (unless ``model.logit_scale.init`` is given too), since a file's CLIP value
+    1/0.07 was chosen for the softmax loss."""
+    out = apply_natural_overrides(data or {}, list(overrides))
+    given = {text.split("=", 1)[0].strip() for text in overrides}
+    loss = out.get("loss") if isinstance(out.get("loss"), dict) else {}
+    if "loss.kind" in given and loss.get("kind") == "sigmoid" and "model.logit_scale.init" not in given:
+        model = out.setdefault("model", {})
+        if isinstance(model, dict) and isinstance(model.setdefault("logit_scale", {}), dict):
+            model["logit_scale"]["init"] = SIGLIP_INIT["scale"]
+    return from_dict(ExperimentConfig, out)
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> ExperimentConfig:

@@ -31,8 +31,7 @@ def apply_natural_overrides(data: dict[str, Any], overrides: list[str]) -> dict[
     - ``topology.name`` of a topology without blocks: the file's ``n`` and ``m`` go (the
       dimension stays ``n * m`` when the file gave no ``dim``);
     - ``topology.dim`` or ``topology.m`` given: the file's ``n`` goes (it follows ``dim / m``);
-    - ``optim.warmup_ratio`` given: the file's ``optim.warmup_steps`` goes;
-    - ``loss.kind=sigmoid`` given: the logit scale starts at SigLIP's 10 (unless given too).
+    - ``optim.warmup_ratio`` given: the file's ``optim.warmup_steps`` goes.
     """
     overridden = {".".join(parse_override(text)[0]) for text in overrides}
     out = apply_overrides(copy.deepcopy(data or {}), list(overrides))
@@ -61,12 +60,3 @@ def drop_dependents(out: dict[str, Any], overridden: set[str]) -> None:
             _set_null(out, "topology", "n", overridden)
     if "optim.warmup_ratio" in overridden:
         _set_null(out, "optim", "warmup_steps", overridden)
-    loss = out.get("loss") if isinstance(out.get("loss"), dict) else {}
-    if "loss.kind" in overridden and loss.get("kind") == "sigmoid" and "model.logit_scale.init" not in overridden:
-        # SigLIP's initialisation (scale 10, bias -10): the file's CLIP value 1/0.07 was chosen
-        # for the softmax loss.
-        model = out.setdefault("model", {})
-        if isinstance(model, dict):
-            scale = model.setdefault("logit_scale", {})
-            if isinstance(scale, dict):
-                scale["init"] = 10.0

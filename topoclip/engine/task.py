@@ -71,7 +71,10 @@ class ContrastiveTask(Task):
         super().__init__()
         from topoclip.losses.sigmoid import SigmoidLoss
 
-        if isinstance(getattr(loss_fn, "inner", loss_fn), SigmoidLoss) and getattr(model, "logit_bias", None) is None:
+        inner = loss_fn
+        while hasattr(inner, "inner") or hasattr(inner, "clip_loss"):  # entailment / mixup wrappers
+            inner = getattr(inner, "inner", None) or inner.clip_loss
+        if isinstance(inner, SigmoidLoss) and getattr(model, "logit_bias", None) is None:
             raise ValueError("loss.kind=sigmoid: the model has no logit bias (model.logit_bias; a pretrained "
                              "source without one cannot be fine-tuned with the sigmoid loss yet)")
         self.model = model

@@ -40,6 +40,7 @@ __all__ = [
     "linear_mix",
     "mix",
     "m2_mix_loss",
+    "m2_mix_sigmoid_loss",
     "v_mix_loss",
     "l_mix_loss",
     "vl_mix_loss",
@@ -99,6 +100,23 @@ def m2_mix_loss(topology: Topology, image: Tensor, text: Tensor, scale: Tensor |
     logits_text = _with_diagonal(scale * topology.similarity(text, mixed), positive)
     labels = _labels(image.shape[0], positive.device)
     return 0.5 * (F.cross_entropy(logits_image, labels) + F.cross_entropy(logits_text, labels))
+
+
+def m2_mix_sigmoid_loss(topology: Topology, image: Tensor, text: Tensor, scale: Tensor | float, bias: Tensor | float,
+                        lam: float, path: str = "geodesic") -> Tensor:
+    """m²-Mix in the sigmoid form (for runs with the sigmoid loss): the same logits as
+    ``m2_mix_loss`` plus the bias, each scored on its own, +1 on the diagonal (the original
+    pair), -1 for the mixed negatives; -sum log sigmoid(z logits) / b per anchor modality,
+    averaged over the two."""
+    mixed = mix(topology, image, text, lam, path)
+    positive = scale * topology.paired_similarity(image, text) + bias
+    n = image.shape[0]
+    signs = 2.0 * torch.eye(n, device=positive.device, dtype=positive.dtype) - 1.0
+    out = 0.0
+    for anchor in (image, text):
+        logits = _with_diagonal(scale * topology.similarity(anchor, mixed) + bias, positive)
+        out = out + 0.5 * -F.logsigmoid(signs * logits).sum() / n
+    return out
 
 
 def _soft_targets(n: int, lam: float, device, dtype) -> Tensor:
@@ -204,15 +222,21 @@ class M3MixLoss(nn.Module):
     def _draw(self, alpha: float) -> float:
         return float(self.rng.beta(alpha, alpha))
 
-    def forward(self, image: Tensor, text: Tensor, scale: Tensor | float, epoch: int | None = None, return_details: bool = False):
+    def forward(self, image: Tensor, text: Tensor, scale: Tensor | float, *bias: Tensor, epoch: int | None = None,
+                return_details: bool = False):
+        """``bias``: the logit bias, when the main term is the sigmoid loss; the m²-Mix term
+        then takes its sigmoid form with it (the uni-modal terms keep their softmax form)."""
         w = self.weights
         epoch = self.epoch if epoch is None else epoch
         decay = 1.0 / (epoch + 1) if w.decay else 1.0
-        terms: dict[str, Tensor] = {"clip": self.clip_loss(image, text, scale)}
+        terms: dict[str, Tensor] = {"clip": self.clip_loss(image, text, scale, *bias)}
         lams: dict[str, float] = {}
         if w.m2 > 0:
             lams["m2"] = self._draw(w.alpha_m2)
-            terms["m2"] = m2_mix_loss(self.topology, image, text, w.m2_scale, lams["m2"], self.path)
+            if bias:
+                terms["m2"] = m2_mix_sigmoid_loss(self.topology, image, text, w.m2_scale, bias[0], lams["m2"], self.path)
+            else:
+                terms["m2"] = m2_mix_loss(self.topology, image, text, w.m2_scale, lams["m2"], self.path)
         if w.v > 0:
             lams["v"] = self._draw(w.alpha_uni)
             terms["v"] = v_mix_loss(self.topology, image, text, scale, lams["v"], self.path)
