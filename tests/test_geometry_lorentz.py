@@ -180,3 +180,23 @@ def test_uniformity_and_alignment_use_the_geodesic_distance_in_hyperbolic_space(
     assert uniformity(a, b, topology=topo) == pytest.approx(want)
     assert alignment(a, b) != pytest.approx(alignment(a, b, topology=topo))  # not the Euclidean one
     assert set(geometry_report(a, b, topo)) == {"alignment", "uniformity", "relative_alignment", "modality_gap"}
+
+
+def test_a_model_on_the_hyperboloid_scales_its_features_by_a_learnable_alpha():
+    from topoclip.models import ModelConfig, build_model
+    from topoclip.models.dual_encoder import TokenProjection
+
+    head = TokenProjection(32, 1, topoclip.topology("lorentz", dim=16))
+    assert float(head.log_alpha.exp()) == pytest.approx(16 ** -0.5)
+    tokens = torch.randn(3, 1, 32)
+    want = head.topology.project(head.linear(tokens[:, 0]) * 16 ** -0.5)
+    torch.testing.assert_close(head(tokens), want)
+    with torch.no_grad():
+        head.log_alpha.fill_(2.0)  # alpha is capped at 1
+    torch.testing.assert_close(head(tokens), head.topology.project(head.linear(tokens[:, 0])))
+    assert TokenProjection(32, 1, topoclip.topology("sphere", dim=16)).log_alpha is None
+    cfg = ModelConfig.from_dict({"image": {"img_size": 16, "patch_size": 8, "depth": 1, "width": 32, "heads": 2},
+                                 "text": {"width": 32, "depth": 1, "heads": 2, "context_length": 8}})
+    model = build_model(cfg, topoclip.topology("lorentz", dim=16), vocab_size=30)
+    assert {"image_proj.log_alpha", "text_proj.log_alpha"} <= set(dict(model.named_parameters()))
+    assert {"image_proj.log_alpha", "text_proj.log_alpha"} <= model.no_weight_decay_names()

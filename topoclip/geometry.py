@@ -561,6 +561,8 @@ class Lorentz(Topology):
     """
 
     name = "lorentz"
+    # project is exp_0: models scale their features before it (see models.TokenProjection)
+    scales_tangent_input = True
 
     def __init__(self, dim: int, curvature: float | Callable[[], Tensor] = 1.0, learn_curvature: bool = False):
         super().__init__(dim, 1)

@@ -8,6 +8,9 @@ token. Single-token (k = 1): the token -> d = n*m by a linear head, then ``topol
 
 from __future__ import annotations
 
+import math
+
+import torch
 from torch import Tensor, nn
 
 from ..geometry import Topology
@@ -50,11 +53,19 @@ class TokenProjection(nn.Module):
         self.linear = nn.Linear(width, out, bias=False)
         # Gaussian with std = 1/sqrt(fan_in), the "Kaiming" init of *Design of the topology*, §4.1.
         nn.init.normal_(self.linear.weight, std=width ** -0.5)
+        # A topology whose project is an exponential map (lorentz) reads the features as a
+        # tangent vector, whose length is a distance: MERU scales them by a learnable
+        # alpha <= 1 that starts at d^-1/2, so that points start near the origin.
+        self.log_alpha = None
+        if getattr(topology, "scales_tangent_input", False):
+            self.log_alpha = nn.Parameter(torch.tensor(-0.5 * math.log(out)))
 
     def forward(self, tokens: Tensor) -> Tensor:
         if tokens.ndim != 3 or tokens.shape[1] != self.num_tokens:
             raise ValueError(f"expected token features [b, {self.num_tokens}, width], got {tuple(tokens.shape)}")
         x = self.linear(tokens if self.num_tokens > 1 else tokens[:, 0])
+        if self.log_alpha is not None:
+            x = x * self.log_alpha.exp().clamp(max=1.0)
         return self.topology.project(x).reshape(tokens.shape[0], self.topology.dim)
 
 
