@@ -563,6 +563,8 @@ class Lorentz(Topology):
     name = "lorentz"
     # project is exp_0: models scale their features before it (see models.TokenProjection)
     scales_tangent_input = True
+    # the Euclidean distance of stored points means little here: geometry metrics use -similarity
+    metrics_by_own_distance = True
 
     def __init__(self, dim: int, curvature: float | Callable[[], Tensor] = 1.0, learn_curvature: bool = False):
         super().__init__(dim, 1)

@@ -34,7 +34,7 @@ def _flat(x: Tensor) -> Tensor:
 
 
 def _hyperbolic(topology: Topology | None) -> bool:
-    return topology is not None and topology.name == "lorentz"
+    return topology is not None and getattr(topology, "metrics_by_own_distance", False)
 
 
 def _sq_dists(a: Tensor, b: Tensor, topology: Topology | None = None) -> Tensor:
