@@ -126,8 +126,14 @@ def test_shipped_grids_expand_and_validate():
     for path in sorted((CONFIGS / "ablation").glob("*.yaml")):
         grid = load_grid(path)
         sizes[path.stem] = len(grid.runs)
-        assert all(run.config.train.steps == 400 and run.config.data.shapes.num_train == 5120 for run in grid.runs), path
-    assert sizes == {"table3": 16, "table4_8": 9, "noise": 10, "seeds": 9}
+        steps = 300 if path.stem in ("beyond", "noise_lorentz") else 400  # the newer grids are shorter
+        assert all(run.config.train.steps == steps and run.config.data.shapes.num_train == 5120 for run in grid.runs), path
+    assert sizes == {"table3": 16, "table4_8": 9, "noise": 10, "seeds": 9, "beyond": 24, "noise_lorentz": 5}
+    beyond = load_grid(CONFIGS / "ablation" / "beyond.yaml")
+    assert {(r.config.topology.name, r.config.loss.kind) for r in beyond.runs} == {
+        (t, k) for t in ("sphere", "oblique-inner", "oblique-geodesic", "lorentz") for k in ("softmax", "sigmoid")}
+    sigmoid = [r.config.model for r in beyond.runs if r.config.loss.kind == "sigmoid"]
+    assert {(m.logit_bias, m.logit_scale.init) for m in sigmoid} == {(-10.0, 10.0)}  # SigLIP's initialisation
     seeds = load_grid(CONFIGS / "ablation" / "seeds.yaml")
     assert sorted({r.config.train.seed for r in seeds.runs}) == [0, 1, 2]
     assert len({r.config.data.shapes.seed for r in seeds.runs}) == 1  # one data set, three trainings
