@@ -173,7 +173,7 @@ def _add_finetune_demo_parser(sub) -> None:
             "shapes, fine-tune on light-background shapes with FT, m2-Mix (geodesic and linear), m3-Mix, "
             "LP-FT, LP-FT w/ m2-Mix, WiSE-FT, WiSE-FT w/ m2-Mix and the embedding shift over --seeds "
             "fine-tuning seeds, evaluate everything on both distributions, and check the paper's claims "
-            "against the seed spread. Writes OUT/table.md and OUT/table.json; finished stages are reused. "
+            "against the spread over random seeds. Writes OUT/table.md and OUT/table.json; finished stages are reused. "
             "The default takes about 10 minutes on 2 CPU cores; --full runs the larger documented one."
         ),
     )

@@ -1,5 +1,5 @@
 """The robust fine-tuning demonstration on the embedded data (``topoclip finetune-demo``),
-judged against the seed spread.
+judged against the spread over random seeds.
 
 1. Pretrain the default model on the default shapes (dark backgrounds): the "zero-shot" model.
 2. For each of ``seeds`` fine-tuning seeds, fine-tune it on a shifted distribution (light
@@ -8,10 +8,10 @@ judged against the seed spread.
    shift. Optionally (``temperatures``) FT and m²-Mix (geodesic and linear) at fixed
    temperatures: ECE against τ, and linear vs geodesic mixup at each τ.
 3. Evaluate every model on the fine-tuning distribution ("target") and the original one
-   ("reference"); write a table of mean ± std over the seeds (Markdown + JSON) and check the
+   ("reference"); write a table of mean ± std over the random seeds (Markdown + JSON) and check the
    claims of *Geodesic Multi-Modal Mixup for Robust Fine-Tuning* (Oh et al., NeurIPS 2023) one
    by one: a claim *holds* when the mean paired difference (same seed, same data order) is in
-   the claimed direction and larger than its standard deviation over the seeds; it *fails*
+   the claimed direction and larger than its standard deviation over the random seeds; it *fails*
    when the difference is that large the other way; otherwise it is *within noise*.
 
 Every stage is a run directory under ``out``; finished stages are reused, so an interrupted
@@ -146,7 +146,7 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def seed_table(per_seed: Sequence[dict[str, dict]]) -> dict[str, dict[str, tuple[float, float]]]:
-    """label -> column -> (mean, std) over the seeds that have the model."""
+    """label -> column -> (mean, std) over the random seeds that have the model."""
     labels = list(dict.fromkeys(label for models in per_seed for label in models))
     return {
         label: {col: _mean_std([read(models[label]) for models in per_seed if label in models])
@@ -205,7 +205,7 @@ CLAIMS = (
 
 
 def check_claims(per_seed: Sequence[dict[str, dict]]) -> list[dict[str, Any]]:
-    """Each claim against the seeds: the paired differences, their mean and std, the verdict."""
+    """Each claim against the random seeds: the paired differences, their mean and std, the verdict."""
     rows: list[dict[str, Any]] = []
     zero_shot = next((models["zero-shot"] for models in per_seed if "zero-shot" in models), None)
     hard = (zero_shot or {}).get("target", {}).get("robustness", {}).get("hardness", {})
@@ -246,7 +246,7 @@ SWEEP_ARMS = (("ft", "ft", (), "FT"), ("m2mix", "m2mix", (), "m²-Mix"),
 
 def _sweep_table(per_seed_sweep: Sequence[dict[float, dict[str, dict]]], temperatures: Sequence[float],
                  column: str, labels: Sequence[str]) -> tuple[str, dict]:
-    """One column against the fixed fine-tuning temperature (mean ± std over the seeds)."""
+    """One column against the fixed fine-tuning temperature (mean ± std over the random seeds)."""
     read, _ = COLUMNS[column]
     out: dict[str, dict[str, tuple[float, float]]] = {}
     for label in labels:
@@ -338,7 +338,7 @@ def run_demo(
         f"accuracy (mean over the tasks), ECE (15 bins, mean of both directions) and SIMAT R@1 in %; uniformity, "
         f"alignment and modality gap: lower is better.\n\n{_table_markdown(table)}\n\n"
         f"A claim holds when the mean paired difference (same seed) is in its direction and larger than the "
-        f"difference's standard deviation over the seeds.\n\n{_claims_markdown(claims)}\n"
+        f"difference's standard deviation over the random seeds.\n\n{_claims_markdown(claims)}\n"
     )
     sweep_json = None
     if temperatures:
