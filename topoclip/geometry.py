@@ -339,14 +339,12 @@ class Topology:
             dtype = torch.promote_types(dtype, t.dtype)
         return [t.to(dtype) for t in flat]
 
-    def _log(self, x: Tensor, y: Tensor) -> Tensor:
-        return y - x  # flat space; curved topologies override
+    # A topology without these maps says so rather than falling back to flat-space arithmetic,
+    # which would leave its manifold without a word.
+    def _log(self, *args: Tensor) -> Tensor:
+        raise NotImplementedError(f"{self.name}: tangent-space moves (log/exp maps, transport) are not implemented")
 
-    def _exp(self, x: Tensor, v: Tensor) -> Tensor:
-        return x + v
-
-    def _transport(self, a: Tensor, b: Tensor, v: Tensor) -> Tensor:
-        return v
+    _exp = _transport = _log
 
     @property
     def similarity_range(self) -> tuple[float, float]:
@@ -384,6 +382,16 @@ class Euclidean(Topology):
         x = _compute_dtype(x)
         self._flat(x)  # validates the shape
         return x
+
+    # Flat space: the tangent space is the space itself.
+    def _log(self, x: Tensor, y: Tensor) -> Tensor:
+        return y - x
+
+    def _exp(self, x: Tensor, v: Tensor) -> Tensor:
+        return x + v
+
+    def _transport(self, a: Tensor, b: Tensor, v: Tensor) -> Tensor:
+        return v
 
     def _similarity(self, u: Tensor, v: Tensor) -> Tensor:
         return _EuclideanSimilarity.apply(u, v)
@@ -602,11 +610,13 @@ class Lorentz(Topology):
         c = self.c(x)
         root = torch.sqrt(c)
         norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-        # exp_0((0, x)) has space part sinh(sqrt(c) |x|) x / (sqrt(c) |x|); the ratio is 1 at
-        # x = 0 (sinh(r)/r), and the radius is capped before sinh can overflow.
-        r = (root * norm).clamp(max=_LORENTZ_MAX_RADIUS)
-        scale = torch.where(r < 1e-4, 1.0 + r * r / 6.0, torch.sinh(r) / r.clamp_min(1e-4))
-        return scale * x * torch.where(root * norm > _LORENTZ_MAX_RADIUS, r / (root * norm).clamp_min(1e-30), 1.0)
+        # exp_0((0, x)) has space part sinh(sqrt(c) |x|) x / (sqrt(c) |x|), with the radius
+        # capped before sinh can overflow (the tangent vector shortened to the cap); the
+        # ratio is 1 at x = 0 (its series there).
+        radius = root * norm
+        coef = torch.where(radius < 1e-4, 1.0 + radius * radius / 6.0,
+                           torch.sinh(radius.clamp(max=_LORENTZ_MAX_RADIUS)) / radius.clamp_min(1e-4))
+        return coef * x
 
     def _similarity(self, u: Tensor, v: Tensor) -> Tensor:
         c = self.c(u)
@@ -632,11 +642,6 @@ class Lorentz(Topology):
         t = t.unsqueeze(-1) if t.ndim else t
         theta = (-self._paired(a, b) * torch.sqrt(self.c(a))).unsqueeze(-1)
         return _sinh_ratio(1.0 - t, theta) * a + _sinh_ratio(t * torch.ones_like(theta), theta) * b
-
-    def _log(self, x, y):
-        raise NotImplementedError("lorentz: tangent-space moves (log/exp maps, transport) are not implemented yet")
-
-    _exp = _transport = _log
 
     @property
     def label(self) -> str:
