@@ -2,6 +2,7 @@
 along the straight line versus the geodesic."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -201,6 +202,14 @@ def test_m2mix_fine_tuning_of_a_sigmoid_run_uses_the_sigmoid_form(tmp_path, topo
     assert all("loss_m2" in r for r in log)
     before, after = load_run(tmp_path / "sig").model.logit_bias.value, load_run(tmp_path / "ft-sig").model.logit_bias.value
     assert after != before  # the bias fine-tunes with the model
-    # a source without a logit bias cannot take the sigmoid loss: said before training
-    with pytest.raises(ValueError, match="loss.kind=sigmoid: the model has no logit bias"):
-        run_finetune(load_finetune_config(None, [*common, f"source.path={topoclip_run}", "output.name=ft-none"]))
+    # a source trained with the softmax loss has no bias: it gets one at finetune.logit_bias,
+    # which trains, is saved, loads back with the fine-tuned model and enters WiSE-FT's average
+    assert load_run(topoclip_run).model.logit_bias is None
+    wise = [*common[:-1], "finetune.method=wise-ft+m2mix", "finetune.logit_bias=-4.0", f"output.dir={tmp_path}"]
+    run_finetune(load_finetune_config(None, [*wise, f"source.path={topoclip_run}", "output.name=ft-none"]))
+    finetuned = load_run(tmp_path / "ft-none").model.logit_bias.value
+    assert finetuned != -4.0 and math.isfinite(finetuned)
+    wise_bias = load_file(tmp_path / "ft-none" / "wise_ft" / "model.safetensors")["logit_bias.bias"]
+    assert float(wise_bias) == pytest.approx((-4.0 + finetuned) / 2, abs=1e-6)
+    with pytest.raises(ValueError, match="finetune.logit_bias: only the sigmoid loss"):
+        load_finetune_config(None, ["finetune.logit_bias=-4"])

@@ -142,6 +142,26 @@ def test_openclip_finetune_step_trains_towers_and_scale_not_the_wrapped_scale(op
     assert torch.equal(before["clip.logit_scale"], after["clip.logit_scale"])
 
 
+def test_the_sigmoid_loss_gets_a_bias_from_a_siglip_source_or_siglips_init(openclip_files):
+    from topoclip.losses import SigmoidLoss
+    from topoclip.models import ensure_logit_bias
+
+    torch.manual_seed(0)
+    siglip = OpenClipDualEncoder(open_clip.create_model(TINY, init_logit_bias=-7.0))  # SigLIP-style: has a bias
+    assert ensure_logit_bias(siglip).value == pytest.approx(-7.0)
+    assert not siglip.clip.logit_bias.requires_grad  # superseded, like the wrapped scale
+    assert "logit_bias.bias" in siglip.no_weight_decay_names()
+    assert ensure_logit_bias(siglip, 3.0).value == pytest.approx(-7.0)  # a model keeps the bias it has
+    _, root = openclip_files
+    clip, tok, _ = load_openclip(TINY, root / "tiny.pt")
+    assert clip.logit_bias is None and ensure_logit_bias(clip).value == -10.0  # SigLIP's init
+    assert ensure_logit_bias(OpenClipDualEncoder(open_clip.create_model(TINY)), 2.5).value == 2.5
+    tokens = tok(TEXTS)
+    u, v = clip(_images(4), tokens["input_ids"], tokens["attention_mask"])
+    SigmoidLoss(clip.topology)(u, v, clip.logit_scale(), clip.logit_bias()).backward()
+    assert clip.logit_bias.bias.grad is not None and float(clip.logit_bias.bias.grad) != 0.0
+
+
 def test_openclip_loader_refuses_downloads_and_bad_names(openclip_files, tmp_path):
     _, root = openclip_files
     with pytest.raises(ValueError, match="allow_download"):

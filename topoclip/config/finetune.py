@@ -4,6 +4,7 @@ usual optim/schedule/train/eval/output/logging sections (with fine-tuning defaul
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -123,6 +124,9 @@ class FinetuneMethodConfig:
     # The paper's high-temperature variants ("FT (τ)", "m³-Mix (τ)"): fine-tune with the logit
     # scale fixed at 1/temperature instead of the model's own learned one (null).
     temperature: Optional[float] = None
+    # The sigmoid loss (loss.kind=sigmoid) needs a learnable logit bias; a source without one
+    # gets it, starting here (null: a SigLIP source's own, else SigLIP's -10).
+    logit_bias: Optional[float] = None
     shift: float = 1.0  # c of the embedding shift: points move by c * gap / 2
     gap_pairs: int = 4096  # fine-tuning pairs the modality gap is measured on
     eval_zero_shot: bool = True  # also evaluate the source model before fine-tuning
@@ -143,6 +147,8 @@ class FinetuneMethodConfig:
         if self.temperature is not None and not 0.01 <= self.temperature <= 10.0:
             raise ValueError(f"finetune.temperature: must lie in [0.01, 10] (a logit scale of 1/temperature <= 100), "
                              f"got {self.temperature}")
+        if self.logit_bias is not None and not math.isfinite(self.logit_bias):
+            raise ValueError(f"finetune.logit_bias: must be a finite number or null, got {self.logit_bias}")
         if self.simat_lambda is not None and not self.simat_lambda > 0:
             raise ValueError(f"finetune.simat_lambda: must be > 0 (null: no embedding arithmetic), got {self.simat_lambda}")
         if self.gap_pairs < 1:
@@ -214,6 +220,8 @@ class FinetuneConfig(RunSettings):
     def __post_init__(self):
         if self.output.name is None:
             self.output.name = f"finetune-{self.finetune.method}"
+        if self.finetune.logit_bias is not None and self.loss.kind != "sigmoid":
+            raise ValueError("finetune.logit_bias: only the sigmoid loss has a logit bias (set loss.kind=sigmoid or null it)")
         self.check_warmup_fits()
 
 

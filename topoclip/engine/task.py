@@ -75,8 +75,8 @@ class ContrastiveTask(Task):
         while hasattr(inner, "inner") or hasattr(inner, "clip_loss"):  # entailment / mixup wrappers
             inner = getattr(inner, "inner", None) or inner.clip_loss
         if isinstance(inner, SigmoidLoss) and getattr(model, "logit_bias", None) is None:
-            raise ValueError("loss.kind=sigmoid: the model has no logit bias (model.logit_bias; a pretrained "
-                             "source without one cannot be fine-tuned with the sigmoid loss yet)")
+            raise ValueError("loss.kind=sigmoid: the model has no logit bias (give it one: model.logit_bias in "
+                             "a training config, topoclip.models.ensure_logit_bias for a model of your own)")
         self.model = model
         self.loss_fn = loss_fn
 

@@ -18,7 +18,7 @@ from ..temperature import Curvature, LogitBias, LogitScale
 from .config import ModelConfig
 from .towers import ImageTower, TextTower
 
-__all__ = ["DualEncoder", "TokenProjection", "build_model", "check_tokens_fit_topology"]
+__all__ = ["DualEncoder", "TokenProjection", "build_model", "check_tokens_fit_topology", "ensure_logit_bias"]
 
 
 def check_tokens_fit_topology(num_tokens: int, topology: Topology) -> None:
@@ -143,3 +143,22 @@ def build_model(cfg: ModelConfig, topology: Topology, vocab_size: int, pad_token
         model.curvature = Curvature(float(topology.curvature))
         topology.curvature = model.curvature
     return model
+
+
+def ensure_logit_bias(model: nn.Module, init: float | None = None) -> LogitBias:
+    """Give ``model`` the sigmoid loss's learnable logit bias, if it has none, and return it.
+
+    A model trained with the sigmoid loss keeps its own bias (``init`` is then ignored). Else
+    the bias starts at ``init``; null takes the wrapped pretrained model's own ``logit_bias``
+    (an OpenCLIP or Hugging Face SigLIP model carries one) or, failing that, SigLIP's -10.
+    The bias sits on the device of the model's logit scale and, being 0-dim, is exempt from
+    weight decay like the scale.
+    """
+    existing = getattr(model, "logit_bias", None)
+    if existing is not None:
+        return existing
+    if init is None:
+        own = getattr(getattr(model, "clip", None), "logit_bias", None)
+        init = float(own.detach().float().reshape(-1)[0]) if isinstance(own, Tensor) else -10.0
+    model.logit_bias = LogitBias(init).to(model.logit_scale().device)
+    return model.logit_bias

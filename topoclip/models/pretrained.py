@@ -84,6 +84,7 @@ class _PretrainedAdapter(nn.Module):
         self.embed_dim = int(embed_dim)
         self.topology = _resolve_topology(topology, self.embed_dim)
         self.logit_scale = _logit_scale_from(log_scale, max_logit_scale)
+        self.logit_bias = None  # the sigmoid loss's: models.ensure_logit_bias adds one when needed
 
     def image_embedding(self, images: Tensor) -> Tensor:
         """The model's unnormalised image embedding ``[b, embed_dim]``."""

@@ -53,7 +53,7 @@ from topoclip.engine.trainer import seed_everything
 from topoclip.eval import EmbeddingShiftModel, EvalEntry, arithmetic_options, arithmetic_set, estimate_modality_gap
 from topoclip.losses.mixup import M3MixLoss
 from topoclip.models import interpolate_weights
-from topoclip.runs import PLOTS_DIR, RECORDS_FILE, RESULTS_FILE, LoadedRun, load_source
+from topoclip.runs import PLOTS_DIR, RECORDS_FILE, RESULTS_FILE, LoadedRun, load_finetune_source
 
 from .common import build_loss, finished_results, make_trainer, periodic_evaluator, start_run
 from .evaluate import eval_entries, evaluate_entries, shapes_eval_sets, suite_entries, write_records
@@ -199,7 +199,7 @@ def _run_finetune(config: FinetuneConfig, run_dir: str | os.PathLike | None, inf
     run_dir, resume, device, say = start_run(config, run_dir, info, "finetune")
 
     seed_everything(config.train.seed)
-    loaded = load_source(config.source, device)
+    loaded = load_finetune_source(config, device)
     model = loaded.model
     train_set, target = _target_data(config, loaded)
     # Only the reference's test split is used; its splits are generated independently, so a

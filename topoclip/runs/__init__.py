@@ -28,7 +28,7 @@ from .layout import (
     upgrade_config,
     write_run_info,
 )
-from .loading import LoadedRun, is_run, load_run, load_source
+from .loading import LoadedRun, is_run, load_finetune_source, load_run, load_source
 
 __all__ = [
     "CONFIG_FILE",
@@ -46,6 +46,7 @@ __all__ = [
     "latest_checkpoint",
     "list_checkpoints",
     "load_run",
+    "load_finetune_source",
     "load_source",
     "load_training_state",
     "load_weights",

@@ -23,13 +23,13 @@ from topoclip.data import ImageTransform, TextTokenizer
 from topoclip.data.shapes import ShapesConfig
 from topoclip.dataclass_io import from_dict
 from topoclip.geometry import Topology, is_blockwise, topology
-from topoclip.models import build_model
+from topoclip.models import build_model, ensure_logit_bias
 from topoclip.models.pretrained import load_pretrained
 
 from .checkpoint import load_weights, read_checkpoint_config, resolve_checkpoint
 from .layout import TOKENIZER_DIR, read_run_info, upgrade_config
 
-__all__ = ["LoadedRun", "load_run", "load_source"]
+__all__ = ["LoadedRun", "load_finetune_source", "load_run", "load_source"]
 
 
 @dataclass
@@ -86,7 +86,7 @@ def load_run(path: str | os.PathLike, device: torch.device | str = "cpu") -> Loa
     saved, kind = upgrade_config(saved, info), info.kind
     if kind == "finetune":  # rebuild the source's architecture, then load the fine-tuned weights
         config = from_dict(FinetuneConfig, saved)
-        loaded = load_source(config.source, device)
+        loaded = load_finetune_source(config, device)
         load_weights(loaded.model, ckpt)
         loaded.description = f"{ckpt} (fine-tuned from {loaded.description})"
         if config.data.source == "shapes":  # else `topoclip eval` falls back to the reference shapes
@@ -116,6 +116,16 @@ def is_run(path: str | os.PathLike) -> bool:
         return True
     except ValueError:
         return False
+
+
+def load_finetune_source(config: FinetuneConfig, device) -> LoadedRun:
+    """A fine-tuning run's source model, fitted to its loss: the sigmoid loss gives a source
+    without a logit bias one (``finetune.logit_bias``), before training and again when the
+    fine-tuned weights are loaded back."""
+    loaded = load_source(config.source, device)
+    if config.loss.kind == "sigmoid":
+        ensure_logit_bias(loaded.model, config.finetune.logit_bias)
+    return loaded
 
 
 def load_source(source: SourceConfig, device) -> LoadedRun:
