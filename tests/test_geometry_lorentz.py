@@ -121,13 +121,6 @@ def test_tiled_losses_equal_plain_on_lorentz():
     assert a.item() == pytest.approx(b.item(), rel=1e-6)
 
 
-def test_tangent_space_moves_say_they_are_not_there_yet():
-    topo = topoclip.topology("lorentz", dim=4)
-    x = _points(topo, 2, 11)
-    with pytest.raises(NotImplementedError, match="lorentz"):
-        topo.translate(x, x, x)
-
-
 def test_the_curvature_module_is_clamped_to_a_decade_either_side():
     from topoclip.temperature import Curvature
 

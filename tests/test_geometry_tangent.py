@@ -100,3 +100,74 @@ def test_translate_gradcheck_in_float64(name, options):
     topo = _topo(name, options)
     x, a, b = (_points(topo, n=3, seed=s).requires_grad_() for s in (6, 7, 8))
     assert torch.autograd.gradcheck(lambda x, a, b: topo.translate(x, a, b, 0.6), (x, a, b))
+
+
+# ----------------------------------------------------------------------- the hyperboloid
+# Reference maps of the hyperboloid <X, X>_L = -1/c in full coordinates X = (x_0, x_s), in plain
+# Python; topoclip stores points and tangent vectors by their space parts.
+
+def _full(xs, c):
+    return [math.sqrt(1.0 / c + sum(a * a for a in xs)), *xs]
+
+
+def _minkowski(x, y):
+    return -x[0] * y[0] + sum(a * b for a, b in zip(x[1:], y[1:]))
+
+
+def _lorentz_log(xs, ys, c):
+    x, y = _full(xs, c), _full(ys, c)
+    inner = _minkowski(x, y)
+    dist = math.acosh(max(1.0, -c * inner)) / math.sqrt(c)
+    w = [b + c * inner * a for a, b in zip(x, y)]
+    norm = math.sqrt(max(0.0, _minkowski(w, w)))
+    return [dist * e / norm for e in w][1:] if norm > 0 else [0.0] * len(xs)
+
+
+def _lorentz_exp(xs, vs, c):
+    x = _full(xs, c)
+    v = [sum(a * b for a, b in zip(xs, vs)) / x[0], *vs]  # tangent: <x, v>_L = 0
+    r = math.sqrt(c * max(0.0, _minkowski(v, v)))
+    if r == 0:
+        return list(xs)
+    return [math.cosh(r) * a + math.sinh(r) / r * e for a, e in zip(x, v)][1:]
+
+
+def _lorentz_transport(as_, bs, vs, c):
+    a, b = _full(as_, c), _full(bs, c)
+    v = [sum(p * q for p, q in zip(as_, vs)) / a[0], *vs]
+    coef = _minkowski(b, v) / (1.0 / c - _minkowski(a, b))
+    return [e + coef * (p + q) for e, p, q in zip(v, a, b)][1:]
+
+
+@pytest.mark.parametrize("c", [1.0, 0.3, 2.5])
+def test_lorentz_maps_match_the_hyperboloids_formulas(c):
+    topo = topoclip.geometry.Lorentz(6, curvature=c)
+    g = torch.Generator().manual_seed(0)
+    x, y, z = (topo.project(0.6 * torch.randn(5, 6, generator=g, dtype=torch.float64)) for _ in range(3))
+    log, moved = topo.log_map(x, y), topo.transport(x, y, topo.log_map(x, z))
+    for i in range(5):
+        xi, yi, zi = x[i].tolist(), y[i].tolist(), z[i].tolist()
+        torch.testing.assert_close(log[i], torch.tensor(_lorentz_log(xi, yi, c), dtype=torch.float64))
+        torch.testing.assert_close(topo.exp_map(x, log)[i], torch.tensor(_lorentz_exp(xi, log[i].tolist(), c), dtype=torch.float64))
+        want = _lorentz_transport(xi, yi, _lorentz_log(xi, zi, c), c)
+        torch.testing.assert_close(moved[i], torch.tensor(want, dtype=torch.float64))
+    torch.testing.assert_close(topo.exp_map(x, log), y)  # exp_x(log_x(y)) = y
+    torch.testing.assert_close(topo.transport(x, y, log), -topo.log_map(y, x))
+    for lam in (0.0, 0.3, 1.0):
+        torch.testing.assert_close(topo.translate(x, x, y, lam), topo.interpolate(x, y, lam))
+    torch.testing.assert_close(topo.translate(z, x, x, 0.7), z)
+
+
+def test_lorentz_maps_are_finite_at_identical_points_the_origin_and_in_half_precision_and_gradcheck():
+    topo = topoclip.geometry.Lorentz(6)
+    g = torch.Generator().manual_seed(1)
+    x = topo.project(torch.randn(4, 6, generator=g))
+    origin = torch.zeros(4, 6)
+    for a, b in ((x, x), (origin, x), (x, origin), (origin, origin)):
+        for out in (topo.log_map(a, b), topo.translate(a, a, b, 0.5), topo.transport(a, b, topo.log_map(a, b.flip(0)))):
+            assert torch.isfinite(out).all()
+    assert topo.log_map(x, x).abs().max() == 0
+    half = topo.translate(x.half(), x.flip(0).half(), x.roll(1, 0).half(), 1.0)
+    assert half.dtype == torch.float32 and torch.isfinite(half).all()
+    p, a, b = (topo.project(0.5 * torch.randn(3, 6, generator=g, dtype=torch.float64)).requires_grad_() for _ in range(3))
+    assert torch.autograd.gradcheck(lambda p, a, b: topo.translate(p, a, b, 0.6), (p, a, b))

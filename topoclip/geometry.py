@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -36,6 +36,8 @@ __all__ = [
     "Euclidean",
     "Oblique",
     "Lorentz",
+    "Product",
+    "product_topology",
     "topology",
     "register_topology",
     "available_topologies",
@@ -643,6 +645,38 @@ class Lorentz(Topology):
         theta = (-self._paired(a, b) * torch.sqrt(self.c(a))).unsqueeze(-1)
         return _sinh_ratio(1.0 - t, theta) * a + _sinh_ratio(t * torch.ones_like(theta), theta) * b
 
+    # Tangent vectors at x are stored, like points, by their space components v_s: the time
+    # component follows from tangency, <x, v>_L = 0, i.e. v_0 = x_s . v_s / x_0. With
+    # theta = sqrt(c) d(x, y) and cosh(theta) = -c <x, y>_L = 1 + z (z from the precise paired
+    # form), the maps are those of the hyperboloid (e.g. Ungar; Nickel & Kiela, ICML 2018).
+    def _theta_and_z(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        theta = (-self._paired(x, y) * torch.sqrt(self.c(x))).unsqueeze(-1)
+        return theta, torch.cosh(theta) - 1.0
+
+    def _log(self, x: Tensor, y: Tensor) -> Tensor:
+        # log_x(y) = theta / sinh(theta) (y + c <x, y>_L x) = theta / sinh(theta) (y - (1 + z) x),
+        # its space part written as (y - x) - z x so that near-identical points keep their digits.
+        theta, z = self._theta_and_z(x, y)
+        ratio = torch.where(theta < 1e-4, 1.0 - theta * theta / 6.0, theta / torch.sinh(theta).clamp_min(1e-30))
+        return ratio * ((y - x) - z * x)
+
+    def _exp(self, x: Tensor, v: Tensor) -> Tensor:
+        # exp_x(v) = cosh(r) x + sinh(r) / r v, r = sqrt(c) |v|_L; the radius capped as in project.
+        c = self.c(x)
+        v0 = (x * v).sum(-1, keepdim=True) / self.time(x).unsqueeze(-1)
+        r = torch.sqrt(c) * _SafeSqrt.apply(((v * v).sum(-1, keepdim=True) - v0 * v0).clamp_min(0.0))
+        capped = r.clamp(max=_LORENTZ_MAX_RADIUS)
+        coef = torch.where(r < 1e-4, 1.0 + r * r / 6.0, torch.sinh(capped) / r.clamp_min(1e-4))
+        return torch.cosh(capped) * x + coef * v
+
+    def _transport(self, a: Tensor, b: Tensor, v: Tensor) -> Tensor:
+        # P(v) = v + <b, v>_L / (1/c - <a, b>_L) (a + b), where 1/c - <a, b>_L = (2 + z) / c.
+        c = self.c(a)
+        _, z = self._theta_and_z(a, b)
+        v0 = (a * v).sum(-1, keepdim=True) / self.time(a).unsqueeze(-1)
+        b_dot_v = (b * v).sum(-1, keepdim=True) - self.time(b).unsqueeze(-1) * v0
+        return v + c * b_dot_v / (2.0 + z) * (a + b)
+
     @property
     def label(self) -> str:
         c = "learned c" if callable(self.curvature) or self.learn_curvature else f"c={self.curvature:g}"
@@ -654,6 +688,120 @@ class Lorentz(Topology):
 
     def __repr__(self) -> str:
         return f"Lorentz(dim={self.dim}, curvature={self.curvature!r})"
+
+
+class Product(Topology):
+    """A product of topologies: points are the factors' points side by side, and similarity is
+    the sum of the factors' similarities (e.g. sphere x lorentz x euclidean, in the spirit of
+    mixed-curvature product spaces, Gu et al., ICLR 2019). A product's geodesic is the product
+    of the factors' geodesics, so ``interpolate`` and the tangent-space maps act per factor.
+
+    Attributes follow the factors: the product is ``inner_product`` when every factor is (the
+    sum of dot products is the dot product of the concatenation, so losses may fuse it); it
+    scales its tangent input (MERU's learnable alpha) and scores geometry metrics by its own
+    distance when any factor does. Its hyperbolic factors share one curvature: ``curvature``
+    reads and sets theirs, and a model learns it when any of them asks to.
+    """
+
+    name = "product"
+
+    def __init__(self, factors: Sequence[Topology]):
+        factors = list(factors)
+        if len(factors) < 2 or not all(isinstance(f, Topology) for f in factors):
+            raise ValueError(f"product: needs two or more Topology factors, got {factors!r}")
+        super().__init__(sum(f.dim for f in factors), 1)
+        self.factors = factors
+        self.inner_product = all(f.inner_product for f in factors)
+        self.scales_tangent_input = any(getattr(f, "scales_tangent_input", False) for f in factors)
+        self.metrics_by_own_distance = any(getattr(f, "metrics_by_own_distance", False) for f in factors)
+        self._curved = [f for f in factors if isinstance(f, Lorentz)]
+        self.learn_curvature = any(f.learn_curvature for f in self._curved)
+
+    @property
+    def curvature(self):
+        return self._curved[0].curvature if self._curved else None
+
+    @curvature.setter
+    def curvature(self, value) -> None:
+        for f in self._curved:
+            f.curvature = value
+
+    @contextlib.contextmanager
+    def curvature_of(self, c: Tensor):
+        """As :meth:`Lorentz.curvature_of`, for every hyperbolic factor."""
+        with contextlib.ExitStack() as stack:
+            for f in self._curved:
+                stack.enter_context(f.curvature_of(c))
+            yield self
+
+    def split(self, x: Tensor) -> list[Tensor]:
+        """Points ``[..., d]`` -> each factor's part ``[..., d_i]``."""
+        return list(torch.split(self._flat(x), [f.dim for f in self.factors], dim=-1))
+
+    def _each(self, method: str, *tensors: Tensor) -> Tensor:
+        parts = zip(*(self.split(t) for t in tensors))
+        return torch.cat([getattr(f, method)(*p) for f, p in zip(self.factors, parts)], dim=-1)
+
+    def project(self, x: Tensor) -> Tensor:
+        return torch.cat([f.project(p) for f, p in zip(self.factors, self.split(_compute_dtype(x)))], dim=-1)
+
+    def _similarity(self, u: Tensor, v: Tensor) -> Tensor:
+        return sum(f.similarity(a, b) for f, a, b in zip(self.factors, self.split(u), self.split(v)))
+
+    def _paired(self, u: Tensor, v: Tensor) -> Tensor:
+        return sum(f.paired_similarity(a, b) for f, a, b in zip(self.factors, self.split(u), self.split(v)))
+
+    def _interpolate(self, a: Tensor, b: Tensor, t: Tensor) -> Tensor:
+        return torch.cat([f.interpolate(p, q, t) for f, p, q in zip(self.factors, self.split(a), self.split(b))], dim=-1)
+
+    def _log(self, x: Tensor, y: Tensor) -> Tensor:
+        return self._each("log_map", x, y)
+
+    def _exp(self, x: Tensor, v: Tensor) -> Tensor:
+        return self._each("exp_map", x, v)
+
+    def _transport(self, a: Tensor, b: Tensor, v: Tensor) -> Tensor:
+        return self._each("transport", a, b, v)
+
+    @property
+    def similarity_range(self) -> tuple[float, float]:
+        ranges = [f.similarity_range for f in self.factors]
+        return (sum(r[0] for r in ranges), sum(r[1] for r in ranges))
+
+    @property
+    def label(self) -> str:
+        return " x ".join(f.label for f in self.factors)
+
+    def __repr__(self) -> str:
+        return f"Product({self.factors!r})"
+
+
+def product_topology(spec: str, curvature: float = 1.0, learn_curvature: bool = False) -> Product:
+    """A product from a spec such as ``"sphere:64+lorentz:32+euclidean:32"``: factors joined by
+    ``+``, each ``name:dim`` (a blockwise kind: ``name:NxM``, e.g. ``oblique-inner:16x4``).
+    Hyperbolic factors start at ``curvature`` and share it (learned when ``learn_curvature``)."""
+    factors: list[Topology] = []
+    for part in str(spec).split("+"):
+        name, _, size = part.strip().partition(":")
+        if not name or not size:
+            raise ValueError(f"product: factor {part!r} of {spec!r} is not name:dim (or name:NxM for a blockwise kind)")
+        try:
+            numbers = [int(s) for s in size.lower().split("x")]
+        except ValueError:
+            raise ValueError(f"product: factor {part!r} of {spec!r}: its size {size!r} is not dim or NxM") from None
+        if name == "product":
+            raise ValueError(f"product: factor {part!r}: a product nests no product (list its factors instead)")
+        if name == "lorentz" and len(numbers) == 1:
+            factors.append(Lorentz(numbers[0], curvature=curvature, learn_curvature=learn_curvature))
+        elif is_blockwise(name):
+            if len(numbers) != 2:
+                raise ValueError(f"product: factor {part!r}: {name} is sized NxM (n per block, m blocks), e.g. {name}:16x4")
+            factors.append(topology(name, n=numbers[0], m=numbers[1]))
+        elif len(numbers) == 1:
+            factors.append(topology(name, dim=numbers[0]))
+        else:
+            raise ValueError(f"product: factor {part!r}: {name} has no blocks; give {name}:DIM")
+    return Product(factors)
 
 
 def _acosh1p(z: Tensor) -> Tensor:
@@ -702,12 +850,18 @@ def _oblique_builder(distance: str) -> Callable[..., Topology]:
     return build
 
 
+def _product_without_factors(dim: int | None = None, n: int | None = None, m: int | None = None) -> Topology:
+    raise ValueError("product: a product is given by its factors, not by dim/n/m: "
+                     "product_topology('sphere:64+lorentz:64') (topology.factors in a config)")
+
+
 _REGISTRY: dict[str, Callable[..., Topology]] = {
     "sphere": _flat_builder(lambda dim: Sphere(dim), "sphere"),
     "euclidean": _flat_builder(lambda dim: Euclidean(dim), "euclidean"),
     "oblique-inner": _oblique_builder("inner"),
     "oblique-geodesic": _oblique_builder("geodesic"),
     "lorentz": _flat_builder(lambda dim: Lorentz(dim), "lorentz"),
+    "product": _product_without_factors,
 }
 _BLOCKWISE = {"oblique-inner", "oblique-geodesic"}
 

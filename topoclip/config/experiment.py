@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 from topoclip.data.shapes import ShapesConfig
 from topoclip.dataclass_io import from_dict
-from topoclip.geometry import Lorentz, Topology, available_topologies, is_blockwise, topology
+from topoclip.geometry import Lorentz, Topology, available_topologies, is_blockwise, product_topology, topology
 from topoclip.losses.sigmoid import SIGLIP_INIT
 from topoclip.models import ModelConfig, check_tokens_fit_topology
 
@@ -95,6 +95,9 @@ class TopologyConfig:
     # the model learns it (c = exp(param), clamped to [c/10, 10 c]).
     curvature: float = 1.0
     learn_curvature: bool = True
+    # product only: its factors, e.g. "sphere:64+lorentz:64" (name:dim, or name:NxM for an
+    # oblique kind); dim is their sum. Similarity is the sum of the factors'.
+    factors: Optional[str] = None
 
     def __post_init__(self):
         known = available_topologies()
@@ -102,6 +105,11 @@ class TopologyConfig:
             raise ValueError(f"topology.name: unknown topology {self.name!r} (known: {', '.join(known)})")
         if not self.curvature > 0:
             raise ValueError(f"topology.curvature: must be > 0, got {self.curvature}")
+        if self.name == "product":
+            self._check_product()
+            return
+        if self.factors is not None:
+            raise ValueError(f"topology.factors: only a product has factors (topology.name=product), not {self.name}")
         if self.name != "lorentz" and self.curvature != 1.0:
             raise ValueError(f"topology.curvature: only the lorentz topology has a curvature ({self.name} has none)")
         for key in ("dim", "n", "m"):
@@ -126,7 +134,26 @@ class TopologyConfig:
         if self.n * self.m != self.dim:
             raise ValueError(f"topology.dim: n*m = {self.n}*{self.m} = {self.n * self.m} does not equal dim={self.dim}")
 
+    def _check_product(self) -> None:
+        if self.factors is None:
+            raise ValueError("topology.factors: a product needs its factors, e.g. topology.factors=sphere:64+lorentz:64")
+        for key in ("n", "m"):
+            if getattr(self, key) is not None:
+                raise ValueError(f"topology.{key}: a product is sized by its factors (topology.factors); set no {key}")
+        try:
+            built = self.build()
+        except ValueError as err:
+            raise ValueError(f"topology.factors: {err}") from None
+        if self.dim is not None and self.dim != built.dim:
+            raise ValueError(f"topology.dim: {self.dim} differs from the factors' total {built.dim} ({self.factors}); "
+                             f"leave it null")
+        if self.curvature != 1.0 and not built.curvature:
+            raise ValueError("topology.curvature: the product has no hyperbolic (lorentz) factor")
+        self.dim = built.dim
+
     def build(self) -> Topology:
+        if self.name == "product":
+            return product_topology(self.factors, curvature=self.curvature, learn_curvature=self.learn_curvature)
         if self.name == "lorentz":
             return Lorentz(self.dim, curvature=self.curvature, learn_curvature=self.learn_curvature)
         return topology(self.name, dim=self.dim, n=self.n, m=self.m)

@@ -31,6 +31,7 @@ def apply_natural_overrides(data: dict[str, Any], overrides: list[str]) -> dict[
     - ``topology.name`` of a topology without blocks: the file's ``n`` and ``m`` go (the
       dimension stays ``n * m`` when the file gave no ``dim``);
     - ``topology.dim`` or ``topology.m`` given: the file's ``n`` goes (it follows ``dim / m``);
+    - ``topology.factors`` given: the file's ``dim`` goes (a product's is its factors' total);
     - ``optim.warmup_ratio`` given: the file's ``optim.warmup_steps`` goes.
     """
     overridden = {".".join(parse_override(text)[0]) for text in overrides}
@@ -58,5 +59,7 @@ def drop_dependents(out: dict[str, Any], overridden: set[str]) -> None:
             _set_null(out, "topology", "m", overridden)
         elif overridden & {"topology.dim", "topology.m"}:
             _set_null(out, "topology", "n", overridden)
+        if "topology.factors" in overridden:
+            _set_null(out, "topology", "dim", overridden)  # a product's dim is its factors' total
     if "optim.warmup_ratio" in overridden:
         _set_null(out, "optim", "warmup_steps", overridden)

@@ -106,7 +106,9 @@ def run_evaluation(
                 continue
             if task == "robustness" and plot_dir is not None:
                 options["plot_dir"] = Path(plot_dir) / entry.label if task in shared else Path(plot_dir)
-            records.append(EvalRecord(entry.label, task, metric(emb, **options)))
+            # no graph: a learned curvature (or any parameter a topology reads) would build one
+            with torch.no_grad():
+                records.append(EvalRecord(entry.label, task, metric(emb, **options)))
     return records
 
 
