@@ -51,6 +51,8 @@ def test_search_rejects_bad_bounds():
 def test_plan_methods_adds_tiled_rows_from_the_threshold():
     assert plan_methods(64, ["sphere"], tiled=False) == ["floor", "openclip", "sphere"]
     assert plan_methods(AUTO_TILE_BATCH, ["sphere"], tiled=False)[-1] == "sphere tiled"
+    assert plan_methods(64, ["lorentz"], tiled=True, sigmoid=True) == [
+        "floor", "openclip", "openclip-siglip", "lorentz", "lorentz sigmoid", "lorentz tiled", "lorentz sigmoid tiled"]
 
 
 def _cells(table, method):
@@ -69,7 +71,8 @@ def test_loss_bench_tiny_table_has_every_row_and_finite_ratios():
     # × floor is the ratio paired inside the method's own process; tiled/plain time is a ratio
     # of the measured medians; no OpenCLIP row, no ratio.
     assert [r["floor_ratio"] > 0 for r in rows] == [True] * 3 and rows[0]["floor_ratio"] == 1.0
-    assert float(tiled[3]) == pytest.approx(rows[2]["floor_ratio"], abs=0.006)
+    assert float(tiled[3].split()[0]) == pytest.approx(rows[2]["floor_ratio"], abs=0.006)
+    assert tiled[3].split()[1].startswith("[")  # its interquartile range over the rounds
     assert tiled[4] == "-"
     assert float(tiled[7]) == pytest.approx(t["sphere tiled"] / t["sphere"], rel=0.01, abs=0.01)
     assert _cells(table, "floor")[3] == "1.00"
@@ -137,9 +140,10 @@ def test_cli_bench_parses_and_reports_bad_input(capsys):
 
 
 def test_measure_pairs_the_method_with_the_floor_in_its_own_process(monkeypatch):
-    """× floor is the median of per-pair ratios (floor step, then method step), not a ratio of
-    separately taken medians: a machine that slows down halfway scales both alike."""
+    """× floor is the median of per-round ratios (method step between two floor steps), not a
+    ratio of separately taken medians: a machine that slows down halfway scales both alike."""
     from topoclip.bench import loss as bench_loss
+    from topoclip.bench import rounds
 
     clock = {"now": 0.0, "speed": 1.0, "steps": 0}
     costs = {"floor": 1.0, "sphere": 1.3}
@@ -153,9 +157,10 @@ def test_measure_pairs_the_method_with_the_floor_in_its_own_process(monkeypatch)
         return step
 
     monkeypatch.setattr(bench_loss, "_make_step", fake_make_step)
-    monkeypatch.setattr(bench_loss.time, "perf_counter", lambda: clock["now"])
+    monkeypatch.setattr(rounds.time, "perf_counter", lambda: clock["now"])
     res = bench_loss.measure("sphere", b=8, d=4, repeats=5, device="cpu")
-    assert res["floor_ratio"] == pytest.approx(1.3)
+    assert res["floor_ratio"] == pytest.approx(1.3) and res["stable"] and res["rounds"] == 5
+    assert res["ratio_low"] == pytest.approx(1.3) and res["ratio_high"] == pytest.approx(1.3)
     assert bench_loss.measure("sphere", b=8, d=4, repeats=3, device="cpu", paired=False).keys() == {"time", "peak"}
 
 

@@ -25,6 +25,27 @@ def test_python_dash_m_and_console_script_share_main():
     assert "--config" in proc.stdout and "--resume" in proc.stdout and "key=value" in proc.stdout
 
 
+_LOADED = """
+import contextlib, sys
+from topoclip.cli import main
+with contextlib.suppress(SystemExit):
+    main(sys.argv[1:])
+print(sorted(m for m in ("torch", "timm", "transformers", "torchvision", "open_clip") if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize("args, allowed", [
+    (["--help"], []), (["train", "--help"], []), (["data", "convert", "--help"], []), (["finetune", "--help"], []),
+    # a config error needs the schema, which builds a topology (torch), but no tower library
+    (["train", "optim.lrr=1"], ["torch"]), (["finetune", "--from", "x", "finetune.methd=ft"], ["torch"]),
+])
+def test_help_and_config_errors_answer_without_loading_the_heavy_libraries(args, allowed):
+    # `python -X importtime -c "from topoclip.cli import main"` shows where start-up time goes;
+    # torch alone is about a second, timm + transformers + torchvision several more.
+    proc = subprocess.run([sys.executable, "-c", _LOADED, *args], capture_output=True, text=True, cwd=REPO)
+    assert proc.stdout.strip().splitlines()[-1] == repr(allowed), (proc.stdout, proc.stderr)
+
+
 @pytest.mark.parametrize(
     "args, field",
     [

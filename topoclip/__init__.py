@@ -5,41 +5,21 @@
     run = topoclip.load_run("runs/default")        # model, tokenizer, topology, transform
 """
 
-from .geometry import (
-    Euclidean,
-    Lorentz,
-    Oblique,
-    Product,
-    Sphere,
-    Topology,
-    available_topologies,
-    is_blockwise,
-    product_topology,
-    register_topology,
-    topology,
-)
-from .losses import ContrastiveLoss
-from .temperature import LogitScale
+from ._lazy import exported, lazy_attributes
 
 __version__ = "0.2.0"
 
-# Opening runs and pretrained models needs the towers (timm, transformers): imported on first
-# use, so that `import topoclip` for the geometry and the losses stays light.
-_LAZY = {
-    "load_run": ("topoclip.runs", "load_run"),
-    "LoadedRun": ("topoclip.runs", "LoadedRun"),
-    "load_pretrained": ("topoclip.models", "load_pretrained"),
-}
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        module, attr = _LAZY[name]
-        return getattr(importlib.import_module(module), attr)
-    raise AttributeError(f"module 'topoclip' has no attribute {name!r}")
-
+# Everything is imported on first use (torch, and for runs and pretrained models the towers:
+# timm, transformers), so that `import topoclip` and the command line's --help are instant.
+_WHERE = exported({
+    "topoclip.geometry": ["Euclidean", "Lorentz", "Oblique", "Product", "Sphere", "Topology", "available_topologies",
+                          "is_blockwise", "product_topology", "register_topology", "topology"],
+    "topoclip.losses": ["ContrastiveLoss"],
+    "topoclip.temperature": ["LogitScale"],
+    "topoclip.runs": ["LoadedRun", "load_run"],
+    "topoclip.models": ["load_pretrained"],
+})
+__getattr__, __dir__ = lazy_attributes(__name__, _WHERE)
 
 __all__ = [
     "ContrastiveLoss",

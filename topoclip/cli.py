@@ -234,7 +234,6 @@ def _saved_config(run_dir, kind: str, other_command: str) -> dict:
 
 def _finetune(args: argparse.Namespace) -> int:
     from topoclip.config import finetune_config_from_dict, load_finetune_config
-    from topoclip.recipes.finetune import run_finetune
 
     overrides = []
     if args.source is not None:
@@ -252,6 +251,8 @@ def _finetune(args: argparse.Namespace) -> int:
     except ValueError as err:
         return _fail("finetune", err, 2)
     try:
+        from topoclip.recipes.finetune import run_finetune  # the towers load here, after the config is known good
+
         run_finetune(config, run_dir=args.resume)
     except ValueError as err:
         return _fail("finetune", err, 1)
@@ -465,11 +466,19 @@ def _add_bench_parsers(sub) -> None:
     loss.add_argument("--batch", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
     loss.add_argument("--dim", type=int, default=512)
     loss.add_argument("--topologies", nargs="+", default=None, metavar="NAME",
-                      help="sphere euclidean oblique-inner oblique-geodesic (default: all; oblique as Ob(dim/8, 8))")
+                      help="sphere euclidean oblique-inner oblique-geodesic lorentz (default: all; oblique as Ob(dim/8, 8))")
     loss.add_argument("--tiled", action="store_true", help="also measure the tiled loss below b = 16384")
-    loss.add_argument("--no-openclip", action="store_true", help="leave out OpenCLIP's ClipLoss")
+    loss.add_argument("--sigmoid", action="store_true",
+                      help="also the sigmoid loss on each topology, beside OpenCLIP's SigLipLoss")
+    loss.add_argument("--no-openclip", action="store_true", help="leave out OpenCLIP's ClipLoss (and SigLipLoss)")
     loss.add_argument("--tile-size", type=int, default=1024)
-    loss.add_argument("--repeats", type=int, default=3, help="timed steps per method (median), after one warm-up")
+    loss.add_argument("--repeats", type=int, default=5,
+                      help="rounds of (floor, method) at least, after one warm-up; more until the spread is small")
+    loss.add_argument("--budget", type=float, default=30.0,
+                      help="seconds of timed rounds per method at most (then a wide spread is marked unstable)")
+    loss.add_argument("--target-spread", type=float, default=0.10,
+                      help="stop when the interquartile range of the ratio is this fraction of its median")
+    loss.add_argument("--output", type=Path, default=None, help="also write the Markdown table (and machine line) here")
     loss.add_argument("--memory-gib", type=float, default=None, help="memory budget for skipping (default: free memory)")
     loss.add_argument("--device", default=None, help="default: cuda if available, else cpu")
 
@@ -511,14 +520,23 @@ def _bench(args: argparse.Namespace) -> int:
         if args.bench_action == "loss":
             import torch
 
-            from topoclip.bench.loss import TOPOLOGIES, format_table, run_loss_bench
+            from topoclip.bench.loss import TOPOLOGIES, format_table, identical_paths_agree, run_loss_bench
+            from topoclip.bench.rounds import load_average, machine_line
 
             device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-            print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, d={args.dim}",
-                  file=sys.stderr)
+            before = machine_line()
+            print(f"{before}; device {device}, d={args.dim}", file=sys.stderr)
             rows = run_loss_bench(args.batch, args.dim, args.topologies or TOPOLOGIES, args.tiled, args.repeats,
-                                  device, args.tile_size, args.memory_gib, openclip=not args.no_openclip)
-            print(format_table(rows))
+                                  device, args.tile_size, args.memory_gib, openclip=not args.no_openclip,
+                                  sigmoid=args.sigmoid, budget_seconds=args.budget, target_spread=args.target_spread)
+            lines = [f"Machine: {before}; device {device}, d = {args.dim}", "", format_table(rows), "",
+                     *identical_paths_agree(rows), f"After the run: {load_average()}"]
+            text = "\n".join(lines)
+            print(text)
+            if args.output is not None:
+                from topoclip.atomic import atomic_write_text
+
+                atomic_write_text(args.output, text + "\n")
         elif args.bench_action == "max-batch":
             from topoclip.bench.max_batch import format_trials, run_max_batch
 

@@ -153,6 +153,101 @@ class _SafeSqrt(torch.autograd.Function):
         return torch.where(y > 0, grad_y / (2.0 * y).clamp_min(torch.finfo(y.dtype).tiny), 0.0)
 
 
+# --------------------------------------------------------------- blocked similarity kernels
+# A loss that sweeps the b x b similarity matrix block of rows by block of rows (to keep each
+# block's temporaries in cache, see losses.contrastive) asks the topology for its kernel: how
+# to form one block of similarities, and how to turn one block of d loss / d similarity into
+# gradients of the points, without any b x b matrix but the one the loss keeps.
+
+
+class EuclideanKernel:
+    """S = -||u_i - v_j|| from ||u||^2 + ||v||^2 - 2 u.v, one GEMM per block.
+
+    The protocol (also GeodesicKernel's): ``prepare(u, v)`` once; ``similarity_block`` fills
+    rows ``rows`` of S into ``out``; ``grad_buffers`` / ``backward_block`` / ``gradients``
+    accumulate d loss / d points from blocks of d loss / d S.
+    """
+
+    def prepare(self, u: Tensor, v: Tensor) -> tuple[Tensor, ...]:
+        return u, v, (u * u).sum(-1), (v * v).sum(-1)
+
+    def similarity_block(self, state, rows: slice, out: Tensor) -> None:
+        u, v, nu, nv = state
+        torch.addmm(nv.unsqueeze(0), u[rows], v.T, beta=1.0, alpha=-2.0, out=out)
+        out.add_(nu[rows].unsqueeze(1)).clamp_min_(0.0).sqrt_().neg_()
+
+    def grad_buffers(self, state) -> tuple[Tensor, Tensor]:
+        return torch.empty_like(state[0]), torch.zeros_like(state[1])
+
+    def backward_block(self, state, rows: slice, sim: Tensor, grad_sim: Tensor, grads: tuple[Tensor, Tensor]) -> None:
+        # dS_ij/du_i = (v_j - u_i) / D_ij: with W = grad / D (0 where D = 0, the cone's zero
+        # subgradient), grad_u = W v - u rowsum(W), grad_v += W^T u - v colsum(W).
+        u, v = state[0], state[1]
+        grad_u, grad_v = grads
+        w = _divide_by_distance(grad_sim, sim)
+        ub = u[rows]
+        torch.mm(w, v, out=grad_u[rows])
+        grad_u[rows].addcmul_(ub, w.sum(1, keepdim=True), value=-1.0)
+        grad_v.addmm_(w.T, ub)
+        grad_v.addcmul_(v, w.sum(0).unsqueeze(1), value=-1.0)
+
+    def gradients(self, grads: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        return grads
+
+
+class GeodesicKernel:
+    """S = -sqrt(sum_k arccos^2(u_k . v_k)) on Ob(n, m): m GEMMs per block, the cosines
+    recomputed in backward (never m b x b matrices). Points are held block-major, [m, b, n],
+    so that each sphere's cosines are one contiguous GEMM."""
+
+    def __init__(self, num_blocks: int):
+        self.m = num_blocks
+
+    def _block_major(self, x: Tensor) -> Tensor:
+        return x.reshape(x.shape[0], self.m, -1).transpose(0, 1).contiguous()
+
+    def prepare(self, u: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        return self._block_major(u), self._block_major(v)
+
+    def similarity_block(self, state, rows: slice, out: Tensor) -> None:
+        ub, vb = state
+        cos = torch.empty_like(out)
+        for k in range(self.m):
+            torch.mm(ub[k, rows], vb[k].T, out=cos)
+            theta = cos.clamp_(-1.0, 1.0).arccos_()
+            if k == 0:
+                torch.mul(theta, theta, out=out)
+            else:
+                out.addcmul_(theta, theta)
+        out.sqrt_().neg_()
+
+    def grad_buffers(self, state) -> tuple[Tensor, Tensor]:
+        return torch.empty_like(state[0]), torch.zeros_like(state[1])
+
+    def backward_block(self, state, rows: slice, sim: Tensor, grad_sim: Tensor, grads: tuple[Tensor, Tensor]) -> None:
+        # dS/dc_k = theta_k / (sin(theta_k) D): W = grad / D (0 at D = 0), then per sphere
+        # g = W theta / sin(theta), grad_u_k = g v_k, grad_v_k += g^T u_k.
+        ub, vb = state
+        grad_u, grad_v = grads
+        w = _divide_by_distance(grad_sim, sim)
+        g = torch.empty_like(w)
+        for k in range(self.m):
+            torch.mm(ub[k, rows], vb[k].T, out=g)
+            # theta / sin(theta) = 1 / sinc(theta / pi), in place in the block's one buffer
+            g.clamp_(-1.0, 1.0).arccos_().div_(math.pi).sinc_().clamp_min_(_SIN_FLOOR / math.pi).reciprocal_().mul_(w)
+            torch.mm(g, vb[k], out=grad_u[k, rows])
+            grad_v[k].addmm_(g.T, ub[k, rows])
+
+    def gradients(self, grads: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        return tuple(g.transpose(0, 1).reshape(g.shape[1], -1) for g in grads)
+
+
+def _divide_by_distance(grad_sim: Tensor, sim: Tensor) -> Tensor:
+    """grad / D in place, D = -sim, with 0 where D = 0 (coincident points: the distance's zero
+    subgradient, as in the similarity functions above)."""
+    return grad_sim.div_(sim.neg().clamp_min_(torch.finfo(sim.dtype).tiny)).masked_fill_(sim == 0, 0.0)
+
+
 def _broadcast_t(t: Tensor | float, like: Tensor, batch_ndim: int) -> Tensor:
     """Turn t (scalar or [b]) into a tensor that broadcasts against ``like``'s batch axes."""
     t = torch.as_tensor(t, dtype=like.dtype, device=like.device)
@@ -223,6 +318,10 @@ class Topology:
     # True for product spaces of m blocks of n coordinates (the oblique manifold): their size
     # is given as (n, m), and a multi-token model puts one [CLS] token on each block.
     blockwise: bool = False
+    # How to form the similarity matrix a block of rows at a time and back-propagate through
+    # it (EuclideanKernel, GeodesicKernel): losses then fuse the sweep with their own; None:
+    # losses take similarity() whole.
+    blocked_kernel: object | None = None
 
     def __init__(self, dim: int, num_blocks: int = 1):
         if not isinstance(dim, int) or dim < 1:
@@ -379,6 +478,7 @@ class Euclidean(Topology):
     """
 
     name = "euclidean"
+    blocked_kernel = EuclideanKernel()
 
     def project(self, x: Tensor) -> Tensor:
         x = _compute_dtype(x)
@@ -437,6 +537,8 @@ class Oblique(Topology):
         if not isinstance(m, int) or m < 1:
             raise ValueError(f"{self.name}: m (number of blocks) must be an integer >= 1, got {m!r}")
         super().__init__(n * m, m)
+        if distance == "geodesic":
+            self.blocked_kernel = GeodesicKernel(m)
 
     def project(self, x: Tensor) -> Tensor:
         x = _compute_dtype(x)

@@ -9,12 +9,17 @@ that peak memory is not polluted by earlier runs:
   <topology>        topoclip.ContrastiveLoss, plain (never tiled)
   <topology> tiled  the exact tiled loss (with --tiled, and always from the tiling threshold on)
 
-Time is the median of ``repeats`` fwd+bwd steps after one warm-up; × floor is the median
-ratio of back-to-back (floor, method) steps inside the method's own child, so that drift of
-the machine's speed between children does not enter it. Peak memory is the growth of the
-child's peak resident set over its inputs (CPU), or torch.cuda.max_memory_allocated on a GPU,
-read before the paired floor is built. A method whose b x b matrices would not fit in the
-memory left is skipped.
+× floor is measured in the method's own child by alternating the floor and the method in short
+rounds (``rounds.paired_rounds``): the median of the per-round ratios with its interquartile
+range, rounds repeated until the range is within ``target_spread`` of the median or the time
+budget is spent (then the row is marked unstable). Time is the method's median over those
+rounds. Peak memory is the growth of the child's peak resident set over its inputs (CPU), or
+torch.cuda.max_memory_allocated on a GPU, read before the paired floor is built. A method
+whose b x b matrices would not fit in the memory left is skipped.
+
+sphere and oblique-inner run the same code path (one GEMM on the flattened points): their
+ratios measured in one run must agree within the printed spread, a check of the benchmark
+itself that ``identical_paths_agree`` reports.
 """
 
 from __future__ import annotations
@@ -22,24 +27,26 @@ from __future__ import annotations
 import importlib.util
 import statistics
 import sys
-import time
 from typing import Callable
 
 import torch
 
 from .child import available_memory_bytes, peak_rss_bytes, reset_peak_rss, rss_bytes, run_child
+from .rounds import paired_rounds, timer
 
-__all__ = ["TOPOLOGIES", "AUTO_TILE_BATCH", "measure", "plan_methods", "run_loss_bench", "format_table"]
+__all__ = ["TOPOLOGIES", "AUTO_TILE_BATCH", "identical_paths_agree", "measure", "plan_methods", "run_loss_bench",
+           "format_table"]
 
-TOPOLOGIES = ("sphere", "euclidean", "oblique-inner", "oblique-geodesic")
+TOPOLOGIES = ("sphere", "euclidean", "oblique-inner", "oblique-geodesic", "lorentz")
 OBLIQUE_BLOCKS = 8          # Ob(d/8, 8): Ob(64, 8) at d = 512
 AUTO_TILE_BATCH = 16384     # ContrastiveLoss's default tile_threshold: tiled rows from here on
 TILED = " tiled"
+SIGMOID = " sigmoid"  # SigLIP's loss on the topology (with --sigmoid), beside OpenCLIP's SigLipLoss
 # Bytes per b^2 a method keeps alive at its peak (fp32 b x b matrices x 4 bytes), used to skip
 # a method before trying it. Rough upper guesses; once a method has been measured at a smaller
 # b its own peak, scaled by b^2, replaces them.
-_BYTES_PER_PAIR = {"floor": 4 * 2, "openclip": 4 * 10, "sphere": 4 * 6, "oblique-inner": 4 * 6,
-                   "euclidean": 4 * 8, "oblique-geodesic": 4 * 8}
+_BYTES_PER_PAIR = {"floor": 4 * 2, "openclip": 4 * 10, "openclip-siglip": 4 * 10, "sphere": 4 * 6, "oblique-inner": 4 * 6,
+                   "euclidean": 4 * 8, "oblique-geodesic": 4 * 8, "lorentz": 4 * 8}
 
 
 def _topology(name: str, dim: int):
@@ -83,13 +90,39 @@ def _make_step(method: str, b: int, d: int, device: torch.device, tile_size: int
             clip_loss(u, v, log_scale.exp()).backward()
 
         return step
+    bias = torch.tensor(-10.0, device=device, requires_grad=True)
+    if method == "openclip-siglip":
+        from open_clip.loss import SigLipLoss
+
+        siglip = SigLipLoss()
+        u = torch.nn.functional.normalize(x, dim=-1).requires_grad_(True)
+        v = torch.nn.functional.normalize(y, dim=-1).requires_grad_(True)
+
+        def step():
+            _clear_grads(u, v, log_scale, bias)
+            siglip(u, v, log_scale.exp(), bias).backward()
+
+        return step
     import topoclip
+    from topoclip.losses import SigmoidLoss
 
     name, tiled = (method[: -len(TILED)], True) if method.endswith(TILED) else (method, False)
+    name, sigmoid = (name[: -len(SIGMOID)], True) if name.endswith(SIGMOID) else (name, False)
     topo = _topology(name, d)
-    u = topo.project(x).detach().requires_grad_(True)
-    v = topo.project(y).detach().requires_grad_(True)
-    loss_fn = topoclip.ContrastiveLoss(topo, tile_threshold=0 if tiled else None, tile_size=tile_size)
+    # Lorentz points start near the origin (MERU's feature scale); unit-scale tangent vectors.
+    scale_in = d ** -0.5 if getattr(topo, "scales_tangent_input", False) else 1.0
+    u = topo.project(scale_in * x).detach().requires_grad_(True)
+    v = topo.project(scale_in * y).detach().requires_grad_(True)
+    threshold = 0 if tiled else None
+    if sigmoid:
+        sigmoid_fn = SigmoidLoss(topo, tile_threshold=threshold, tile_size=tile_size)
+
+        def step():
+            _clear_grads(u, v, log_scale, bias)
+            sigmoid_fn(u, v, log_scale.exp(), bias).backward()
+
+        return step
+    loss_fn = topoclip.ContrastiveLoss(topo, tile_threshold=threshold, tile_size=tile_size)
 
     def step():
         _clear_grads(u, v, log_scale)
@@ -98,28 +131,18 @@ def _make_step(method: str, b: int, d: int, device: torch.device, tile_size: int
     return step
 
 
-def _timed(step: Callable[[], None], cuda: bool, dev: torch.device) -> float:
-    if cuda:
-        torch.cuda.synchronize(dev)
-    t0 = time.perf_counter()
-    step()
-    if cuda:
-        torch.cuda.synchronize(dev)
-    return time.perf_counter() - t0
-
-
 def measure(method: str, b: int, d: int, repeats: int, device: str, tile_size: int = 1024,
-            paired: bool = True) -> dict:
+            paired: bool = True, budget_seconds: float = 30.0, target_spread: float = 0.10) -> dict:
     """Median fwd+bwd seconds, peak memory growth (bytes) and the ratio to the three-GEMM floor
     of one method (run in a child).
 
-    The ratio is the median of ``repeats`` back-to-back (floor, method) pairs in this very
-    process: on a shared or throttled machine the speed drifts by tens of percent between
-    child processes, which a ratio of two children's medians would carry straight into the
-    table, while consecutive steps see the same machine. ``paired=False`` (the floor's b x b
-    matrix would not fit) times the method alone.
+    The ratio comes from alternating rounds of floor and method in this very process
+    (``rounds.paired_rounds``, at least ``repeats`` rounds): on a shared or throttled machine
+    the speed drifts between and within child processes, while neighbouring calls see the same
+    machine. ``paired=False`` (the floor's b x b matrix would not fit) times the method alone.
     """
     dev = torch.device(device)
+    time_call = timer(dev)
     # A tiny run first initialises what is paid once per process (thread pool, autograd engine,
     # lazy imports), so that the peak below is the method's own.
     _make_step(method, min(b, 64), d, dev, tile_size)()
@@ -133,29 +156,27 @@ def measure(method: str, b: int, d: int, repeats: int, device: str, tile_size: i
         reset_peak_rss()
         base = rss_bytes()
     step()  # warm-up (allocator, thread pool)
-    times = [_timed(step, cuda, dev)]
+    first = time_call(step)
     # The peak is read before the floor's own matrices exist in this process.
     peak = (torch.cuda.max_memory_allocated(dev) if cuda else peak_rss_bytes()) - base
     result = {"peak": max(peak, 0)}
     if method == "floor" or not paired:
-        times += [_timed(step, cuda, dev) for _ in range(repeats - 1)]
+        times = [first] + [time_call(step) for _ in range(repeats - 1)]
         return {"time": statistics.median(times), **result, **({"floor_ratio": 1.0} if method == "floor" else {})}
     floor = _make_step("floor", b, d, dev, tile_size)
     floor()
-    ratios = []
-    for i in range(repeats):
-        t_floor = _timed(floor, cuda, dev)
-        if i:  # the first method time is the one taken with the peak
-            times.append(_timed(step, cuda, dev))
-        ratios.append(times[-1] / t_floor)
-    return {"time": statistics.median(times), **result, "floor_ratio": statistics.median(ratios)}
+    rounds = paired_rounds(step, floor, time_call, min_rounds=repeats, max_rounds=max(repeats, 41),
+                           budget_seconds=budget_seconds, target_spread=target_spread, first_method_time=first)
+    return {**result, **rounds.as_dict()}
 
 
-def plan_methods(b: int, topologies, tiled: bool, openclip: bool = True) -> list[str]:
-    """The methods measured at batch b: floor, OpenCLIP, each topology plain and maybe tiled."""
-    methods = ["floor"] + (["openclip"] if openclip else []) + list(topologies)
+def plan_methods(b: int, topologies, tiled: bool, openclip: bool = True, sigmoid: bool = False) -> list[str]:
+    """The methods measured at batch b: floor, OpenCLIP, each topology plain and maybe tiled;
+    with ``sigmoid`` also OpenCLIP's SigLipLoss and each topology's sigmoid loss."""
+    losses = list(topologies) + ([t + SIGMOID for t in topologies] if sigmoid else [])
+    methods = ["floor"] + (["openclip"] if openclip else []) + (["openclip-siglip"] if openclip and sigmoid else []) + losses
     if tiled or b >= AUTO_TILE_BATCH:
-        methods += [t + TILED for t in topologies]
+        methods += [t + TILED for t in losses]
     return methods
 
 
@@ -166,7 +187,7 @@ def _estimate(method: str, b: int, d: int, measured: dict[str, tuple[int, int]])
     if method in measured:
         b0, peak0 = measured[method]
         return int(peak0 * (b / b0) ** 2)
-    return _BYTES_PER_PAIR.get(method, 4 * 8) * b * b + 4 * 4 * b * d
+    return _BYTES_PER_PAIR.get(method.removesuffix(SIGMOID), 4 * 8) * b * b + 4 * 4 * b * d
 
 
 def _memory_budget(device: str) -> int | None:
@@ -175,9 +196,10 @@ def _memory_budget(device: str) -> int | None:
     return available_memory_bytes()
 
 
-def run_loss_bench(batches, dim: int = 512, topologies=TOPOLOGIES, tiled: bool = False, repeats: int = 3,
+def run_loss_bench(batches, dim: int = 512, topologies=TOPOLOGIES, tiled: bool = False, repeats: int = 5,
                    device: str = "cpu", tile_size: int = 1024, memory_gib: float | None = None,
-                   openclip: bool = True, log: Callable[[str], None] | None = None) -> list[dict]:
+                   openclip: bool = True, log: Callable[[str], None] | None = None, sigmoid: bool = False,
+                   budget_seconds: float = 30.0, target_spread: float = 0.10) -> list[dict]:
     """Measure every (method, b); returns rows {b, method, time, peak} or {b, method, skipped}."""
     for t in topologies:
         if t not in TOPOLOGIES:
@@ -192,7 +214,7 @@ def run_loss_bench(batches, dim: int = 512, topologies=TOPOLOGIES, tiled: bool =
     measured: dict[str, tuple[int, int]] = {}
     rows = []
     for b in sorted(batches):
-        for method in plan_methods(b, topologies, tiled, has_openclip):
+        for method in plan_methods(b, topologies, tiled, has_openclip, sigmoid):
             need = _estimate(method, b, dim, measured)
             # 10% headroom: the estimate leaves out the process itself and the allocator's slack.
             if budget is not None and need is not None and need > 0.9 * budget:
@@ -201,7 +223,7 @@ def run_loss_bench(batches, dim: int = 512, topologies=TOPOLOGIES, tiled: bool =
                 continue
             floor_done = any(r["b"] == b and r["method"] == "floor" and "time" in r for r in rows)
             params = dict(method=method, b=b, d=dim, repeats=repeats, device=device, tile_size=tile_size,
-                          paired=floor_done)
+                          paired=floor_done, budget_seconds=budget_seconds, target_spread=target_spread)
             # On the CPU the child is also stopped at the budget, before the kernel's OOM killer
             # picks a victim (it is listed as failed).
             out = run_child("loss", params, limit_bytes=budget if torch.device(device).type == "cpu" else None)
@@ -213,7 +235,8 @@ def run_loss_bench(batches, dim: int = 512, topologies=TOPOLOGIES, tiled: bool =
             if res["peak"] > 0:
                 measured[method] = (b, res["peak"])
             rows.append({"b": b, "method": method, **res})
-            log(f"  b={b:6d} {method:24s} {res['time'] * 1e3:10.1f} ms {res['peak'] / 2**20:10.1f} MiB")
+            ratio = f"  x floor {_floor_ratio(res, None)}" if "ratio_low" in res else ""
+            log(f"  b={b:6d} {method:24s} {res['time'] * 1e3:10.1f} ms {res['peak'] / 2**20:10.1f} MiB{ratio}")
     return rows
 
 
@@ -222,10 +245,30 @@ def _ratio(a: float | None, b: float | None) -> str:
 
 
 def _floor_ratio(row: dict, floor: dict | None) -> str:
-    """× floor: the ratio paired in the row's own process where measured, else of the medians."""
+    """× floor: the median of the alternating rounds in the row's own process with its
+    interquartile range (and ``unstable`` when that stayed wide), else the ratio of medians."""
+    if "ratio_low" in row:
+        text = f"{row['floor_ratio']:.2f} [{row['ratio_low']:.2f}, {row['ratio_high']:.2f}]"
+        return text if row.get("stable", True) else f"{text} unstable"
     if "floor_ratio" in row:
         return f"{row['floor_ratio']:.2f}"
     return _ratio(row["time"], floor and floor["time"])
+
+
+def identical_paths_agree(rows: list[dict], a: str = "sphere", b: str = "oblique-inner") -> list[str]:
+    """For each batch where both were measured: whether two methods that run the same code path
+    (one GEMM on flattened points) agree within their interquartile ranges, as they must if
+    the benchmark tells the truth."""
+    lines = []
+    for batch in sorted({r["b"] for r in rows}):
+        at = {r["method"]: r for r in rows if r["b"] == batch and "ratio_low" in r}
+        if a in at and b in at:
+            ra, rb = at[a], at[b]
+            overlap = ra["ratio_low"] <= rb["ratio_high"] and rb["ratio_low"] <= ra["ratio_high"]
+            verdict = "agree within the spread" if overlap else "DISAGREE beyond the spread (the machine was too noisy)"
+            lines.append(f"b={batch}: {a} {_floor_ratio(ra, None)} and {b} {_floor_ratio(rb, None)} "
+                         f"(the same code path) {verdict}")
+    return lines
 
 
 def format_table(rows: list[dict]) -> str:

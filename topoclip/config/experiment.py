@@ -18,7 +18,7 @@ from topoclip.data.shapes import ShapesConfig
 from topoclip.dataclass_io import from_dict
 from topoclip.geometry import Lorentz, Topology, available_topologies, is_blockwise, product_topology, topology
 from topoclip.losses.sigmoid import SIGLIP_INIT
-from topoclip.models import ModelConfig, check_tokens_fit_topology
+from topoclip.models.config import ModelConfig, check_tokens_fit_topology
 
 from .data import CsvDataConfig, FolderDataConfig, KarpathyDataConfig, ShardsConfig, check_source
 from .files import default_config_path, read_config_file, resolve_config_path

@@ -1,47 +1,22 @@
-"""Data: the embedded captioned-shapes set, real-data loaders, the tokenizer and collation."""
+"""Data: the embedded captioned-shapes set, real-data loaders, the tokenizer and collation.
 
-from topoclip.data.collate import PairCollate, make_collate
-from topoclip.data.datasets import (
-    ClassificationSet,
-    PairDataset,
-    RetrievalSet,
-    SkipStats,
-    TensorClassificationSet,
-    TensorPairSet,
-    TensorRetrievalSet,
-)
-from topoclip.data.folder import DEFAULT_TEMPLATES, ImageFolderClassification
-from topoclip.data.karpathy import KarpathyRetrieval
-from topoclip.data.pairs import CsvPairs, PairsRetrieval, holdout_split
-from topoclip.data.shapes import ShapesConfig, ShapesData, make_shapes
-from topoclip.data.tokenizer import TextTokenizer, build_tokenizer
-from topoclip.data.transforms import CLIP_MEAN, CLIP_STD, CorruptImageError, ImageTransform, load_image, normalize_uint8
+Names are imported on first use, so that a config (which needs ``ShapesConfig`` only) does not
+load every loader.
+"""
 
-__all__ = [
-    "CLIP_MEAN",
-    "CLIP_STD",
-    "ClassificationSet",
-    "CorruptImageError",
-    "CsvPairs",
-    "PairsRetrieval",
-    "holdout_split",
-    "DEFAULT_TEMPLATES",
-    "ImageFolderClassification",
-    "ImageTransform",
-    "KarpathyRetrieval",
-    "PairCollate",
-    "PairDataset",
-    "RetrievalSet",
-    "ShapesConfig",
-    "ShapesData",
-    "SkipStats",
-    "TensorClassificationSet",
-    "TensorPairSet",
-    "TensorRetrievalSet",
-    "TextTokenizer",
-    "build_tokenizer",
-    "load_image",
-    "make_collate",
-    "make_shapes",
-    "normalize_uint8",
-]
+from topoclip._lazy import exported, lazy_attributes
+
+_WHERE = exported({
+    "topoclip.data.collate": ["PairCollate", "make_collate"],
+    "topoclip.data.datasets": ["ClassificationSet", "PairDataset", "RetrievalSet", "SkipStats", "TensorClassificationSet",
+                               "TensorPairSet", "TensorRetrievalSet"],
+    "topoclip.data.folder": ["DEFAULT_TEMPLATES", "ImageFolderClassification"],
+    "topoclip.data.karpathy": ["KarpathyRetrieval"],
+    "topoclip.data.pairs": ["CsvPairs", "PairsRetrieval", "holdout_split"],
+    "topoclip.data.shapes": ["ShapesConfig", "ShapesData", "make_shapes"],
+    "topoclip.data.tokenizer": ["TextTokenizer", "build_tokenizer"],
+    "topoclip.data.transforms": ["CLIP_MEAN", "CLIP_STD", "CorruptImageError", "ImageTransform", "load_image",
+                                 "normalize_uint8"],
+})
+__getattr__, __dir__ = lazy_attributes(__name__, _WHERE)
+__all__ = sorted(_WHERE)

@@ -12,9 +12,7 @@ import os
 from collections.abc import Sequence
 
 import torch
-import torchvision.transforms.functional as TF
 from PIL import Image, UnidentifiedImageError
-from torchvision.transforms import InterpolationMode
 
 # The statistics the public CLIP checkpoints were trained with; a sensible default because
 # pretrained towers loaded from disk expect exactly this normalisation.
@@ -96,6 +94,8 @@ class ImageTransform:
         if not isinstance(image_size, int) or image_size < 1:
             raise ValueError(f"image_size must be a positive int, got {image_size!r}")
         check_mean_std(mean, std)
+        from torchvision.transforms import InterpolationMode  # on first use: a config stays light
+
         try:
             self.interpolation = InterpolationMode(interpolation)
         except ValueError:
@@ -108,6 +108,8 @@ class ImageTransform:
     def __call__(self, image: Image.Image) -> torch.Tensor:
         if image.mode != "RGB":
             image = image.convert("RGB")
+        import torchvision.transforms.functional as TF  # after the first call, a dict lookup
+
         image = TF.resize(image, self.image_size, interpolation=self.interpolation, antialias=True)
         image = TF.center_crop(image, [self.image_size, self.image_size])
         return normalize_uint8(TF.pil_to_tensor(image), self.mean, self.std)

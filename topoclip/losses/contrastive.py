@@ -46,13 +46,15 @@ def _shift_margin(dtype: torch.dtype) -> float:
     return -0.5 * math.log(torch.finfo(dtype).tiny)
 
 
-def _row_and_column_lse(logits: Tensor) -> tuple[Tensor, Tensor]:
+def _row_and_column_lse(logits: Tensor, fill=None) -> tuple[Tensor, Tensor]:
     """Row-wise and column-wise log-sum-exp in one blocked pass (running max for columns).
 
     Each block is normally exponentiated once, shifted by its largest logit, and both its row
     and its column sums come from that one pass. A block in which some row's or column's
     largest logit lies more than ``_shift_margin`` below it (a very large scale with a wide
     similarity range) takes two passes instead, each shifted by its own maxima.
+    ``fill(i, j, block)``, when given, first writes rows i:j of the logits into ``block`` (a
+    view of ``logits``): the block is formed and reduced while it is in cache.
     """
     rows, cols = logits.shape
     margin = _shift_margin(logits.dtype)
@@ -61,6 +63,8 @@ def _row_and_column_lse(logits: Tensor) -> tuple[Tensor, Tensor]:
     col_sum = torch.zeros(cols, dtype=logits.dtype, device=logits.device)
     for i, j in _row_blocks(rows, cols):
         blk = logits[i:j]
+        if fill is not None:
+            fill(i, j, blk)
         row_max, blk_col_max = blk.amax(dim=1), blk.amax(dim=0)
         shift = row_max.max()
         if bool((shift - torch.minimum(row_max.min(), blk_col_max.min())) <= margin):
@@ -164,6 +168,55 @@ class _InnerProductInfoNCE(torch.autograd.Function):
         grad_u.mul_(coef * scale)
         grad_v.mul_(coef * scale)
         return grad_u, grad_v, grad_scale.reshape(scale.shape)
+
+
+class _BlockedSimilarityInfoNCE(torch.autograd.Function):
+    """The symmetric loss of logits = scale * S for a topology with a blocked kernel (Euclidean,
+    the oblique geodesic), fused as the inner-product path is: each block of rows of S is
+    formed by the kernel, scaled, given its exact positives and reduced to the log-sum-exps
+    while in cache; the backward forms each block of d loss / d S in cache and hands it to the
+    kernel's GEMMs. Memory: the saved logits plus one block (no b x b similarity, distance or
+    gradient matrix besides). ``positives`` is paired_similarity(u, v), differentiable: the
+    diagonal's gradient flows through the exact paired form, the rest through the kernel.
+    """
+
+    @staticmethod
+    def forward(ctx, u: Tensor, v: Tensor, scale: Tensor, positives: Tensor, kernel) -> Tensor:  # type: ignore[override]
+        state = kernel.prepare(u, v)
+        logits = torch.empty(u.shape[0], v.shape[0], dtype=u.dtype, device=u.device)
+        scaled_positives = positives * scale
+
+        def fill(i: int, j: int, block: Tensor) -> None:
+            kernel.similarity_block(state, slice(i, j), block)
+            block.mul_(scale)
+            block[:, i:j].diagonal().copy_(scaled_positives[i:j])
+
+        lse_rows, lse_cols = _row_and_column_lse(logits, fill)
+        ctx.kernel = kernel
+        ctx.save_for_backward(scale, logits, lse_rows, lse_cols, *state)
+        ctx.mark_non_differentiable(logits)
+        return _symmetric_loss(logits, lse_rows, lse_cols), logits
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor, _grad_logits: Tensor | None = None):  # type: ignore[override]
+        scale, logits, lse_rows, lse_cols, *state = ctx.saved_tensors
+        kernel = ctx.kernel
+        coef = grad_loss / (2 * logits.shape[0])
+        grads = kernel.grad_buffers(state)
+        grad_positives = torch.empty(logits.shape[0], dtype=logits.dtype, device=logits.device)
+        grad_scale = torch.zeros((), dtype=logits.dtype, device=logits.device)
+        inverse_scale = scale.reciprocal()
+        for i, j in _row_blocks(*logits.shape):
+            blk = logits[i:j]
+            p = _softmax_sum_block(blk, lse_rows[i:j], lse_cols, i)
+            # d loss / d scale = coef * sum(P * S), S = logits / scale (the positives included)
+            grad_scale += torch.vdot(p.reshape(-1), blk.reshape(-1))
+            diagonal = p[:, i:j].diagonal()
+            grad_positives[i:j] = diagonal * (coef * scale)
+            diagonal.zero_()  # the positives' gradient went through the paired form
+            kernel.backward_block(state, slice(i, j), blk * inverse_scale, p.mul_(coef * scale), grads)
+        grad_u, grad_v = kernel.gradients(grads)
+        return grad_u, grad_v, (coef * inverse_scale * grad_scale).reshape(scale.shape), grad_positives, None
 
 
 def symmetric_cross_entropy(logits: Tensor) -> Tensor:
@@ -305,6 +358,11 @@ class ContrastiveLoss(nn.Module):
         if topo.inner_product:
             u_flat, v_flat = topo.pair_2d(u_all, v_all)
             loss, logits = _InnerProductInfoNCE.apply(u_flat, v_flat, scale.to(u_flat.dtype))
+        elif topo.blocked_kernel is not None and bool(scale > 0):
+            u_flat, v_flat = topo.pair_2d(u_all, v_all)
+            positives = topo.paired_similarity(u_flat, v_flat)
+            loss, logits = _BlockedSimilarityInfoNCE.apply(u_flat, v_flat, scale.to(u_flat.dtype), positives,
+                                                           topo.blocked_kernel)
         else:
             diag = torch.arange(u_all.shape[0], device=u.device)
             logits = exact_positives(topo, topo.scaled_similarity(u_all, v_all, scale), u_all, v_all, scale, diag, diag)

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
-
-import timm
+from typing import TYPE_CHECKING, Any
 
 from topoclip.dataclass_io import check_types, from_dict, to_dict
 from topoclip.temperature import check_scale_bounds
 
-# Registers the default image model (DEFAULT_IMAGE_MODEL) with timm before any name is checked.
-from . import towers as _towers  # noqa: F401
+if TYPE_CHECKING:
+    from topoclip.geometry import Topology
 
 __all__ = [
     "DEFAULT_IMAGE_MODEL",
@@ -25,6 +23,7 @@ __all__ = [
     "LogitScaleConfig",
     "ModelConfig",
     "TextTowerConfig",
+    "check_tokens_fit_topology",
 ]
 
 # Registered with timm by topoclip.models.towers: a ViT sized for the embedded 32x32 data.
@@ -47,6 +46,36 @@ _RESERVED_TIMM_KWARGS = {
     "num_heads": "use model.image.heads",
     "mlp_ratio": "use model.image.mlp_ratio",
 }
+
+
+def _is_timm_model(name: str) -> bool:
+    # timm (and our towers, which register the default model with it) load only for a name
+    # that is not the default: validating the default config stays light.
+    import timm
+
+    from . import towers as _towers  # noqa: F401
+
+    return timm.is_model(name)
+
+
+def check_tokens_fit_topology(num_tokens: int, topology: Topology) -> None:
+    """k = 1 works with every topology; k > 1 needs one unit sphere per token (k = m).
+
+    The one statement of the rule: configs check it up front with the topology they will build.
+    """
+    if num_tokens == 1 or num_tokens == topology.num_blocks:
+        return
+    rule = f"model.num_tokens={num_tokens} must be 1 (single-token) or equal the topology's m={topology.num_blocks}"
+    if not topology.blockwise:
+        raise ValueError(
+            f"model.num_tokens: {num_tokens} [CLS] tokens need an oblique topology (one sphere per token), "
+            f"but topology.name is {topology.name} ({rule})"
+        )
+    raise ValueError(
+        f"model.num_tokens: multi-token models need num_tokens == topology.m, got {num_tokens} != "
+        f"{topology.num_blocks} ({rule})"
+    )
+
 
 
 def _int(value: Any, name: str, minimum: int = 1) -> None:
@@ -93,7 +122,7 @@ class ImageTowerConfig:
         check_types(self, p)
         if not self.name:
             raise ValueError(f"{p}.name must be a timm model name, got {self.name!r}")
-        if not timm.is_model(self.name):
+        if self.name != DEFAULT_IMAGE_MODEL and not _is_timm_model(self.name):
             raise ValueError(f"{p}.name: {self.name!r} is not a timm model (see timm.list_models())")
         for attr in ("img_size", "patch_size", "depth", "width", "heads"):
             if getattr(self, attr) is not None:

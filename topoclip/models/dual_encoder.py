@@ -15,29 +15,10 @@ from torch import Tensor, nn
 
 from ..geometry import Topology
 from ..temperature import Curvature, LogitBias, LogitScale
-from .config import ModelConfig
+from .config import ModelConfig, check_tokens_fit_topology
 from .towers import ImageTower, TextTower
 
 __all__ = ["DualEncoder", "TokenProjection", "build_model", "check_tokens_fit_topology", "ensure_logit_bias"]
-
-
-def check_tokens_fit_topology(num_tokens: int, topology: Topology) -> None:
-    """k = 1 works with every topology; k > 1 needs one unit sphere per token (k = m).
-
-    The one statement of the rule: configs check it up front with the topology they will build.
-    """
-    if num_tokens == 1 or num_tokens == topology.num_blocks:
-        return
-    rule = f"model.num_tokens={num_tokens} must be 1 (single-token) or equal the topology's m={topology.num_blocks}"
-    if not topology.blockwise:
-        raise ValueError(
-            f"model.num_tokens: {num_tokens} [CLS] tokens need an oblique topology (one sphere per token), "
-            f"but topology.name is {topology.name} ({rule})"
-        )
-    raise ValueError(
-        f"model.num_tokens: multi-token models need num_tokens == topology.m, got {num_tokens} != "
-        f"{topology.num_blocks} ({rule})"
-    )
 
 
 class TokenProjection(nn.Module):
