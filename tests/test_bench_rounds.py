@@ -42,6 +42,7 @@ def test_alternating_rounds_see_through_a_machine_that_slows_down_midway():
     assert got.ratio == pytest.approx(2.0) and got.stable and got.rounds == 9
     # the one round that straddles the change is an outlier the median and quartiles ignore
     assert got.low == pytest.approx(2.0) and got.high == pytest.approx(2.0)
+    assert got.minimum == pytest.approx(2.0) and got.maximum == pytest.approx(3.0)  # the straddling round
     # timing all floors, then all methods (two stretches) reads the slowdown as the method's
     naive = FakeMachine(slow_after=9)
     floors = [naive.time_call(naive.step(1.0)) for _ in range(9)]
@@ -74,8 +75,8 @@ def test_identical_code_paths_agree_within_their_spread_and_a_disagreement_is_sa
         m = paired_rounds(machine.step(1.2), floor, machine.time_call, min_rounds=7, target_spread=0.2)
         rows.append({"b": 8192, "method": name, "peak": 0, **m.as_dict()})
     (line,) = identical_paths_agree(rows)
-    assert "agree within the spread" in line
-    rows[1] = {**rows[1], "floor_ratio": 3.0, "ratio_low": 2.9, "ratio_high": 3.1}
+    assert "agree within their ranges" in line
+    rows[1] = {**rows[1], "floor_ratio": 3.0, "ratio_low": 2.9, "ratio_high": 3.1, "ratio_min": 2.8, "ratio_max": 3.2}
     assert "DISAGREE" in identical_paths_agree(rows)[0]
 
 

@@ -67,6 +67,19 @@ def _theta_over_sin(theta: Tensor) -> Tensor:
     return torch.sinc(theta / math.pi).clamp_min_(_SIN_FLOOR / math.pi).reciprocal_()
 
 
+def _theta_over_sin_of_cos(cos: Tensor, out: Tensor) -> Tensor:
+    """theta / sin(theta) from cos(theta) in [-1, 1] (``cos`` is overwritten), written to ``out``.
+
+    arccos(c) / sqrt(1 - c^2) with the sine floored at ``_SIN_FLOOR`` (the antipode's cap, as
+    in ``_theta_over_sin``), then at least 1: theta >= sin(theta), and where the floor cuts
+    in near theta = 0 the true value is 1 to within theta^2 / 6 < 2e-7. About four times
+    cheaper on the CPU than 1 / sinc, which PyTorch does not vectorise.
+    """
+    torch.arccos(cos, out=out)
+    sin_sq = cos.mul_(cos).neg_().add_(1.0).clamp_min_(_SIN_FLOOR * _SIN_FLOOR)
+    return out.mul_(sin_sq.rsqrt_()).clamp_min_(1.0)
+
+
 def _inverse_or_zero(x: Tensor) -> Tensor:
     """1/x where x > 0, else 0: the zero subgradient of a distance at coincident points."""
     return torch.where(x > 0, x.clamp_min(torch.finfo(x.dtype).tiny).reciprocal(), 0.0)
@@ -163,28 +176,33 @@ class _SafeSqrt(torch.autograd.Function):
 class EuclideanKernel:
     """S = -||u_i - v_j|| from ||u||^2 + ||v||^2 - 2 u.v, one GEMM per block.
 
-    The protocol (also GeodesicKernel's): ``prepare(u, v)`` once; ``similarity_block`` fills
-    rows ``rows`` of S into ``out``; ``grad_buffers`` / ``backward_block`` / ``gradients``
-    accumulate d loss / d points from blocks of d loss / d S.
+    The protocol (also GeodesicKernel's): ``prepare(u, v)`` once; ``logits_block`` writes
+    rows ``rows`` of scale * S into ``out``; ``grad_buffers`` / ``backward_block`` /
+    ``gradients`` accumulate d loss / d points from blocks of d loss / d logits (the block's
+    logits at hand: the distance is -logits / scale, so nothing b x b is kept or recomputed
+    for it). ``scale`` is a positive 0-dim tensor.
     """
 
     def prepare(self, u: Tensor, v: Tensor) -> tuple[Tensor, ...]:
         return u, v, (u * u).sum(-1), (v * v).sum(-1)
 
-    def similarity_block(self, state, rows: slice, out: Tensor) -> None:
+    def logits_block(self, state, rows: slice, scale: Tensor, out: Tensor) -> None:
         u, v, nu, nv = state
-        torch.addmm(nv.unsqueeze(0), u[rows], v.T, beta=1.0, alpha=-2.0, out=out)
-        out.add_(nu[rows].unsqueeze(1)).clamp_min_(0.0).sqrt_().neg_()
+        # ||u||^2 + ||v||^2 first, then -2 u.v: the order of the unfused similarity, so both
+        # round a coincident pair's distance alike
+        torch.add(nu[rows].unsqueeze(1), nv.unsqueeze(0), out=out)
+        out.addmm_(u[rows], v.T, alpha=-2.0).clamp_min_(0.0).sqrt_().mul_(-scale)
 
     def grad_buffers(self, state) -> tuple[Tensor, Tensor]:
         return torch.empty_like(state[0]), torch.zeros_like(state[1])
 
-    def backward_block(self, state, rows: slice, sim: Tensor, grad_sim: Tensor, grads: tuple[Tensor, Tensor]) -> None:
-        # dS_ij/du_i = (v_j - u_i) / D_ij: with W = grad / D (0 where D = 0, the cone's zero
-        # subgradient), grad_u = W v - u rowsum(W), grad_v += W^T u - v colsum(W).
+    def backward_block(self, state, rows: slice, logits: Tensor, scale: Tensor, grad_logits: Tensor,
+                       grads: tuple[Tensor, Tensor]) -> None:
+        # dS_ij/du_i = (v_j - u_i) / D_ij: with W = scale grad / D (0 where D = 0, the cone's
+        # zero subgradient), grad_u = W v - u rowsum(W), grad_v += W^T u - v colsum(W).
         u, v = state[0], state[1]
         grad_u, grad_v = grads
-        w = _divide_by_distance(grad_sim, sim)
+        w = _scale_over_distance(grad_logits, logits, scale)
         ub = u[rows]
         torch.mm(w, v, out=grad_u[rows])
         grad_u[rows].addcmul_(ub, w.sum(1, keepdim=True), value=-1.0)
@@ -209,7 +227,7 @@ class GeodesicKernel:
     def prepare(self, u: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         return self._block_major(u), self._block_major(v)
 
-    def similarity_block(self, state, rows: slice, out: Tensor) -> None:
+    def logits_block(self, state, rows: slice, scale: Tensor, out: Tensor) -> None:
         ub, vb = state
         cos = torch.empty_like(out)
         for k in range(self.m):
@@ -219,22 +237,22 @@ class GeodesicKernel:
                 torch.mul(theta, theta, out=out)
             else:
                 out.addcmul_(theta, theta)
-        out.sqrt_().neg_()
+        out.sqrt_().mul_(-scale)
 
     def grad_buffers(self, state) -> tuple[Tensor, Tensor]:
         return torch.empty_like(state[0]), torch.zeros_like(state[1])
 
-    def backward_block(self, state, rows: slice, sim: Tensor, grad_sim: Tensor, grads: tuple[Tensor, Tensor]) -> None:
-        # dS/dc_k = theta_k / (sin(theta_k) D): W = grad / D (0 at D = 0), then per sphere
-        # g = W theta / sin(theta), grad_u_k = g v_k, grad_v_k += g^T u_k.
+    def backward_block(self, state, rows: slice, logits: Tensor, scale: Tensor, grad_logits: Tensor,
+                       grads: tuple[Tensor, Tensor]) -> None:
+        # dS/dc_k = theta_k / (sin(theta_k) D): W = scale grad / D (0 at D = 0), then per
+        # sphere g = W theta / sin(theta), grad_u_k = g v_k, grad_v_k += g^T u_k.
         ub, vb = state
         grad_u, grad_v = grads
-        w = _divide_by_distance(grad_sim, sim)
-        g = torch.empty_like(w)
+        w = _scale_over_distance(grad_logits, logits, scale)
+        cos, g = torch.empty_like(w), torch.empty_like(w)
         for k in range(self.m):
-            torch.mm(ub[k, rows], vb[k].T, out=g)
-            # theta / sin(theta) = 1 / sinc(theta / pi), in place in the block's one buffer
-            g.clamp_(-1.0, 1.0).arccos_().div_(math.pi).sinc_().clamp_min_(_SIN_FLOOR / math.pi).reciprocal_().mul_(w)
+            torch.mm(ub[k, rows], vb[k].T, out=cos)
+            _theta_over_sin_of_cos(cos.clamp_(-1.0, 1.0), out=g).mul_(w)
             torch.mm(g, vb[k], out=grad_u[k, rows])
             grad_v[k].addmm_(g.T, ub[k, rows])
 
@@ -242,10 +260,11 @@ class GeodesicKernel:
         return tuple(g.transpose(0, 1).reshape(g.shape[1], -1) for g in grads)
 
 
-def _divide_by_distance(grad_sim: Tensor, sim: Tensor) -> Tensor:
-    """grad / D in place, D = -sim, with 0 where D = 0 (coincident points: the distance's zero
-    subgradient, as in the similarity functions above)."""
-    return grad_sim.div_(sim.neg().clamp_min_(torch.finfo(sim.dtype).tiny)).masked_fill_(sim == 0, 0.0)
+def _scale_over_distance(grad_logits: Tensor, logits: Tensor, scale: Tensor) -> Tensor:
+    """scale * grad / D in place, from logits = -scale D: -scale^2 grad / logits, with 0 where
+    D = 0 (coincident points: the distance's zero subgradient, as in the similarity functions
+    above)."""
+    return grad_logits.div_(logits).mul_(-scale * scale).masked_fill_(logits == 0, 0.0)
 
 
 def _broadcast_t(t: Tensor | float, like: Tensor, batch_ndim: int) -> Tensor:

@@ -257,17 +257,20 @@ def _floor_ratio(row: dict, floor: dict | None) -> str:
 
 def identical_paths_agree(rows: list[dict], a: str = "sphere", b: str = "oblique-inner") -> list[str]:
     """For each batch where both were measured: whether two methods that run the same code path
-    (one GEMM on flattened points) agree within their interquartile ranges, as they must if
-    the benchmark tells the truth."""
+    (one GEMM on flattened points) agree within the range of their rounds (min to max: they
+    ran in two child processes, whose memory placement alone moves a GEMM by a few percent),
+    as they must if the benchmark tells the truth."""
     lines = []
     for batch in sorted({r["b"] for r in rows}):
         at = {r["method"]: r for r in rows if r["b"] == batch and "ratio_low" in r}
         if a in at and b in at:
             ra, rb = at[a], at[b]
-            overlap = ra["ratio_low"] <= rb["ratio_high"] and rb["ratio_low"] <= ra["ratio_high"]
-            verdict = "agree within the spread" if overlap else "DISAGREE beyond the spread (the machine was too noisy)"
-            lines.append(f"b={batch}: {a} {_floor_ratio(ra, None)} and {b} {_floor_ratio(rb, None)} "
-                         f"(the same code path) {verdict}")
+            lo_a, hi_a = ra.get("ratio_min", ra["ratio_low"]), ra.get("ratio_max", ra["ratio_high"])
+            lo_b, hi_b = rb.get("ratio_min", rb["ratio_low"]), rb.get("ratio_max", rb["ratio_high"])
+            overlap = lo_a <= hi_b and lo_b <= hi_a
+            verdict = "agree within their ranges" if overlap else "DISAGREE beyond their ranges (the machine was too noisy)"
+            lines.append(f"b={batch}: {a} {ra['floor_ratio']:.2f} (rounds {lo_a:.2f}-{hi_a:.2f}) and {b} "
+                         f"{rb['floor_ratio']:.2f} (rounds {lo_b:.2f}-{hi_b:.2f}), the same code path: {verdict}")
     return lines
 
 

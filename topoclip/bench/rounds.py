@@ -28,7 +28,8 @@ __all__ = ["RatioMeasurement", "load_average", "machine_line", "paired_rounds", 
 class RatioMeasurement:
     """``ratio``: median over rounds of method time / floor time; ``low``/``high``: its first
     and third quartiles; ``rounds``; the median seconds of each; ``stable``: the spread
-    (high - low) / ratio reached the target."""
+    (high - low) / ratio reached the target; ``minimum``/``maximum``: the range of the rounds
+    (wider: what a comparison between two child processes is held to)."""
 
     ratio: float
     low: float
@@ -37,6 +38,8 @@ class RatioMeasurement:
     method_time: float
     floor_time: float
     stable: bool
+    minimum: float = float("nan")  # the smallest and largest per-round ratio
+    maximum: float = float("nan")
 
     @property
     def spread(self) -> float:
@@ -44,7 +47,8 @@ class RatioMeasurement:
 
     def as_dict(self) -> dict:
         return {"floor_ratio": self.ratio, "ratio_low": self.low, "ratio_high": self.high, "rounds": self.rounds,
-                "time": self.method_time, "floor_time": self.floor_time, "stable": self.stable}
+                "time": self.method_time, "floor_time": self.floor_time, "stable": self.stable,
+                "ratio_min": self.minimum, "ratio_max": self.maximum}
 
 
 def quartiles(values: list[float]) -> tuple[float, float, float]:
@@ -101,7 +105,7 @@ def paired_rounds(method: Callable[[], None], floor: Callable[[], None], time_ca
             stable = (high - low) <= target_spread * mid
             if stable or len(ratios) >= max_rounds or spent >= budget_seconds:
                 return RatioMeasurement(mid, low, high, len(ratios), statistics.median(methods),
-                                        statistics.median(floors), stable)
+                                        statistics.median(floors), stable, min(ratios), max(ratios))
 
 
 def machine_line() -> str:

@@ -187,8 +187,7 @@ class _BlockedSimilarityInfoNCE(torch.autograd.Function):
         scaled_positives = positives * scale
 
         def fill(i: int, j: int, block: Tensor) -> None:
-            kernel.similarity_block(state, slice(i, j), block)
-            block.mul_(scale)
+            kernel.logits_block(state, slice(i, j), scale, block)
             block[:, i:j].diagonal().copy_(scaled_positives[i:j])
 
         lse_rows, lse_cols = _row_and_column_lse(logits, fill)
@@ -205,7 +204,6 @@ class _BlockedSimilarityInfoNCE(torch.autograd.Function):
         grads = kernel.grad_buffers(state)
         grad_positives = torch.empty(logits.shape[0], dtype=logits.dtype, device=logits.device)
         grad_scale = torch.zeros((), dtype=logits.dtype, device=logits.device)
-        inverse_scale = scale.reciprocal()
         for i, j in _row_blocks(*logits.shape):
             blk = logits[i:j]
             p = _softmax_sum_block(blk, lse_rows[i:j], lse_cols, i)
@@ -214,9 +212,9 @@ class _BlockedSimilarityInfoNCE(torch.autograd.Function):
             diagonal = p[:, i:j].diagonal()
             grad_positives[i:j] = diagonal * (coef * scale)
             diagonal.zero_()  # the positives' gradient went through the paired form
-            kernel.backward_block(state, slice(i, j), blk * inverse_scale, p.mul_(coef * scale), grads)
+            kernel.backward_block(state, slice(i, j), blk, scale, p.mul_(coef), grads)
         grad_u, grad_v = kernel.gradients(grads)
-        return grad_u, grad_v, (coef * inverse_scale * grad_scale).reshape(scale.shape), grad_positives, None
+        return grad_u, grad_v, (coef * grad_scale / scale).reshape(scale.shape), grad_positives, None
 
 
 def symmetric_cross_entropy(logits: Tensor) -> Tensor:
