@@ -148,7 +148,7 @@ def test_measure_pairs_the_method_with_the_floor_in_its_own_process(monkeypatch)
     clock = {"now": 0.0, "speed": 1.0, "steps": 0}
     costs = {"floor": 1.0, "sphere": 1.3}
 
-    def fake_make_step(method, b, d, dev, tile_size):
+    def fake_make_step(method, b, d, dev, tile_size, dtype=None):
         def step():
             clock["steps"] += 1
             if clock["steps"] > 7:
@@ -181,3 +181,28 @@ def test_table_reports_the_paired_floor_ratio_and_the_tiled_ratios():
     assert at_8192["sphere"] == "1.30" and at_8192["oblique-inner"] == "1.50"
     assert "| 16384 | euclidean | skipped (needs ~30.0 GiB) |" in table
     assert _cells(table, "sphere tiled")[7:] == ["1.25", "0.03"]
+
+
+def test_the_gpu_benchmark_says_there_is_no_gpu_and_writes_nothing(tmp_path, monkeypatch):
+    from topoclip.bench import gpu
+
+    monkeypatch.setattr(gpu.torch.cuda, "is_available", lambda: False)
+    said = []
+    assert gpu.run_gpu_bench(tmp_path / "gpu.md", log=said.append) is None
+    assert not (tmp_path / "gpu.md").exists() and "no CUDA device" in said[0] and "bench/gpu.sh" in said[0]
+    full = gpu.plan_for(tiny=False)  # the GPU plan: the sizes
+    assert sorted(full.batches) == [8192, 16384, 32768, 65536, 131072] and full.step_batch == 65536
+    assert full.dtypes == ("fp32", "bf16") and "model.image.width=768" in full.step_overrides
+
+
+@pytest.mark.slow
+def test_the_gpu_benchmark_plan_runs_at_toy_sizes_on_the_cpu(tmp_path):
+    from topoclip.bench.gpu import run_gpu_bench
+
+    text = run_gpu_bench(tmp_path / "gpu.md", tiny=True, log=lambda m: None)
+    assert text == (tmp_path / "gpu.md").read_text()
+    for heading in ("## 1. Loss", "### fp32 features", "### bf16 features", "## 2. One exact training step",
+                    "## 3. Training step against OpenCLIP", "## 4. Two processes (gloo)"):
+        assert heading in text
+    assert "| 32 | openclip-siglip |" in text and "| 32 | euclidean sigmoid tiled |" in text
+    assert "failed" not in text and "median step" in text

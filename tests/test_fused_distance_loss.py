@@ -1,4 +1,4 @@
-"""The fused blocked loss of the Euclidean and oblique-geodesic topologies (their kernels in
+"""The fused blocked loss of the Euclidean, oblique-geodesic and Lorentz topologies (their kernels in
 geometry, the sweep in losses.contrastive) against the unfused composition of the similarity
 matrix, the exact positives and the symmetric cross-entropy: values and gradients, coincident,
 duplicate and antipodal points, many row blocks, and the memory it keeps for backward."""
@@ -12,7 +12,7 @@ from topoclip.losses.contrastive import exact_positives, symmetric_cross_entropy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TOPOLOGIES = [("euclidean", {}), ("oblique-geodesic", {"m": 4})]
+TOPOLOGIES = [("euclidean", {}), ("oblique-geodesic", {"m": 4}), ("lorentz", {})]
 
 
 def _unfused(topo, u, v, scale):
@@ -92,3 +92,22 @@ def test_the_fused_path_keeps_one_b_by_b_matrix_for_backward(name, options):
     unfused = saved_elements(lambda u, v, s: _unfused(topo, u, v, s))
     assert fused <= b * b + 16 * b * 16, fused
     assert unfused >= 2 * b * b  # the composition keeps at least two
+
+
+def test_a_learned_curvature_trains_through_the_fused_hyperbolic_loss():
+    from topoclip.geometry import Lorentz
+
+    log_c = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    g = torch.Generator().manual_seed(4)
+    u = Lorentz(6).project(0.5 * torch.randn(9, 6, generator=g, dtype=torch.float64)).requires_grad_()
+    v = Lorentz(6).project(0.5 * torch.randn(9, 6, generator=g, dtype=torch.float64)).requires_grad_()
+    log_scale = torch.tensor(1.1, dtype=torch.float64, requires_grad=True)
+
+    def loss(u, v, s, c):
+        return topoclip.ContrastiveLoss(Lorentz(6, curvature=lambda: c.exp()))(u, v, s.exp())
+
+    assert torch.autograd.gradcheck(loss, (u, v, log_scale, log_c))
+    topo = Lorentz(6, curvature=lambda: log_c.exp())
+    fused = torch.autograd.grad(loss(u, v, log_scale, log_c), log_c)[0]
+    want = torch.autograd.grad(_unfused(topo, u, v, log_scale.exp()), log_c)[0]
+    assert float(fused) == pytest.approx(float(want), rel=1e-12) and float(fused) != 0.0

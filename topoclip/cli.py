@@ -9,7 +9,7 @@
     topoclip finetune-demo [--out DIR] [--seeds K] [--full] [--temperatures TAU ...] [key=value ...]
     topoclip ablate --grid configs/ablation/X.yaml [--out DIR] [--list] [key=value ...]
     topoclip report RUN_OR_GRID_DIR [--output FILE]
-    topoclip bench loss|max-batch|train-step [options]
+    topoclip bench loss|max-batch|train-step|gpu [options]
 
 The parsed arguments are turned into an ``ExperimentConfig`` (or a few plain values) right
 away; nothing below this module sees an argparse namespace.
@@ -514,6 +514,19 @@ def _add_bench_parsers(sub) -> None:
                     help="open_clip architecture (random init): topoclip-bench-small, topoclip-bench-tiny or a built-in name")
     ts.add_argument("--steps", type=int, default=5, help="timed steps of each (after one warm-up step)")
 
+    gpu = actions.add_parser(
+        "gpu",
+        help="the GPU benchmark in one go (loss table, a 65,536-batch exact step, the step vs OpenCLIP, 2-GPU nccl)",
+        description=(
+            "On a CUDA machine, in about 8 minutes: the loss of every topology, plain and tiled, b = 8,192 to "
+            "131,072, fp32 and bf16, beside OpenCLIP's ClipLoss / SigLipLoss and the GEMM floor; one exact "
+            "training step of a ViT-B/16-sized model at a global batch of 65,536 (gradient cache, bf16); the "
+            "training step against OpenCLIP's own; two nccl processes when there are two GPUs. One Markdown file."
+        ),
+    )
+    gpu.add_argument("--output", type=Path, default=Path("bench-gpu.md"), help="the Markdown file (default bench-gpu.md)")
+    gpu.add_argument("--tiny", action="store_true", help="the same plan at toy sizes on the CPU (a check, not a measurement)")
+
 
 def _bench(args: argparse.Namespace) -> int:
     try:
@@ -543,6 +556,13 @@ def _bench(args: argparse.Namespace) -> int:
             result = run_max_batch(args.limit_gib, args.chunk, args.start, args.max_batch, args.bisect, args.tile_size,
                                    args.timeout, str(args.config) if args.config else None, list(args.overrides))
             print(format_trials(result))
+        elif args.bench_action == "gpu":
+            from topoclip.bench.gpu import run_gpu_bench
+
+            text = run_gpu_bench(args.output, tiny=args.tiny)
+            if text is not None:
+                print(text)
+                print(f"written: {args.output}", file=sys.stderr)
         else:
             from topoclip.bench.train_step import format_result, run_train_step_bench
 

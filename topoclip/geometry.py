@@ -180,8 +180,13 @@ class EuclideanKernel:
     rows ``rows`` of scale * S into ``out``; ``grad_buffers`` / ``backward_block`` /
     ``gradients`` accumulate d loss / d points from blocks of d loss / d logits (the block's
     logits at hand: the distance is -logits / scale, so nothing b x b is kept or recomputed
-    for it). ``scale`` is a positive 0-dim tensor.
+    for it). ``scale`` is a positive 0-dim tensor. ``inputs(u)``: tensors the similarity
+    depends on besides the points (a learned curvature), passed to ``prepare`` and given
+    gradients by ``gradients`` after the points'.
     """
+
+    def inputs(self, like: Tensor) -> tuple[Tensor, ...]:
+        return ()
 
     def prepare(self, u: Tensor, v: Tensor) -> tuple[Tensor, ...]:
         return u, v, (u * u).sum(-1), (v * v).sum(-1)
@@ -209,7 +214,7 @@ class EuclideanKernel:
         grad_v.addmm_(w.T, ub)
         grad_v.addcmul_(v, w.sum(0).unsqueeze(1), value=-1.0)
 
-    def gradients(self, grads: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    def gradients(self, state, grads: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         return grads
 
 
@@ -220,6 +225,9 @@ class GeodesicKernel:
 
     def __init__(self, num_blocks: int):
         self.m = num_blocks
+
+    def inputs(self, like: Tensor) -> tuple[Tensor, ...]:
+        return ()
 
     def _block_major(self, x: Tensor) -> Tensor:
         return x.reshape(x.shape[0], self.m, -1).transpose(0, 1).contiguous()
@@ -256,8 +264,66 @@ class GeodesicKernel:
             torch.mm(g, vb[k], out=grad_u[k, rows])
             grad_v[k].addmm_(g.T, ub[k, rows])
 
-    def gradients(self, grads: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    def gradients(self, state, grads: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         return tuple(g.transpose(0, 1).reshape(g.shape[1], -1) for g in grads)
+
+
+class LorentzKernel:
+    """S = -acosh(-c <u, v>_L) / sqrt(c) on the hyperboloid, one GEMM per block; the curvature
+    is an input with its own gradient (a learned one trains through the fused loss).
+
+    With theta = sqrt(c) d = acosh(1 + z), z = c (t_u t_v - u.v) - 1, t = sqrt(1/c + |x|^2):
+    dS/dz = -1 / (sqrt(c) sinh theta), dz/du_i = c (t_v u_i / t_u - v_j), and
+    dS/dc = -S / (2c) + dS/dz (cosh theta / c - (t_v / t_u + t_u / t_v) / (2c)).
+    """
+
+    def __init__(self, topology: "Lorentz"):
+        self.topology = topology
+
+    def inputs(self, like: Tensor) -> tuple[Tensor, ...]:
+        return (self.topology.c(like),)
+
+    def prepare(self, u: Tensor, v: Tensor, c: Tensor) -> tuple:
+        c = c.detach()
+        inverse = 1.0 / c
+        return u, v, c, torch.sqrt(inverse + (u * u).sum(-1)), torch.sqrt(inverse + (v * v).sum(-1))
+
+    def logits_block(self, state, rows: slice, scale: Tensor, out: Tensor) -> None:
+        u, v, c, t_u, t_v = state
+        # -c <u, v>_L = c t_u t_v - c u.v, floored at 1 (rounding may dip below), then acosh
+        torch.outer(c * t_u[rows], t_v, out=out)
+        out.addmm_(u[rows], v.T, alpha=-float(c)).clamp_min_(1.0).acosh_().mul_(-scale / torch.sqrt(c))
+
+    def grad_buffers(self, state) -> tuple[Tensor, ...]:
+        u, v = state[0], state[1]
+        zero = torch.zeros((), dtype=u.dtype, device=u.device)
+        return torch.empty_like(u), torch.zeros_like(v), torch.zeros(v.shape[0], dtype=v.dtype, device=v.device), zero
+
+    def backward_block(self, state, rows: slice, logits: Tensor, scale: Tensor, grad_logits: Tensor,
+                       grads: tuple[Tensor, ...]) -> None:
+        u, v, c, t_u, t_v = state
+        grad_u, grad_v, column_sums, grad_c = grads
+        root = torch.sqrt(c)
+        theta = logits * (-root / scale)
+        g = grad_logits.mul_(scale)  # d loss / d S (0 on the diagonal: the positives' own path)
+        grad_c -= torch.vdot(g.reshape(-1), logits.reshape(-1)) / (2.0 * c * scale)  # -S / (2c)
+        # A = d loss / d z, 0 where theta = 0 (coincident points: the zero subgradient)
+        a = g.div_(torch.sinh(theta)).mul_(-1.0 / root).masked_fill_(theta == 0, 0.0)
+        grad_c += torch.vdot(a.reshape(-1), theta.cosh_().reshape(-1)) / c
+        ub, tub = u[rows], t_u[rows]
+        row_sums = a @ t_v  # sum_j A_ij t_vj
+        column_sums.addmv_(a.T, tub)  # sum_i A_ij t_ui
+        grad_c -= (row_sums / tub).sum() / (2.0 * c)
+        torch.mm(a, v, out=grad_u[rows])
+        grad_u[rows].mul_(-c).addcmul_(ub, (row_sums / tub).unsqueeze(1), value=float(c))
+        grad_v.addmm_(a.T, ub, alpha=-float(c))
+
+    def gradients(self, state, grads: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        grad_u, grad_v, column_sums, grad_c = grads
+        u, v, c, t_u, t_v = state
+        grad_v.addcmul_(v, (column_sums / t_v).unsqueeze(1), value=float(c))
+        grad_c = grad_c - (column_sums / t_v).sum() / (2.0 * c)
+        return grad_u, grad_v, grad_c
 
 
 def _scale_over_distance(grad_logits: Tensor, logits: Tensor, scale: Tensor) -> Tensor:
@@ -692,6 +758,11 @@ class Lorentz(Topology):
     """
 
     name = "lorentz"
+
+    @property
+    def blocked_kernel(self) -> LorentzKernel:  # reads the curvature at each loss call
+        return LorentzKernel(self)
+
     # project is exp_0: models scale their features before it (see models.TokenProjection)
     scales_tangent_input = True
     # the Euclidean distance of stored points means little here: geometry metrics use -similarity

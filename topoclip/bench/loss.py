@@ -27,6 +27,7 @@ from __future__ import annotations
 import importlib.util
 import statistics
 import sys
+import time
 from typing import Callable
 
 import torch
@@ -41,6 +42,7 @@ TOPOLOGIES = ("sphere", "euclidean", "oblique-inner", "oblique-geodesic", "loren
 OBLIQUE_BLOCKS = 8          # Ob(d/8, 8): Ob(64, 8) at d = 512
 AUTO_TILE_BATCH = 16384     # ContrastiveLoss's default tile_threshold: tiled rows from here on
 TILED = " tiled"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # of the features the loss is given
 SIGMOID = " sigmoid"  # SigLIP's loss on the topology (with --sigmoid), beside OpenCLIP's SigLipLoss
 # Bytes per b^2 a method keeps alive at its peak (fp32 b x b matrices x 4 bytes), used to skip
 # a method before trying it. Rough upper guesses; once a method has been measured at a smaller
@@ -66,10 +68,13 @@ def _clear_grads(*tensors: torch.Tensor) -> None:
         t.grad = None
 
 
-def _make_step(method: str, b: int, d: int, device: torch.device, tile_size: int) -> Callable[[], None]:
+def _make_step(method: str, b: int, d: int, device: torch.device, tile_size: int,
+               dtype: torch.dtype = torch.float32) -> Callable[[], None]:
+    """One fwd+bwd of ``method`` on random features of ``dtype`` (bf16: the features a bf16
+    model hands the loss; topoclip computes the loss in fp32 from them, OpenCLIP in bf16)."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(b, d, generator=g).to(device)
-    y = torch.randn(b, d, generator=g).to(device)
+    x = torch.randn(b, d, generator=g).to(device=device, dtype=dtype)
+    y = torch.randn(b, d, generator=g).to(device=device, dtype=dtype)
     if method == "floor":
         def step():
             s = x @ y.T
@@ -111,8 +116,8 @@ def _make_step(method: str, b: int, d: int, device: torch.device, tile_size: int
     topo = _topology(name, d)
     # Lorentz points start near the origin (MERU's feature scale); unit-scale tangent vectors.
     scale_in = d ** -0.5 if getattr(topo, "scales_tangent_input", False) else 1.0
-    u = topo.project(scale_in * x).detach().requires_grad_(True)
-    v = topo.project(scale_in * y).detach().requires_grad_(True)
+    u = topo.project(scale_in * x).to(dtype).detach().requires_grad_(True)
+    v = topo.project(scale_in * y).to(dtype).detach().requires_grad_(True)
     threshold = 0 if tiled else None
     if sigmoid:
         sigmoid_fn = SigmoidLoss(topo, tile_threshold=threshold, tile_size=tile_size)
@@ -132,7 +137,8 @@ def _make_step(method: str, b: int, d: int, device: torch.device, tile_size: int
 
 
 def measure(method: str, b: int, d: int, repeats: int, device: str, tile_size: int = 1024,
-            paired: bool = True, budget_seconds: float = 30.0, target_spread: float = 0.10) -> dict:
+            paired: bool = True, budget_seconds: float = 30.0, target_spread: float = 0.10,
+            dtype: str = "fp32") -> dict:
     """Median fwd+bwd seconds, peak memory growth (bytes) and the ratio to the three-GEMM floor
     of one method (run in a child).
 
@@ -143,10 +149,11 @@ def measure(method: str, b: int, d: int, repeats: int, device: str, tile_size: i
     """
     dev = torch.device(device)
     time_call = timer(dev)
+    features = DTYPES[dtype]
     # A tiny run first initialises what is paid once per process (thread pool, autograd engine,
     # lazy imports), so that the peak below is the method's own.
-    _make_step(method, min(b, 64), d, dev, tile_size)()
-    step = _make_step(method, b, d, dev, tile_size)
+    _make_step(method, min(b, 64), d, dev, tile_size, features)()
+    step = _make_step(method, b, d, dev, tile_size, features)
     cuda = dev.type == "cuda"
     if cuda:
         torch.cuda.synchronize(dev)
@@ -163,7 +170,7 @@ def measure(method: str, b: int, d: int, repeats: int, device: str, tile_size: i
     if method == "floor" or not paired:
         times = [first] + [time_call(step) for _ in range(repeats - 1)]
         return {"time": statistics.median(times), **result, **({"floor_ratio": 1.0} if method == "floor" else {})}
-    floor = _make_step("floor", b, d, dev, tile_size)
+    floor = _make_step("floor", b, d, dev, tile_size, features)
     floor()
     rounds = paired_rounds(step, floor, time_call, min_rounds=repeats, max_rounds=max(repeats, 41),
                            budget_seconds=budget_seconds, target_spread=target_spread, first_method_time=first)
@@ -199,11 +206,16 @@ def _memory_budget(device: str) -> int | None:
 def run_loss_bench(batches, dim: int = 512, topologies=TOPOLOGIES, tiled: bool = False, repeats: int = 5,
                    device: str = "cpu", tile_size: int = 1024, memory_gib: float | None = None,
                    openclip: bool = True, log: Callable[[str], None] | None = None, sigmoid: bool = False,
-                   budget_seconds: float = 30.0, target_spread: float = 0.10) -> list[dict]:
-    """Measure every (method, b); returns rows {b, method, time, peak} or {b, method, skipped}."""
+                   budget_seconds: float = 30.0, target_spread: float = 0.10, dtype: str = "fp32",
+                   deadline: float | None = None) -> list[dict]:
+    """Measure every (method, b) in the order given; returns rows {b, method, time, peak} or
+    {b, method, skipped}. ``deadline`` (a ``time.monotonic()`` value): later methods are listed
+    as skipped for time."""
     for t in topologies:
         if t not in TOPOLOGIES:
             raise ValueError(f"--topologies: unknown topology {t!r} (choose from {', '.join(TOPOLOGIES)})")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
     if any(b < 1 for b in batches) or dim < 1 or repeats < 1:
         raise ValueError("--batch, --dim and --repeats must be >= 1")
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -213,8 +225,11 @@ def run_loss_bench(batches, dim: int = 512, topologies=TOPOLOGIES, tiled: bool =
     budget = int(memory_gib * 2**30) if memory_gib is not None else _memory_budget(device)
     measured: dict[str, tuple[int, int]] = {}
     rows = []
-    for b in sorted(batches):
+    for b in batches:
         for method in plan_methods(b, topologies, tiled, has_openclip, sigmoid):
+            if deadline is not None and time.monotonic() > deadline:
+                rows.append({"b": b, "method": method, "skipped": "skipped (time budget spent)"})
+                continue
             need = _estimate(method, b, dim, measured)
             # 10% headroom: the estimate leaves out the process itself and the allocator's slack.
             if budget is not None and need is not None and need > 0.9 * budget:
@@ -223,7 +238,7 @@ def run_loss_bench(batches, dim: int = 512, topologies=TOPOLOGIES, tiled: bool =
                 continue
             floor_done = any(r["b"] == b and r["method"] == "floor" and "time" in r for r in rows)
             params = dict(method=method, b=b, d=dim, repeats=repeats, device=device, tile_size=tile_size,
-                          paired=floor_done, budget_seconds=budget_seconds, target_spread=target_spread)
+                          paired=floor_done, budget_seconds=budget_seconds, target_spread=target_spread, dtype=dtype)
             # On the CPU the child is also stopped at the budget, before the kernel's OOM killer
             # picks a victim (it is listed as failed).
             out = run_child("loss", params, limit_bytes=budget if torch.device(device).type == "cpu" else None)
@@ -234,7 +249,7 @@ def run_loss_bench(batches, dim: int = 512, topologies=TOPOLOGIES, tiled: bool =
             res = out.result
             if res["peak"] > 0:
                 measured[method] = (b, res["peak"])
-            rows.append({"b": b, "method": method, **res})
+            rows.append({"b": b, "method": method, "dtype": dtype, **res})
             ratio = f"  x floor {_floor_ratio(res, None)}" if "ratio_low" in res else ""
             log(f"  b={b:6d} {method:24s} {res['time'] * 1e3:10.1f} ms {res['peak'] / 2**20:10.1f} MiB{ratio}")
     return rows

@@ -37,15 +37,17 @@ class _SizedPlaceholder(torch.utils.data.Dataset):
         raise IndexError("placeholder dataset: the benchmark feeds batches to train_step directly")
 
 
-def trial(batch: int, chunk: int, tile_size: int = 1024, config: str | None = None, overrides: list[str] = ()) -> dict:
-    """One exact training step at global batch ``batch`` (run in a child); returns its time and loss."""
+def trial(batch: int, chunk: int, tile_size: int = 1024, config: str | None = None, overrides: list[str] = (),
+          device: str = "cpu") -> dict:
+    """One exact training step at global batch ``batch`` (run in a child); returns its time and
+    loss, and on a CUDA device its peak allocated memory (``peak_cuda``)."""
     from topoclip.config import load_config
     from topoclip.engine import ContrastiveTask, Trainer, TrainingSettings, seed_everything
     from topoclip.models import build_model
     from topoclip.recipes.common import build_loss
 
     settings = [
-        f"train.batch_size={batch}", f"train.grad_cache_chunk={chunk}", "train.steps=1", "train.device=cpu",
+        f"train.batch_size={batch}", f"train.grad_cache_chunk={chunk}", "train.steps=1", f"train.device={device}",
         "optim.warmup_steps=0", "loss.tile_threshold=0", f"loss.tile_size={tile_size}", "eval.enabled=false",
         "train.checkpoint_every=0",
     ]
@@ -61,14 +63,23 @@ def trial(batch: int, chunk: int, tile_size: int = 1024, config: str | None = No
         "input_ids": torch.randint(1, cfg.data.vocab_size, (batch, length), generator=g),
         "attention_mask": torch.ones(batch, length, dtype=torch.long),
     }
+    cuda = torch.device(device).type == "cuda"
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(ContrastiveTask(model, build_loss(cfg, topology)), _SizedPlaceholder(batch), None, TrainingSettings.of(cfg), run_dir)
+        if cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
         metrics = trainer.train_step(data)
+        if cuda:
+            torch.cuda.synchronize(device)
         seconds = time.perf_counter() - t0
     if metrics["skipped"] or not math.isfinite(metrics["loss"]):
         raise RuntimeError(f"the step at batch {batch} was skipped (loss {metrics['loss']})")
-    return {"step_time": seconds, "loss": metrics["loss"]}
+    out = {"step_time": seconds, "loss": metrics["loss"]}
+    if cuda:
+        out["peak_cuda"] = torch.cuda.max_memory_allocated(device)
+    return out
 
 
 def search_max_batch(fits: Callable[[int], bool], start: int, max_batch: int, bisect: int = 0,

@@ -88,7 +88,7 @@ def _openclip_step(model, loss_fn, optimizer, images, texts) -> None:
         model.logit_scale.clamp_(0, math.log(100))
 
 
-def _topoclip_trainer(model, batch: int, embed_dim: int, run_dir: str):
+def _topoclip_trainer(model, batch: int, embed_dim: int, run_dir: str, device: str = "cpu"):
     import topoclip
     from topoclip.config import load_config
     from topoclip.engine import ContrastiveTask, Trainer, TrainingSettings
@@ -100,7 +100,7 @@ def _topoclip_trainer(model, batch: int, embed_dim: int, run_dir: str):
         "topology.name=sphere", f"topology.dim={embed_dim}", "topology.n=null", "topology.m=null",
         f"train.batch_size={batch}", "train.precision=fp32", "train.grad_cache_chunk=null", "train.steps=1000",
         f"optim.lr={LR}", f"optim.weight_decay={WEIGHT_DECAY}", f"optim.eps={EPS}", "optim.warmup_steps=0",
-        "optim.grad_clip=null", "train.checkpoint_every=0", "eval.enabled=false",
+        "optim.grad_clip=null", "train.checkpoint_every=0", "eval.enabled=false", f"train.device={device}",
     ])
     encoder = OpenClipDualEncoder(model, topology=topoclip.topology("sphere", dim=embed_dim))
     loss_fn = topoclip.ContrastiveLoss(encoder.topology)
@@ -108,7 +108,7 @@ def _topoclip_trainer(model, batch: int, embed_dim: int, run_dir: str):
 
 
 def run_train_step_bench(batch: int = 256, model: str = "topoclip-bench-small", steps: int = 5, warmup: int = 1,
-                         log: Callable[[str], None] | None = None) -> dict:
+                         log: Callable[[str], None] | None = None, device: str = "cpu") -> dict:
     """Alternate the two steps ``warmup + steps`` times; returns the medians (s) and their ratio."""
     if batch < 2 or steps < 1 or warmup < 0:
         raise ValueError(f"need --batch >= 2, --steps >= 1, warm-up >= 0 (got {batch}, {steps}, {warmup})")
@@ -122,15 +122,17 @@ def run_train_step_bench(batch: int = 256, model: str = "topoclip-bench-small", 
     text = cfg["text_cfg"]
     length, vocab = text.get("context_length", 77), text.get("vocab_size", 49408)
     g = torch.Generator().manual_seed(0)
-    images = torch.randn(batch, 3, size, size, generator=g)
-    texts = torch.randint(1, vocab - 1, (batch, length), generator=g)
+    images = torch.randn(batch, 3, size, size, generator=g).to(device)
+    texts = torch.randint(1, vocab - 1, (batch, length), generator=g).to(device)
     data = {"images": images, "input_ids": texts, "attention_mask": torch.ones_like(texts)}
+    clip = clip.to(device)
+    cuda = torch.device(device).type == "cuda"
 
     ours_model = copy.deepcopy(clip)
     clip_loss, optimizer = ClipLoss(cache_labels=True), _openclip_optimizer(clip)
     times = {"openclip": [], "topoclip": []}
     with tempfile.TemporaryDirectory() as run_dir:
-        trainer = _topoclip_trainer(ours_model, batch, embed_dim, run_dir)
+        trainer = _topoclip_trainer(ours_model, batch, embed_dim, run_dir, device)
         run = {
             "openclip": lambda: _openclip_step(clip, clip_loss, optimizer, images, texts),
             "topoclip": lambda: trainer.train_step(data),
@@ -138,8 +140,12 @@ def run_train_step_bench(batch: int = 256, model: str = "topoclip-bench-small", 
         for r in range(warmup + steps):
             order = ("openclip", "topoclip") if r % 2 == 0 else ("topoclip", "openclip")
             for name in order:
+                if cuda:
+                    torch.cuda.synchronize(device)
                 t0 = time.perf_counter()
                 run[name]()
+                if cuda:
+                    torch.cuda.synchronize(device)
                 if r >= warmup:
                     times[name].append(time.perf_counter() - t0)
             if r >= warmup:

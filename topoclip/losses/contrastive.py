@@ -181,8 +181,8 @@ class _BlockedSimilarityInfoNCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, u: Tensor, v: Tensor, scale: Tensor, positives: Tensor, kernel) -> Tensor:  # type: ignore[override]
-        state = kernel.prepare(u, v)
+    def forward(ctx, u: Tensor, v: Tensor, scale: Tensor, positives: Tensor, kernel, *inputs: Tensor) -> Tensor:  # type: ignore[override]
+        state = kernel.prepare(u, v, *inputs)
         logits = torch.empty(u.shape[0], v.shape[0], dtype=u.dtype, device=u.device)
         scaled_positives = positives * scale
 
@@ -192,6 +192,7 @@ class _BlockedSimilarityInfoNCE(torch.autograd.Function):
 
         lse_rows, lse_cols = _row_and_column_lse(logits, fill)
         ctx.kernel = kernel
+        ctx.input_shapes = [t.shape for t in inputs]
         ctx.save_for_backward(scale, logits, lse_rows, lse_cols, *state)
         ctx.mark_non_differentiable(logits)
         return _symmetric_loss(logits, lse_rows, lse_cols), logits
@@ -213,8 +214,9 @@ class _BlockedSimilarityInfoNCE(torch.autograd.Function):
             grad_positives[i:j] = diagonal * (coef * scale)
             diagonal.zero_()  # the positives' gradient went through the paired form
             kernel.backward_block(state, slice(i, j), blk, scale, p.mul_(coef), grads)
-        grad_u, grad_v = kernel.gradients(grads)
-        return grad_u, grad_v, (coef * grad_scale / scale).reshape(scale.shape), grad_positives, None
+        grad_u, grad_v, *input_grads = kernel.gradients(state, grads)
+        return (grad_u, grad_v, (coef * grad_scale / scale).reshape(scale.shape), grad_positives, None,
+                *(g.reshape(shape) for g, shape in zip(input_grads, ctx.input_shapes)))
 
 
 def symmetric_cross_entropy(logits: Tensor) -> Tensor:
@@ -356,11 +358,11 @@ class ContrastiveLoss(nn.Module):
         if topo.inner_product:
             u_flat, v_flat = topo.pair_2d(u_all, v_all)
             loss, logits = _InnerProductInfoNCE.apply(u_flat, v_flat, scale.to(u_flat.dtype))
-        elif topo.blocked_kernel is not None and bool(scale > 0):
+        elif (kernel := topo.blocked_kernel) is not None and bool(scale > 0):
             u_flat, v_flat = topo.pair_2d(u_all, v_all)
             positives = topo.paired_similarity(u_flat, v_flat)
-            loss, logits = _BlockedSimilarityInfoNCE.apply(u_flat, v_flat, scale.to(u_flat.dtype), positives,
-                                                           topo.blocked_kernel)
+            loss, logits = _BlockedSimilarityInfoNCE.apply(u_flat, v_flat, scale.to(u_flat.dtype), positives, kernel,
+                                                           *kernel.inputs(u_flat))
         else:
             diag = torch.arange(u_all.shape[0], device=u.device)
             logits = exact_positives(topo, topo.scaled_similarity(u_all, v_all, scale), u_all, v_all, scale, diag, diag)
