@@ -139,3 +139,30 @@ def test_tiled_cross_entropy_inner_product_equals_row_cross_entropy():
     torch.testing.assert_close(got, want)
     for a, b in zip(torch.autograd.grad(got, (q, k)), torch.autograd.grad(want, (q, k))):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("name", ["oblique-inner", "euclidean"])
+@pytest.mark.parametrize("log_scale", [2.3, 8.0])  # 8.0: logits spread past one exp's range (two passes)
+def test_one_exp_and_two_pass_tiles_both_equal_plain(monkeypatch, name, log_scale):
+    """Each tile takes one exp pass for its rows and columns (forward) and for both softmax terms
+    (backward) unless its logits spread too far for one shift; both branches are exact."""
+    import topoclip.losses.tiled as tiled
+
+    calls = {"one": 0, "two": 0}
+    one_exp = tiled._one_exp_update
+
+    def counting(*args):
+        out = one_exp(*args)
+        calls["one" if out is not None else "two"] += 1
+        return out
+
+    monkeypatch.setattr(tiled, "_one_exp_update", counting)
+    topo = topoclip.topology(name, **SPECS[name])
+    g = torch.Generator().manual_seed(7)
+    x, y = torch.randn(13, 12, generator=g, dtype=torch.float64), torch.randn(13, 12, generator=g, dtype=torch.float64)
+    w = torch.tensor(log_scale, dtype=torch.float64)
+    plain = run(topoclip.ContrastiveLoss(topo, tile_threshold=None), topo, x, y, w)
+    tiled_run = run(topoclip.ContrastiveLoss(topo, tile_threshold=0, tile_size=4), topo, x, y, w)
+    for p, t in zip(plain, tiled_run):
+        torch.testing.assert_close(t, p, atol=1e-10, rtol=1e-10)
+    assert calls["one"] > 0 and (calls["two"] > 0) == (log_scale > 5)

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ..geometry import Topology
+from .contrastive import _shift_margin
 
 __all__ = ["tiled_logsumexp", "tiled_contrastive_loss", "tiled_cross_entropy"]
 
@@ -61,9 +62,31 @@ def _view(buffer: Tensor, rows: int, cols: int) -> Tensor:
     return buffer[: rows * cols].view(rows, cols)
 
 
+def _merge(run_max: Tensor, run_sum: Tensor, shift: Tensor, part: Tensor) -> Tensor:
+    """Merge partial sums ``part`` of exp(L - shift) into running (max, sum) state (in place
+    for the sum); returns the new max."""
+    new_max = torch.maximum(run_max, shift)
+    run_sum.mul_(torch.exp(run_max - new_max)).add_(part.mul_(torch.exp(shift - new_max)))
+    return new_max
+
+
+def _one_exp_update(logits: Tensor, row_max: Tensor, row_sum: Tensor, col_max: Tensor, col_sum: Tensor,
+                    work: Tensor) -> tuple[Tensor, Tensor] | None:
+    """Both running log-sum-exps from one exp pass of the tile, shifted by its largest logit,
+    when no row's or column's largest logit lies more than ``_shift_margin`` below it (else
+    None: the caller takes two passes). The new (row max, column max)."""
+    row_tile_max, col_tile_max = logits.amax(1), logits.amax(0)
+    shift = row_tile_max.max()
+    if not bool(shift - torch.minimum(row_tile_max.min(), col_tile_max.min()) <= _shift_margin(logits.dtype)):
+        return None
+    e = torch.sub(logits, shift, out=work).exp_()
+    return _merge(row_max, row_sum, shift, e.sum(1)), _merge(col_max, col_sum, shift, e.sum(0))
+
+
 def _sweep_lse(nu: int, nv: int, tile: int, columns: bool, tile_logits, kw: dict) -> tuple[Tensor, Tensor]:
     """Row (and column) log-sum-exp of the nu x nv logits, one tile at a time.
-    ``tile_logits(i0, i1, j0, j1)`` returns the logits of rows i0:i1 and columns j0:j1."""
+    ``tile_logits(i0, i1, j0, j1)`` returns the logits of rows i0:i1 and columns j0:j1. With
+    columns, each tile is exponentiated once for both (see contrastive._row_and_column_lse)."""
     row_max = torch.full((nu,), -torch.inf, **kw)
     row_sum = torch.zeros(nu, **kw)
     col_max = torch.full((nv,), -torch.inf, **kw)
@@ -73,6 +96,11 @@ def _sweep_lse(nu: int, nv: int, tile: int, columns: bool, tile_logits, kw: dict
         for j0, j1 in _tiles(nv, tile):
             logits = tile_logits(i0, i1, j0, j1)
             w = _view(work, i1 - i0, j1 - j0)
+            if columns:
+                merged = _one_exp_update(logits, row_max[i0:i1], row_sum[i0:i1], col_max[j0:j1], col_sum[j0:j1], w)
+                if merged is not None:
+                    row_max[i0:i1], col_max[j0:j1] = merged
+                    continue
             row_max[i0:i1] = _online_update(row_max[i0:i1], row_sum[i0:i1], logits, 1, w)
             if columns:
                 col_max[j0:j1] = _online_update(col_max[j0:j1], col_sum[j0:j1], logits, 0, w)
@@ -93,7 +121,19 @@ def _positive_sum(topology: Topology, u: Tensor, v: Tensor, labels: Tensor, tile
 def _softmax_gradient(logits: Tensor, lse_rows: Tensor, lse_cols: Tensor | None, g_rows: Tensor,
                       g_cols: Tensor, out: Tensor, logits_scratch: bool) -> Tensor:
     """d loss / d logits of one tile without the positives: g_r softmax_rows + g_c softmax_cols,
-    into ``out``. With ``logits_scratch`` the column term is formed in place in ``logits``."""
+    into ``out``. With ``logits_scratch`` the column term is formed in place in ``logits``.
+
+    Both terms normally come from one exp pass: every logit lies at or below its row's lse, so
+    with shift = the tile's largest row lse, exp(L - shift) (g_r e^(shift - lse_r) +
+    g_c e^(shift - lse_c)) cannot overflow, and is exact unless some lse lies more than
+    ``_shift_margin`` below the shift (then the two-pass form)."""
+    if lse_cols is not None:
+        shift = lse_rows.max()
+        if bool(shift - torch.minimum(lse_rows.min(), lse_cols.min()) <= _shift_margin(logits.dtype)):
+            e = torch.sub(logits, shift, out=logits if logits_scratch else None).exp_()
+            row_weight = torch.sub(shift, lse_rows).exp_().mul_(g_rows).unsqueeze(1)
+            col_weight = torch.sub(shift, lse_cols).exp_().mul_(g_cols).unsqueeze(0)
+            return torch.mul(e, row_weight, out=out).addcmul_(e, col_weight)
     torch.sub(logits, lse_rows.unsqueeze(1), out=out).exp_().mul_(g_rows)
     if lse_cols is not None:
         col = logits if logits_scratch else torch.empty_like(logits)
