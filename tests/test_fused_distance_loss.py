@@ -111,3 +111,39 @@ def test_a_learned_curvature_trains_through_the_fused_hyperbolic_loss():
     fused = torch.autograd.grad(loss(u, v, log_scale, log_c), log_c)[0]
     want = torch.autograd.grad(_unfused(topo, u, v, log_scale.exp()), log_c)[0]
     assert float(fused) == pytest.approx(float(want), rel=1e-12) and float(fused) != 0.0
+
+
+# (the sum includes the coincident positive's all-pairs logit, whose GEMM form is rounding:
+# acosh(1 + z) at z ~ 1e-16 is ~1e-8, summed in two orders, so 1e-9 rather than eps in fp64)
+@pytest.mark.parametrize("name, options", TOPOLOGIES)
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-9), (torch.float32, 1e-6)])
+def test_the_fused_sigmoid_loss_equals_its_formula_with_gradients(monkeypatch, name, options, dtype, tol):
+    import torch.nn.functional as F
+
+    from topoclip.losses.sigmoid import sigmoid_loss
+
+    monkeypatch.setattr(contrastive, "_BLOCK_ELEMENTS", 5 * 37)
+    topo = topoclip.topology(name, dim=16, **options)
+    u, v = _hard_points(topo, 37, dtype)
+    log_scale = torch.tensor(1.2, dtype=dtype, requires_grad=True)
+    bias = torch.tensor(-4.0, dtype=dtype, requires_grad=True)
+    got = sigmoid_loss(topo, u, v, log_scale.exp(), bias)
+    logits = topo.scaled_similarity(u, v, log_scale.exp()) + bias  # SigLIP's formula, unfused
+    want = (F.softplus(logits).sum() - (log_scale.exp() * topo.paired_similarity(u, v) + bias).sum()) / 37
+    assert float(got) == pytest.approx(float(want), rel=tol)
+    for a, b in zip(torch.autograd.grad(got, (u, v, log_scale, bias)), torch.autograd.grad(want, (u, v, log_scale, bias))):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=tol * 10, atol=tol * 10)
+
+
+def test_the_fused_sigmoid_loss_gradchecks_with_a_learned_curvature():
+    from topoclip.geometry import Lorentz
+    from topoclip.losses.sigmoid import sigmoid_loss
+
+    g = torch.Generator().manual_seed(5)
+    u = Lorentz(4).project(0.5 * torch.randn(5, 4, generator=g, dtype=torch.float64)).requires_grad_()
+    v = Lorentz(4).project(0.5 * torch.randn(5, 4, generator=g, dtype=torch.float64)).requires_grad_()
+    args = (u, v, torch.tensor(0.5, dtype=torch.float64, requires_grad=True),
+            torch.tensor(-1.0, dtype=torch.float64, requires_grad=True), torch.tensor(0.3, dtype=torch.float64, requires_grad=True))
+    assert torch.autograd.gradcheck(
+        lambda u, v, s, b, c: sigmoid_loss(Lorentz(4, curvature=lambda: c.exp()), u, v, s.exp(), b), args)

@@ -83,6 +83,49 @@ class _TiledSoftplusSum(torch.autograd.Function):
         return grads[0], grads[1], grads[2], grads[3], None, None
 
 
+class _BlockedSoftplusSum(torch.autograd.Function):
+    """sum_ij softplus(scale * S_ij + bias) for a topology with a blocked kernel (Euclidean, the
+    oblique geodesic, Lorentz): each block of rows of S is formed by the kernel and summed
+    while in cache, its scaled logits kept (one b_u x b_v matrix, as the softmax's fused path);
+    the backward forms d loss / d logits = sigmoid(logits + bias) a block at a time and hands it
+    to the kernel's GEMMs. The scale's and the bias's gradients are sums over the same blocks."""
+
+    @staticmethod
+    def forward(ctx, u: Tensor, v: Tensor, scale: Tensor, bias: Tensor, kernel, *inputs: Tensor) -> Tensor:  # type: ignore[override]
+        from .contrastive import _row_blocks
+
+        state = kernel.prepare(u, v, *inputs)
+        logits = torch.empty(u.shape[0], v.shape[0], dtype=u.dtype, device=u.device)
+        total = torch.zeros((), dtype=u.dtype, device=u.device)
+        work = torch.empty_like(logits[: next(_row_blocks(*logits.shape))[1]])
+        for i, j in _row_blocks(*logits.shape):
+            blk = logits[i:j]
+            kernel.logits_block(state, slice(i, j), scale, blk)
+            total += F.softplus(torch.add(blk, bias, out=work[: j - i])).sum()
+        ctx.kernel, ctx.input_shapes = kernel, [t.shape for t in inputs]
+        ctx.save_for_backward(scale, bias, logits, *state)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        from .contrastive import _row_blocks
+
+        scale, bias, logits, *state = ctx.saved_tensors
+        kernel = ctx.kernel
+        grads = kernel.grad_buffers(state)
+        grad_scale = torch.zeros((), dtype=logits.dtype, device=logits.device)
+        grad_bias = torch.zeros((), dtype=logits.dtype, device=logits.device)
+        for i, j in _row_blocks(*logits.shape):
+            blk = logits[i:j]
+            g = torch.add(blk, bias).sigmoid_().mul_(grad)  # d softplus(x) / dx = sigmoid(x)
+            grad_bias += g.sum()
+            grad_scale += torch.vdot(g.reshape(-1), blk.reshape(-1))  # sum g S, S = logits / scale
+            kernel.backward_block(state, slice(i, j), blk, scale, g, grads)
+        grad_u, grad_v, *input_grads = kernel.gradients(state, grads)
+        return (grad_u, grad_v, (grad_scale / scale).reshape(scale.shape), grad_bias.reshape(bias.shape), None,
+                *(g.reshape(shape) for g, shape in zip(input_grads, ctx.input_shapes)))
+
+
 def sigmoid_loss(topology: Topology, u: Tensor, v: Tensor, scale: Tensor | float, bias: Tensor | float,
                  tile: int | None = None, v_all: Tensor | None = None) -> Tensor:
     """The sigmoid loss of image points ``u`` against text points ``v_all`` (default ``v``,
@@ -98,7 +141,12 @@ def sigmoid_loss(topology: Topology, u: Tensor, v: Tensor, scale: Tensor | float
     bias = bias if torch.is_tensor(bias) else torch.tensor(float(bias), device=device)
     keys = v if v_all is None else v_all
     dtype = _sum_dtype(u)
-    if tile is None:
+    kernel = topology.blocked_kernel
+    if tile is None and kernel is not None and bool(scale > 0):
+        u_flat, keys_flat = topology.pair_2d(u, keys)
+        negatives = _BlockedSoftplusSum.apply(u_flat, keys_flat, scale.to(u_flat.dtype), bias.to(u_flat.dtype), kernel,
+                                              *kernel.inputs(u_flat)).to(dtype)
+    elif tile is None:
         logits = topology.scaled_similarity(u, keys, scale).to(dtype) + bias.to(dtype)
         negatives = F.softplus(logits).sum()
     else:
