@@ -157,7 +157,7 @@ def _run(config: ExperimentConfig, run_dir: str | os.PathLike | None, info: Dist
     entries = _eval_entries(config, data) if config.eval.enabled and info.is_main else []
     train_set = _train_set(config, data, info)
     task = ContrastiveTask(model, build_loss(config, model.topology))
-    collate = make_collate(tokenizer)
+    collate = make_collate(tokenizer, trim_padding=True)  # topoclip's text tower masks padding
     evaluator = periodic_evaluator(model, tokenizer, entries, data.val_pairs(config), collate, config, device)
     trainer = make_trainer(task, train_set, collate, config, run_dir, device, info, evaluator)
     if resume:
