@@ -121,6 +121,48 @@ def test_hf_tokenizer_directory(tmp_path):
     assert TextTokenizer.load(tmp_path / "hf").context_length == 77
 
 
+_LOAD_WITHOUT_STDIN = """
+import sys
+from topoclip.data import TextTokenizer
+try:
+    t = TextTokenizer.load(sys.argv[1], context_length=8)
+    print("loaded", type(t._backend).__name__ if hasattr(t, "_backend") else "")
+except ValueError as err:
+    print("refused", err)
+"""
+
+
+def test_a_tokenizer_directory_s_own_code_is_never_run_nor_asked_about(tmp_path):
+    """An auto_map in tokenizer_config.json asks transformers to import the directory's Python;
+    topoclip loads with trust_remote_code=False: no prompt (stdin is closed here), no code run."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from transformers import BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "circle"]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    arg = "vocab" if "vocab" in inspect.signature(BertTokenizerFast.__init__).parameters else "vocab_file"
+    BertTokenizerFast(**{arg: str(tmp_path / "vocab.txt")}).save_pretrained(tmp_path / "evil")
+    marker = tmp_path / "code-ran"
+    (tmp_path / "evil" / "evil_tokenizer.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\nfrom transformers import BertTokenizerFast as EvilTokenizer\n")
+    config_file = tmp_path / "evil" / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config["auto_map"] = {"AutoTokenizer": ["evil_tokenizer.EvilTokenizer", "evil_tokenizer.EvilTokenizer"]}
+    config["tokenizer_class"] = "EvilTokenizer"
+    config_file.write_text(json.dumps(config))
+    proc = subprocess.run([sys.executable, "-c", _LOAD_WITHOUT_STDIN, str(tmp_path / "evil")], stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parent.parent)
+    assert not marker.exists(), proc.stdout + proc.stderr
+    assert "[y/N]" not in proc.stdout + proc.stderr  # transformers' prompt, shown when the flag is left out
+    assert proc.stdout.startswith(("loaded", "refused")), proc.stdout + proc.stderr
+    if proc.stdout.startswith("refused"):
+        assert str(tmp_path / "evil") in proc.stdout
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [

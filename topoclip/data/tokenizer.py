@@ -183,7 +183,9 @@ class TextTokenizer:
         from transformers import AutoTokenizer
 
         try:
-            hf = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+            # Never run a directory's own Python (an auto_map in tokenizer_config.json), and
+            # never ask: batch jobs have no stdin to answer a prompt.
+            hf = AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
         except (OSError, ValueError) as err:
             raise ValueError(
                 f"{os.fspath(directory)!r} holds neither a topoclip tokenizer nor a Hugging Face tokenizer: {err}"

@@ -344,7 +344,8 @@ def load_openclip(
     # HFTokenizer forwards extra kwargs to AutoTokenizer.from_pretrained: keep it offline
     # (SimpleTokenizer, the BPE vocabulary shipped inside open_clip, takes no such kwarg).
     uses_hf_tokenizer = bool(cfg.get("text_cfg", {}).get("hf_tokenizer_name"))
-    kwargs = {"local_files_only": True} if uses_hf_tokenizer and not allow_download else {}
+    # (and never runs a tokenizer directory's own code)
+    kwargs = {"local_files_only": True, "trust_remote_code": False} if uses_hf_tokenizer and not allow_download else {}
     try:
         tokenizer = open_clip.get_tokenizer(model_name, **kwargs)
     except (OSError, ValueError) as err:
@@ -507,7 +508,7 @@ def load_hf_clip(
 
     try:
         clip = CLIPModel.from_pretrained(str(directory), local_files_only=True, **_dtype_kwarg(_HF_DTYPES[precision]))
-        hf_tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+        hf_tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as err:
         raise ValueError(f"cannot load the CLIP model and tokenizer from {os.fspath(directory)!r}: {err}") from err
     clip.to(device)
