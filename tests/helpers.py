@@ -65,3 +65,18 @@ class FakeDualEncoder(nn.Module):
     def encode_text(self, input_ids, attention_mask):
         mask = attention_mask.unsqueeze(-1).float()
         return self._out((self.token_embedding(input_ids) * mask).sum(1) / mask.sum(1).clamp_min(1))
+
+
+def assert_tiled_losses_equal_plain(topo, u, v, scale: float = 3.0, bias: float = -2.0, tile: int = 4) -> None:
+    """The tiled softmax and sigmoid losses equal the plain ones on ``topo`` (float32 points)."""
+    import pytest
+
+    from topoclip.losses import SigmoidLoss
+    from topoclip.losses.tiled import tiled_contrastive_loss
+
+    scale = torch.tensor(scale)
+    plain = topoclip.ContrastiveLoss(topo, tile_threshold=None)(u, v, scale)
+    assert float(tiled_contrastive_loss(topo, u, v, scale, tile=tile)) == pytest.approx(float(plain), rel=1e-5)
+    a = SigmoidLoss(topo, tile_threshold=None)(u, v, scale, bias)
+    b = SigmoidLoss(topo, tile_threshold=0, tile_size=tile)(u, v, scale, bias)
+    assert a.item() == pytest.approx(b.item(), rel=1e-6)

@@ -190,7 +190,7 @@ def test_the_gpu_benchmark_says_there_is_no_gpu_and_writes_nothing(tmp_path, mon
     said = []
     assert gpu.run_gpu_bench(tmp_path / "gpu.md", log=said.append) is None
     assert not (tmp_path / "gpu.md").exists() and "no CUDA device" in said[0] and "bench/gpu.sh" in said[0]
-    full = gpu.plan_for(tiny=False)  # the GPU plan: the sizes
+    full = gpu.plan_for(tiny=False)  # the GPU plan: b from 8,192 to 131,072, a step at 65,536
     assert sorted(full.batches) == [8192, 16384, 32768, 65536, 131072] and full.step_batch == 65536
     assert full.dtypes == ("fp32", "bf16") and "model.image.width=768" in full.step_overrides
 

@@ -108,17 +108,11 @@ def test_a_learnable_curvature_gets_gradients_through_the_distance():
 
 
 def test_tiled_losses_equal_plain_on_lorentz():
-    from topoclip.losses import SigmoidLoss
-    from topoclip.losses.tiled import tiled_contrastive_loss
+    from tests.helpers import assert_tiled_losses_equal_plain
 
     topo = topoclip.topology("lorentz", dim=8)
     u, v = _points(topo, 13, 9, dtype=torch.float32), _points(topo, 13, 10, dtype=torch.float32)
-    scale = torch.tensor(3.0)
-    plain = topoclip.ContrastiveLoss(topo, tile_threshold=None)(u, v, scale)
-    assert float(tiled_contrastive_loss(topo, u, v, scale, tile=4)) == pytest.approx(float(plain), rel=1e-5)
-    a = SigmoidLoss(topo, tile_threshold=None)(u, v, scale, -2.0)
-    b = SigmoidLoss(topo, tile_threshold=0, tile_size=4)(u, v, scale, -2.0)
-    assert a.item() == pytest.approx(b.item(), rel=1e-6)
+    assert_tiled_losses_equal_plain(topo, u, v)
 
 
 def test_the_curvature_module_is_clamped_to_a_decade_either_side():

@@ -105,17 +105,11 @@ def test_the_tangent_maps_act_per_factor_and_a_factor_without_them_says_so():
 
 
 def test_tiled_losses_equal_plain_and_the_hyperbolic_factors_share_a_curvature():
-    from topoclip.losses import SigmoidLoss
-    from topoclip.losses.tiled import tiled_contrastive_loss
+    from tests.helpers import assert_tiled_losses_equal_plain
 
     topo = product_topology("sphere:4+lorentz:4+lorentz:2")
     u, v = _points(topo, 13, 9, dtype=torch.float32), _points(topo, 13, 10, dtype=torch.float32)
-    scale = torch.tensor(3.0)
-    plain = topoclip.ContrastiveLoss(topo, tile_threshold=None)(u, v, scale)
-    assert float(tiled_contrastive_loss(topo, u, v, scale, tile=4)) == pytest.approx(float(plain), rel=1e-5)
-    a = SigmoidLoss(topo, tile_threshold=None)(u, v, scale, -2.0)
-    b = SigmoidLoss(topo, tile_threshold=0, tile_size=4)(u, v, scale, -2.0)
-    assert a.item() == pytest.approx(b.item(), rel=1e-6)
+    assert_tiled_losses_equal_plain(topo, u, v)
     c = torch.tensor(2.0)
     with topo.curvature_of(c):
         assert all(f.c(u) == 2.0 for f in topo.factors[1:])
