@@ -30,6 +30,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from topoclip.topology_names import add_topology_name, available_topologies, is_blockwise  # re-exported
+
 __all__ = [
     "Topology",
     "Sphere",
@@ -1055,7 +1057,6 @@ _REGISTRY: dict[str, Callable[..., Topology]] = {
     "lorentz": _flat_builder(lambda dim: Lorentz(dim), "lorentz"),
     "product": _product_without_factors,
 }
-_BLOCKWISE = {"oblique-inner", "oblique-geodesic"}
 
 
 def register_topology(name: str, builder: Callable[..., Topology], blockwise: bool = False) -> None:
@@ -1064,23 +1065,8 @@ def register_topology(name: str, builder: Callable[..., Topology], blockwise: bo
     ``builder(dim=None, n=None, m=None)`` takes the same keywords as every other kind;
     ``blockwise`` says that its size is given as m blocks of n (see ``is_blockwise``).
     """
-    if name in _REGISTRY:
-        raise ValueError(f"topology {name!r} is already registered")
+    add_topology_name(name, blockwise)  # raises if the name is taken
     _REGISTRY[name] = builder
-    if blockwise:
-        _BLOCKWISE.add(name)
-
-
-def available_topologies() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def is_blockwise(name: str) -> bool:
-    """Whether the topology called ``name`` is sized by (n, m) blocks rather than by dim alone
-    (known before anything is built, e.g. to fill a config's defaults)."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown topology {name!r}; available: {', '.join(available_topologies())}")
-    return name in _BLOCKWISE
 
 
 def topology(name: str, dim: int | None = None, n: int | None = None, m: int | None = None) -> Topology:

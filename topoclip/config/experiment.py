@@ -12,18 +12,21 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-from topoclip.data.shapes import ShapesConfig
+from topoclip.data.shapes_config import ShapesConfig
 from topoclip.dataclass_io import from_dict
-from topoclip.geometry import Lorentz, Topology, available_topologies, is_blockwise, product_topology, topology
-from topoclip.losses.sigmoid import SIGLIP_INIT
+from topoclip.losses.settings import SIGLIP_INIT
 from topoclip.models.config import ModelConfig, check_tokens_fit_topology
+from topoclip.topology_names import available_topologies, is_blockwise
 
 from .data import CsvDataConfig, FolderDataConfig, KarpathyDataConfig, ShardsConfig, check_source
 from .files import default_config_path, read_config_file, resolve_config_path
 from .overrides import apply_natural_overrides
 from .sections import RunSettings
+
+if TYPE_CHECKING:
+    from topoclip.geometry import Topology
 
 __all__ = [
     "DataConfig",
@@ -152,6 +155,10 @@ class TopologyConfig:
         self.dim = built.dim
 
     def build(self) -> Topology:
+        # Imported here: reading and checking a config needs no torch (the command line answers
+        # a mistyped key at once); building the space does.
+        from topoclip.geometry import Lorentz, product_topology, topology
+
         if self.name == "product":
             return product_topology(self.factors, curvature=self.curvature, learn_curvature=self.learn_curvature)
         if self.name == "lorentz":

@@ -9,10 +9,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from topoclip.data.shapes import ShapesConfig
+from topoclip.data.shapes_config import ShapesConfig
 from topoclip.dataclass_io import from_dict, to_dict
-from topoclip.geometry import available_topologies
-from topoclip.losses.mixup import MixupConfig
+from topoclip.losses.settings import MixupConfig
+from topoclip.topology_names import available_topologies
 
 from .data import CsvDataConfig, FolderDataConfig, KarpathyDataConfig, check_source
 from .files import deep_merge, read_config_file, resolve_config_path

@@ -14,7 +14,7 @@ import copy
 from typing import Any
 
 from topoclip.dataclass_io import apply_overrides, parse_override
-from topoclip.geometry import available_topologies, is_blockwise
+from topoclip.topology_names import available_topologies, is_blockwise
 
 __all__ = ["apply_natural_overrides", "drop_dependents"]
 

@@ -22,17 +22,14 @@ Euclidean space, where both paths agree): the baseline of the paper's linear-vs-
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..dataclass_io import check_types
 from ..geometry import Topology
 from .contrastive import ContrastiveLoss
+from .settings import MixupConfig  # re-exported
 
 __all__ = [
     "MIX_PATHS",
@@ -157,37 +154,6 @@ def vl_mix_loss(topology: Topology, image: Tensor, text: Tensor, scale: Tensor |
     logits = _with_diagonal(scale * topology.similarity(image, text), scale * topology.paired_similarity(image_mixed, text_mixed))
     labels = _labels(image.shape[0], logits.device)
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
-
-
-@dataclass
-class MixupConfig:
-    """The m³-Mix terms' settings (``finetune.mixup``): each term's weight in the loss (0
-    disables it), the Beta(alpha, alpha) parameters its lam is drawn from, and the m²-Mix
-    term's own logit scale.
-
-    Defaults are the middle of the public scripts' ranges: w_m2 in {0.001..0.05}, w_V = w_L =
-    0.05, w_VL in {0.05, 0.1, 0.2}; alpha 0.2-0.5 (V/L, m2), 0.5-1.0 (VL).
-    """
-
-    m2: float = 0.01
-    v: float = 0.05
-    l: float = 0.05
-    vl: float = 0.1
-    alpha_m2: float = 0.3
-    alpha_uni: float = 0.3
-    alpha_vl: float = 0.7
-    m2_scale: float = 1 / 0.07
-    decay: bool = False  # multiply the mixup weights by 1/(epoch+1)
-
-    def __post_init__(self) -> None:
-        check_types(self, "mixup")
-        for name in ("m2", "v", "l", "vl"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"mixup.{name}: weight must be >= 0, got {getattr(self, name)}")
-        for name in ("alpha_m2", "alpha_uni", "alpha_vl", "m2_scale"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"mixup.{name}: must be a positive number, got {value}")
 
 
 class M3MixLoss(nn.Module):

@@ -27,10 +27,10 @@ from torch import Tensor, nn
 
 from ..geometry import Topology
 from .contrastive import _world, gather_features
+from .settings import SIGLIP_INIT  # re-exported
 
 __all__ = ["SIGLIP_INIT", "SigmoidLoss", "sigmoid_loss"]
 
-SIGLIP_INIT = {"scale": 10.0, "bias": -10.0}
 
 
 def _sum_dtype(x: Tensor) -> torch.dtype:

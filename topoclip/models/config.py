@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from topoclip.dataclass_io import check_types, from_dict, to_dict
-from topoclip.temperature import check_scale_bounds
+from topoclip.scale_bounds import check_scale_bounds
 
 if TYPE_CHECKING:
     from topoclip.geometry import Topology

@@ -13,7 +13,7 @@ Methods (``finetune.method``):
 - ``lp-ft``: a linear probe first (the image projection on frozen features, from the
   zero-shot classifier), then ``ft`` (Kumar et al., 2022);
 - ``wise-ft``: ``ft``, then the weights interpolated between the zero-shot and the
-  fine-tuned model with ``finetune.wise_alpha`` (``topoclip.models.wise_ft``);
+  fine-tuned model with ``finetune.wise_alpha`` (``topoclip.models.weight_space``);
 - a base with mixups joined by ``+``: ``wise-ft+m2mix``, ``lp-ft+m2mix``, ``ft+vmix+lmix``
   (the paper's "WiSE-FT w/ m²-Mix"); ``finetune.mix_path=linear`` mixes along straight lines;
 - ``embedding-shift``: no training; the modality gap measured on the fine-tuning pairs is
