@@ -118,12 +118,17 @@ def test_opening_a_run_imports_no_trainer_recipe_or_cli(tiny_run):
 def test_record_run_saves_a_fresh_run_and_keeps_a_resumed_ones_config(tmp_path, capsys):
     from topoclip.config import load_finetune_config
     from topoclip.recipes.common import record_run
+    from topoclip.runs.resume_rules import ResumeRefused
 
     first = load_finetune_config(None, ["train.epochs=null", "train.steps=10", "optim.lr=1e-4"])
     record_run(tmp_path, False, first, "finetune")
     saved = (tmp_path / "config.yaml").read_text()
     assert read_run_info(tmp_path).kind == "finetune"
     changed = load_finetune_config(tmp_path / "config.yaml", ["optim.lr=1e-3", "train.resume=true"])
-    record_run(tmp_path, True, changed, "finetune")
-    assert "differs from the run's in: optim.lr" in capsys.readouterr().out
-    assert (tmp_path / "config.yaml").read_text() == saved
+    with pytest.raises(ResumeRefused, match=r"refused: optim.lr \(0.0001 -> 0.001\)"):
+        record_run(tmp_path, True, changed, "finetune")
+    assert (tmp_path / "config.yaml").read_text() == saved  # nothing recorded that is not used
+    longer = load_finetune_config(tmp_path / "config.yaml", ["train.steps=20", "train.resume=true"])
+    record_run(tmp_path, True, longer, "finetune")
+    assert "resume: taking the new train.steps: 10 -> 20" in capsys.readouterr().out
+    assert load_finetune_config(tmp_path / "config.yaml").train.steps == 20  # what is used is recorded

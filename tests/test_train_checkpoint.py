@@ -109,7 +109,7 @@ def test_failed_write_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
     monkeypatch.setattr(ckpt_mod.torch, "save", crash)
     with torch.no_grad():
         net.fc.weight.add_(1.0)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(ckpt_mod.CheckpointWriteError, match=r"cannot write checkpoint .*step_00000002: disk full \(.* MiB free"):
         save_checkpoint(tmp_path, 2, net, _state(opt, sched), {"v": 2})
     assert [p.name for p in tmp_path.iterdir()] == ["step_00000001"]  # no temp dir, no step 2
     assert latest_checkpoint(tmp_path) == first

@@ -13,7 +13,11 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "fsync_dir", "json_safe"]
+__all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "atomic_write_dir", "fsync_dir", "json_safe",
+           "TMP_PREFIX"]
+
+# Temporary files and directories start with this; a reader skips them, a writer removes its own.
+TMP_PREFIX = ".tmp-"
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -72,3 +76,40 @@ def atomic_write_json(path: str | os.PathLike, payload: Any, sort_keys: bool = F
     """``payload`` as indented JSON; NaN and infinities become null (valid JSON for every parser)."""
     text = json.dumps(json_safe(payload), indent=2, sort_keys=sort_keys, allow_nan=False) + "\n"
     return atomic_write_text(path, text)
+
+
+def atomic_write_dir(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """Call ``write(tmp_dir)`` to fill a directory, fsync every file in it, then move it to
+    ``path`` in one step: a reader sees the previous directory or the complete new one.
+
+    An existing ``path`` is moved aside first and removed after the rename (a directory cannot
+    be replaced by ``os.replace`` while it has entries). A writer that fails leaves no
+    temporary directory behind and ``path`` as it was.
+    """
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        write(tmp)
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                with open(file, "rb") as handle:
+                    os.fsync(handle.fileno())
+        fsync_dir(tmp)
+        if path.exists():
+            aside = path.with_name(f"{TMP_PREFIX}old-{path.name}-{os.getpid()}")
+            os.replace(path, aside)
+            os.replace(tmp, path)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(path.parent)
+    return path

@@ -221,6 +221,13 @@ def _finetune_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _no_config_beside_resume(config, run_dir) -> None:
+    """A resumed run uses its own config; a second one given beside it would be ignored."""
+    if config is not None:
+        raise ValueError(f"--config: a resumed run uses its own config ({Path(run_dir) / 'config.yaml'}); "
+                         f"give key=value overrides for what may change (train.steps, eval, logging)")
+
+
 def _saved_config(run_dir, kind: str, other_command: str) -> dict:
     """The config a run was started with, upgraded to the current schema; a run of another kind
     is an error that names the command for it."""
@@ -244,6 +251,7 @@ def _finetune(args: argparse.Namespace) -> int:
         overrides.append(f"finetune.method={args.method}")
     try:
         if args.resume is not None:
+            _no_config_beside_resume(args.config, args.resume)
             saved = _saved_config(args.resume, "finetune", "topoclip train --resume")
             config = finetune_config_from_dict(saved, overrides + list(args.overrides) + ["train.resume=true"])
         else:
@@ -254,7 +262,7 @@ def _finetune(args: argparse.Namespace) -> int:
         from topoclip.recipes.finetune import run_finetune  # the towers load here, after the config is known good
 
         run_finetune(config, run_dir=args.resume)
-    except ValueError as err:
+    except (ValueError, OSError) as err:  # OSError: a disk or path, in one line
         return _fail("finetune", err, 1)
     return 0
 
@@ -277,6 +285,7 @@ def _train(args: argparse.Namespace) -> int:
     try:
         if isinstance(args.resume, str):
             run_dir = Path(args.resume)
+            _no_config_beside_resume(args.config, run_dir)
             saved = _saved_config(run_dir, "pretrain", "topoclip finetune --resume")
             config = config_from_dict(saved, list(args.overrides) + ["train.resume=true"])
         else:
@@ -289,7 +298,7 @@ def _train(args: argparse.Namespace) -> int:
         from topoclip.recipes.pretrain import run
 
         run(config, run_dir=run_dir)
-    except ValueError as err:
+    except (ValueError, OSError) as err:  # OSError: a disk or path, in one line
         return _fail("train", err, 1)
     return 0
 

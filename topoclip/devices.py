@@ -24,3 +24,15 @@ def resolve_device(device: torch.device | str | None = "auto", model: nn.Module 
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def check_device_available(device: torch.device, field: str = "train.device") -> None:
+    """A ValueError naming ``field`` unless this machine has ``device`` (a CUDA GPU of that
+    index, MPS): said in one line before a run makes anything, not as a driver traceback."""
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{field}: {device} asked for, but this machine has no CUDA GPU (use {field}=auto or cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"{field}: {device}, but this machine has {torch.cuda.device_count()} GPU(s)")
+    elif device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError(f"{field}: {device} asked for, but MPS is not available here")

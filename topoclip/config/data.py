@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from topoclip.data.text_files import check_encoding
+
 __all__ = ["SOURCES", "ShardsConfig", "CsvDataConfig", "FolderDataConfig", "KarpathyDataConfig", "check_source"]
 
 SOURCES = ("shapes", "shards", "csv", "folder", "karpathy")
@@ -37,8 +39,10 @@ class ShardsConfig:
     resample: bool = False
     strict: bool = False
     tokenizer_captions: int = 100_000
+    encoding: str = "utf-8"  # of the .txt captions; one that does not decode is skipped (strict: an error)
 
     def __post_init__(self):
+        check_encoding(self.encoding, "data.shards.encoding")
         if self.epoch_length is not None and self.epoch_length < 1:
             raise ValueError(f"data.shards.epoch_length: must be >= 1, got {self.epoch_length}")
         if self.shuffle_buffer < 0:
@@ -61,9 +65,10 @@ class CsvDataConfig:
     holdout: float = 0.05
     verify: bool = False  # decode every image up front (else corrupt files are skipped on access)
     strict: bool = False  # a bad row or image is an error naming the file (else a counted skip)
-    encoding: str = "utf-8"
+    encoding: str = "utf-8"  # of the CSV; a row that does not decode is skipped (strict: an error naming its line)
 
     def __post_init__(self):
+        check_encoding(self.encoding, "data.csv.encoding")
         if not 0.0 < self.holdout < 1.0:
             raise ValueError(f"data.csv.holdout: must lie in (0, 1), got {self.holdout}")
         if len(self.sep) != 1:

@@ -149,6 +149,9 @@ class TrainConfig:
     checkpoint_every: int = 300
     keep_last: int = 2
     resume: bool = False
+    # Stop with an error after this many skipped (non-finite) steps in a row: the run is
+    # diverging and every later step would be skipped too (0 = never stop).
+    max_consecutive_skips: int = 10
 
     def __post_init__(self):
         if (self.steps is None) == (self.epochs is None):
@@ -178,6 +181,8 @@ class TrainConfig:
             raise ValueError(f"train.checkpoint_every: must be >= 0 (0 = only at the end), got {self.checkpoint_every}")
         if self.keep_last < 1:
             raise ValueError(f"train.keep_last: must be >= 1, got {self.keep_last}")
+        if self.max_consecutive_skips < 0:
+            raise ValueError(f"train.max_consecutive_skips: must be >= 0 (0 = never stop), got {self.max_consecutive_skips}")
 
 
 # What each suite task reads from its ``data`` mapping (one of the first group names the data).

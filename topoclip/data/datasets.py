@@ -290,6 +290,24 @@ class LazyImageFiles:
         self.skip_stats = skip_stats
         self._bad: set[int] = set()
 
+    def _load_or_drop(self, index: int) -> torch.Tensor | None:
+        """The image at ``index``, or None when it cannot be read (counted; ``strict`` raises).
+
+        For evaluation sets: a substitute image would be scored twice and the bad one's label
+        not at all, so the item is dropped instead (``drop_unreadable`` collates without it)."""
+        path = self._paths[index]
+        try:
+            return self.transform(load_image(path))
+        except (CorruptImageError, FileNotFoundError) as err:
+            if self.strict:
+                raise ValueError(f"{self._source}: unreadable image {path!r}: {err}") from err
+            if index not in self._bad:
+                self._bad.add(index)
+                reason = "missing" if isinstance(err, FileNotFoundError) else "corrupt"
+                logger.warning("%s: unreadable image %s (%s); left out of the evaluation", self._source, path, reason)
+                self.skip_stats.skip(reason, os.fspath(path), str(err))
+            return None
+
     def _load_first_readable(self, index: int) -> tuple[int, torch.Tensor]:
         n = len(self._paths)
         if not -n <= index < n:
@@ -316,3 +334,36 @@ class LazyImageFiles:
                 continue
             return j, self.transform(image)
         raise RuntimeError(f"{self._source}: none of the {n} images is readable")
+
+
+def drop_unreadable(items: list):
+    """Collate a batch without the items a set could not read (None, see ``_load_or_drop``);
+    None when none is left."""
+    from torch.utils.data import default_collate
+
+    kept = [item for item in items if item is not None and not (isinstance(item, tuple) and item[0] is None)]
+    return default_collate(kept) if kept else None
+
+
+def skip_totals(*datasets) -> dict[str, dict[str, int]]:
+    """``{source: {reason: count}}`` over the given datasets and what they wrap (subsets,
+    held-out splits, pair views of a folder), each ``SkipStats`` counted once: the skips a run
+    reports at its end and in its results. Counts made inside DataLoader worker processes
+    stay there (``train.num_workers`` > 0 reports those of the main process only)."""
+    seen: set[int] = set()
+    totals: dict[str, dict[str, int]] = {}
+    stack = list(datasets)
+    while stack:
+        item = stack.pop()
+        if item is None or id(item) in seen:
+            continue
+        seen.add(id(item))
+        stats = getattr(item, "skip_stats", None)
+        if isinstance(stats, SkipStats) and id(stats) not in seen:
+            seen.add(id(stats))
+            if stats.counts:
+                merged = totals.setdefault(stats.source, {})
+                for reason, n in stats.counts.items():
+                    merged[reason] = merged.get(reason, 0) + n
+        stack.extend(getattr(item, name, None) for name in ("dataset", "base", "pairs", "train_dataset"))
+    return totals

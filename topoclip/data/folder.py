@@ -111,6 +111,6 @@ class ImageFolderClassification(ClassificationSet, LazyImageFiles):
     def __len__(self) -> int:
         return len(self._paths)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        j, image = self._load_first_readable(index)
-        return image, int(self.labels[j])
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int]:
+        # An evaluation item: dropped, not replaced, when unreadable (``drop_unreadable``).
+        return self._load_or_drop(index), int(self.labels[index])

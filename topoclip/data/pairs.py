@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from topoclip.data.datasets import LazyImageFiles, PairDataset, RetrievalSet, SkipStats
+from topoclip.data.text_files import check_encoding, read_lines
 from topoclip.data.transforms import CLIP_MEAN, CLIP_STD, CorruptImageError, ImageTransform, load_image
 
 
@@ -95,26 +96,39 @@ class CsvPairs(FilePairs):
         stats = SkipStats(source)
         paths: list[str] = []
         captions: list[str] = []
-        with open(path, newline="", encoding=encoding) as f:
-            reader = csv.DictReader(f, delimiter=sep)
-            columns = reader.fieldnames or []
-            for key, field in ((image_key, "image_key"), (caption_key, "caption_key")):
-                if key not in columns:
-                    raise ValueError(f"{source}: no column {key!r} ({field}); columns are {columns}{separator_hint(columns, sep)}")
-            for row in reader:
-                where = f"{source}:{reader.line_num}"
-                caption = (row.get(caption_key) or "").strip()
-                rel = (row.get(image_key) or "").strip()
-                file = os.fspath(root / rel) if rel else ""
-                if not caption:
-                    if strict:
-                        raise ValueError(f"{where}: empty caption for image {file!r}")
-                    stats.skip("empty_caption", f"{where} ({file})")
-                    continue
-                if not stats.accept_image(file, where, strict=strict, verify=verify):
-                    continue
-                paths.append(file)
-                captions.append(caption)
+        check_encoding(encoding, "encoding")
+        lines, undecodable = read_lines(path, encoding)
+        if 1 in undecodable:
+            raise ValueError(f"{source}:1: the header is {undecodable[1]}")
+        reader = csv.DictReader(lines, delimiter=sep)
+        columns = reader.fieldnames or []
+        for key, field in ((image_key, "image_key"), (caption_key, "caption_key")):
+            if key not in columns:
+                raise ValueError(f"{source}: no column {key!r} ({field}); columns are {columns}{separator_hint(columns, sep)}")
+        first_line = 2
+        for row in reader:
+            # The physical lines this row spans (a quoted caption may hold line breaks).
+            spanned = range(first_line, reader.line_num + 1)
+            first_line = reader.line_num + 1
+            where = f"{source}:{reader.line_num}"
+            problem = next((f"{source}:{n}: {undecodable[n]}" for n in spanned if n in undecodable), None)
+            if problem is not None:
+                if strict:
+                    raise ValueError(problem)
+                stats.skip("bad_encoding", where, problem)
+                continue
+            caption = (row.get(caption_key) or "").strip()
+            rel = (row.get(image_key) or "").strip()
+            file = os.fspath(root / rel) if rel else ""
+            if not caption:
+                if strict:
+                    raise ValueError(f"{where}: empty caption for image {file!r}")
+                stats.skip("empty_caption", f"{where} ({file})")
+                continue
+            if not stats.accept_image(file, where, strict=strict, verify=verify):
+                continue
+            paths.append(file)
+            captions.append(caption)
         stats.summarize(len(paths), "pairs")
         if not paths:
             raise ValueError(f"{source}: no usable (image, caption) rows (skipped: {stats.as_dict()})")
@@ -130,6 +144,15 @@ class PairsRetrieval(RetrievalSet):
         index_of: dict[str, int] = {}
         self._rows: list[int] = []  # one row per distinct image: where to load it from
         caption_to_image = []
+        # Every held-out image is decoded now (held-out sets are small): one that cannot be is
+        # dropped with its captions and counted (``strict``: an error naming it), rather than
+        # ending the run's evaluation after training.
+        readable: dict[str, bool] = {}
+        for path in dict.fromkeys(pairs.image_paths[r] for r in rows):
+            readable[path] = pairs.skip_stats.accept_image(path, f"{pairs.path} (held out)", strict=pairs.strict, verify=True)
+        rows = [r for r in rows if readable[pairs.image_paths[r]]]
+        if not rows:
+            raise ValueError(f"{pairs.path}: none of the held-out images can be read")
         for row in rows:
             path = pairs.image_paths[row]
             if path not in index_of:

@@ -30,6 +30,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from topoclip.atomic import atomic_write_json
 
+from .text_files import decode_caption
 from .transforms import ImageTransform
 
 __all__ = [
@@ -160,15 +161,16 @@ class ShardStats:
 class _Decode:
     """A picklable sample decoder: image bytes -> normalised tensor, txt -> caption."""
 
-    def __init__(self, transform: Callable[[Image.Image], torch.Tensor]):
+    def __init__(self, transform: Callable[[Image.Image], torch.Tensor], encoding: str = "utf-8"):
         self.transform = transform
+        self.encoding = encoding
 
     def __call__(self, sample: dict) -> tuple[torch.Tensor, str]:
         key = next((k for k in IMAGE_KEYS if k in sample), None)
         where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
         if key is None or "txt" not in sample:
             raise ValueError(f"{where}: sample needs an image ({'/'.join(IMAGE_KEYS)}) and a txt caption")
-        caption = sample["txt"].decode("utf-8").strip()
+        caption = decode_caption(sample["txt"], where, self.encoding).strip()
         if not caption:
             raise ValueError(f"{where}: empty caption")
         try:
@@ -225,6 +227,7 @@ def shard_pairs(
     world: int | None = None,
     strict: bool = False,
     stats: ShardStats | None = None,
+    encoding: str = "utf-8",
 ):
     """An IterableDataset of (image FloatTensor[3,H,W], caption) streamed from shards.
 
@@ -251,7 +254,7 @@ def shard_pairs(
     )
     if shuffle_buffer:
         dataset = dataset.shuffle(shuffle_buffer, seed=seed)
-    dataset = dataset.map(_Decode(transform or ImageTransform(image_size)), handler=handler)
+    dataset = dataset.map(_Decode(transform or ImageTransform(image_size), encoding), handler=handler)
     if epoch_length is not None:
         dataset = dataset.with_epoch(epoch_length)
     dataset.stats = stats
@@ -295,8 +298,10 @@ class ShardStream(IterableDataset):
         rank: int | None = None,
         world: int | None = None,
         strict: bool = False,
+        encoding: str = "utf-8",
     ):
         self.urls = expand_urls(urls)
+        self.encoding = encoding
         self.rank, self.world = _dist_rank_world(rank, world)
         if batch_size < 1 or batch_size % self.world:
             raise ValueError(f"batch_size={batch_size} must be a positive multiple of the number of ranks {self.world}")
@@ -334,13 +339,16 @@ class ShardStream(IterableDataset):
             world=self.world,
             strict=self.strict,
             stats=self.stats,
+            encoding=self.encoding,
         )
         return iter(dataset)
 
 
-def shard_captions(urls: str | Sequence[str], limit: int | None = None) -> list[str]:
+def shard_captions(urls: str | Sequence[str], limit: int | None = None, *, encoding: str = "utf-8",
+                   strict: bool = False) -> list[str]:
     """The captions of the shards, in shard order, reading only the .txt members (images are
-    not decoded): enough to train a tokenizer. ``limit`` stops after that many."""
+    not decoded): enough to train a tokenizer. ``limit`` stops after that many. A caption not
+    in ``encoding`` is skipped and counted (``strict``: an error naming its shard and key)."""
     import webdataset as wds
 
     stats = ShardStats()
@@ -356,7 +364,14 @@ def shard_captions(urls: str | Sequence[str], limit: int | None = None) -> list[
     )
     for sample in dataset:
         if "txt" in sample:
-            caption = sample["txt"].decode("utf-8").strip()
+            where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
+            try:
+                caption = decode_caption(sample["txt"], where, encoding).strip()
+            except ValueError as err:
+                if strict:
+                    raise
+                stats.handler(err)  # counted and logged like any unreadable sample
+                continue
             if caption:
                 captions.append(caption)
                 if limit is not None and len(captions) >= limit:

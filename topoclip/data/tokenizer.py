@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from topoclip.atomic import atomic_write_dir
+
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # [PAD] first -> id 0
 SETTINGS_FILE = "topoclip_tokenizer.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -135,19 +137,23 @@ class TextTokenizer:
     # -- persistence --------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> None:
         """Write ``tokenizer.json`` (or the HF files) plus ``topoclip_tokenizer.json`` settings."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        if self._backend == "tokenizers":
-            self._tok.save(str(directory / TOKENIZER_FILE))
-        else:
-            self._tok.save_pretrained(str(directory))
         settings = {
             "format_version": _FORMAT_VERSION,
             "backend": self._backend,
             "context_length": self.context_length,
             **self._special,
         }
-        (directory / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+
+        def write(tmp: Path) -> None:
+            if self._backend == "tokenizers":
+                self._tok.save(str(tmp / TOKENIZER_FILE))
+            else:
+                self._tok.save_pretrained(str(tmp))
+            (tmp / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+
+        # All files or none: a kill between the vocabulary and the settings would leave a
+        # directory that later loads fail on with a misleading message.
+        atomic_write_dir(directory, write)
 
     @classmethod
     def load(cls, directory: str | os.PathLike, context_length: int | None = None) -> "TextTokenizer":

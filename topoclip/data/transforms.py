@@ -35,13 +35,40 @@ def normalize_uint8(
     return (images.to(torch.float32) - m * 255.0) / (s * 255.0)
 
 
+# Modes whose samples are wider than 8 bits, and the value that is full white in each.
+# PIL's convert("RGB") clips them at 255 instead of scaling: a 16-bit grey at 46% (30,000)
+# would come out pure white. "I" is how PIL opens 16-bit PNGs and TIFFs; "F" is float data,
+# taken as 0..1 when it fits there, else as 0..255.
+_WIDE_MODES = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0, "I": 65535.0}
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as 8-bit RGB, scaling high-bit-depth samples (16-bit grey, 32-bit integer,
+    float) to 0..255 rather than clipping them; palette, grey, CMYK and alpha modes go through
+    PIL's own conversion (alpha is dropped, as CLIP's preprocessing does)."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in _WIDE_MODES or image.mode == "F":
+        import numpy as np
+
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode == "F":
+            top = 1.0 if values.size and np.nanmax(values) <= 1.0 else 255.0
+        else:
+            top = _WIDE_MODES[image.mode]
+        scaled = np.clip(np.nan_to_num(values / top * 255.0), 0, 255).round().astype(np.uint8)
+        return Image.fromarray(scaled, mode="L").convert("RGB")
+    return image.convert("RGB")
+
+
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Open ``path`` fully decoded as RGB; CorruptImageError (naming the file) if it cannot be read."""
     try:
         with Image.open(path) as img:
-            # convert() forces a full decode, so truncated files fail here and not later
-            # inside a DataLoader worker with a less helpful traceback.
-            return img.convert("RGB")
+            # load() forces a full decode, so truncated files fail here and not later inside a
+            # DataLoader worker with a less helpful traceback.
+            img.load()
+            return to_rgb(img)
     except FileNotFoundError:
         raise
     except _PIL_ERRORS as err:
@@ -49,14 +76,12 @@ def load_image(path: str | os.PathLike) -> Image.Image:
 
 
 def verify_image(path: str | os.PathLike) -> None:
-    """Cheap integrity check with PIL's ``Image.verify`` (no full decode); CorruptImageError if bad."""
-    try:
-        with Image.open(path) as img:
-            img.verify()
-    except FileNotFoundError:
-        raise
-    except _PIL_ERRORS as err:
-        raise CorruptImageError(f"cannot read image {os.fspath(path)!r}: {err}") from err
+    """CorruptImageError (naming the file) unless ``path`` decodes completely.
+
+    A full decode, not PIL's ``Image.verify``: that checks the header and chunk checksums only,
+    and a JPEG cut short passes it, then fails (or, with truncated-image loading on, turns
+    grey) when a loader or an evaluation reads its pixels."""
+    load_image(path)
 
 
 class ImageTransform:
@@ -87,8 +112,7 @@ class ImageTransform:
         self.std = tuple(float(v) for v in std)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        if image.mode != "RGB":
-            image = image.convert("RGB")
+        image = to_rgb(image)
         import torchvision.transforms.functional as TF  # after the first call, a dict lookup
 
         image = TF.resize(image, self.image_size, interpolation=self.interpolation, antialias=True)

@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from topoclip.devices import check_device_available
+
 __all__ = [
     "process_group",
     "DistInfo",
@@ -76,6 +78,7 @@ def init_distributed(device: str = "auto", backend: str | None = None) -> DistIn
     dev = torch.device(device)
     if dev.type == "cuda":
         dev = torch.device("cuda", local_rank if dev.index is None else dev.index)
+        check_device_available(dev)
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         os.environ.setdefault("RANK", str(rank))

@@ -47,8 +47,11 @@ from tqdm.auto import tqdm
 from topoclip.dataclass_io import to_dict
 from topoclip.runs.checkpoint import (
     CHECKPOINTS_DIR,
+    CheckpointWriteError,
+    CorruptCheckpointError,
     capture_rng_state,
     latest_checkpoint,
+    list_checkpoints,
     load_training_state,
     load_weights,
     remove_stale_temporaries,
@@ -74,7 +77,7 @@ from .sampler import EpochBatchSampler, RankBatchSampler, epoch_seed
 from .settings import TrainingSettings
 from .task import Task
 
-__all__ = ["BestRule", "Trainer", "TrainResult", "seed_everything", "seed_worker", "enable_grad_checkpointing"]
+__all__ = ["BestRule", "Trainer", "TrainResult", "TrainingDiverged", "seed_everything", "seed_worker", "enable_grad_checkpointing"]
 
 
 def seed_everything(seed: int) -> None:
@@ -162,6 +165,10 @@ class BestRule:
         if not math.isfinite(value):
             return False
         return value > than if self.higher_is_better else value < than
+
+
+class TrainingDiverged(ValueError):
+    """Every recent step was skipped: training cannot make progress."""
 
 
 @dataclass
@@ -332,34 +339,69 @@ class Trainer:
         state = self.training_state()
         path = self.checkpoints_dir / f"step_{self.step:08d}"
         if self.dist.is_main:
-            path = save_checkpoint(
-                self.checkpoints_dir,
-                self.step,
-                self.task.model,
-                state,
-                self.run_config,
-                keep_last=self.settings.train.keep_last,
-            )
+            try:
+                path = save_checkpoint(
+                    self.checkpoints_dir,
+                    self.step,
+                    self.task.model,
+                    state,
+                    self.run_config,
+                    keep_last=self.settings.train.keep_last,
+                )
+            except CheckpointWriteError as err:
+                last = latest_checkpoint(self.run_dir)
+                kept = f"the last good checkpoint {last} is intact" if last is not None else "no checkpoint was kept"
+                raise CheckpointWriteError(f"{err}; {kept}") from None
         barrier(self.dist)
         return path
 
     def resume(self, checkpoint_dir: str | os.PathLike | None = None) -> bool:
-        """Load the latest (or the given) checkpoint; False if there is none.
+        """Load the latest loadable (or the given) checkpoint; False if there is none.
 
-        In a multi-process run every rank calls this and loads rank 0's choice of checkpoint."""
+        A checkpoint whose files cannot be read (cut short by a full disk, zero bytes) is
+        reported with its path and the next older one is tried; none loadable is an error
+        listing each. In a multi-process run rank 0 chooses, every rank loads its choice."""
         if self.dist.is_main:
             remove_stale_temporaries(self.checkpoints_dir)
-        path = Path(checkpoint_dir) if checkpoint_dir is not None else latest_checkpoint(self.run_dir)
-        if self.dist.distributed:
-            path = broadcast_object(None if path is None else str(path), self.dist)
-            path = None if path is None else Path(path)
-        if path is None:
+        if checkpoint_dir is not None:
+            self._load_checkpoint(Path(checkpoint_dir))
+            return True
+        chosen: str | None = None
+        if self.dist.is_main:
+            candidates = list_checkpoints(self.run_dir)
+            failures = []
+            for path in reversed(candidates):
+                try:
+                    self._load_checkpoint(path)
+                except CorruptCheckpointError as err:
+                    failures.append(str(err))
+                    tqdm.write(f"warning: {err}; trying an older checkpoint")
+                    continue
+                chosen = str(path)
+                if failures:
+                    tqdm.write(f"resume: continuing from the older checkpoint {path}")
+                break
+            if candidates and chosen is None:
+                error = "resume: no checkpoint of this run can be read: " + "; ".join(failures)
+                broadcast_object(("error", error), self.dist)
+                raise ValueError(error)
+        if not self.dist.distributed:
+            return chosen is not None
+        received = broadcast_object(("ok", chosen) if self.dist.is_main else None, self.dist)
+        if received[0] == "error":
+            raise ValueError(received[1])
+        if received[1] is None:
             return False
+        if not self.dist.is_main:
+            self._load_checkpoint(Path(received[1]))
+        return True
+
+    def _load_checkpoint(self, path: Path) -> None:
         state = load_training_state(path)
-        data = state["data"]
-        if data["num_items"] != self.num_items or data["batch_size"] != self.batch_size:
+        data = state.get("data") or {}
+        if data.get("num_items") != self.num_items or data.get("batch_size") != self.batch_size:
             raise ValueError(
-                f"checkpoint {path}: trained on {data['num_items']} pairs in batches of {data['batch_size']}, "
+                f"checkpoint {path}: trained on {data.get('num_items')} pairs in batches of {data.get('batch_size')}, "
                 f"but this run has {self.num_items} pairs in batches of {self.batch_size}; "
                 "the data order cannot be continued"
             )
@@ -387,7 +429,6 @@ class Trainer:
         self.skipped_steps = int(state["skipped_steps"])
         self.best_so_far = dict(state["best"]) if state.get("best") else None
         self.resumed_from = self.step
-        return True
 
     # ------------------------------------------------------------------ data
     def _loader(self, epoch: int, start_batch: int) -> DataLoader:
@@ -549,6 +590,13 @@ class Trainer:
         barrier(self.dist)
 
     # ------------------------------------------------------------------- fit
+    def _diverged_message(self, in_a_row: int, checkpoint: Path | None) -> str:
+        last = checkpoint or latest_checkpoint(self.run_dir)
+        kept = f"the last good checkpoint is {last}" if last is not None else "no checkpoint was written"
+        return (f"train: {in_a_row} steps in a row skipped (non-finite loss or gradient) up to step {self.step}; "
+                f"the run is diverging, so it stops (lower optim.lr, bound model.logit_scale.max, or raise "
+                f"train.max_consecutive_skips); {kept}")
+
     def fit(self) -> TrainResult:
         tc, lc = self.settings.train, self.settings.logging
         self._forward.train()
@@ -566,12 +614,16 @@ class Trainer:
         metrics: dict[str, Any] = {"loss": math.nan, "scale": self.task.current_scale()}
         checkpoint: Path | None = None
         collapsed, warned = 0, False
+        in_a_row = 0  # skipped steps in a row
         start = time.perf_counter()
         try:
             tick = time.perf_counter()
             for epoch, batch in self._batches():
                 metrics = self.train_step(batch)
                 self.step += 1
+                in_a_row = in_a_row + 1 if metrics["skipped"] else 0
+                if tc.max_consecutive_skips and in_a_row >= tc.max_consecutive_skips:
+                    raise TrainingDiverged(self._diverged_message(in_a_row, checkpoint))
                 collapsed = collapsed + 1 if is_collapsed_step(metrics["loss"], metrics["grad_norm"], self.batch_size) else 0
                 if collapsed >= COLLAPSE_STEPS and not warned and main:
                     warned = True
@@ -593,7 +645,8 @@ class Trainer:
                     self.step % self.eval_every == 0 or self.step == self.total_steps)
                 if evaluate_now:
                     self._evaluate(logger)
-                if every and self.step % every == 0 and self.step < self.total_steps:
+                # Not while steps are being skipped: the last good checkpoint is kept to go back to.
+                if every and self.step % every == 0 and self.step < self.total_steps and not in_a_row:
                     checkpoint = self.save()
                 if evaluate_now or (every and self.step % every == 0):
                     tick = time.perf_counter()  # an evaluation or checkpoint is not part of a step's time

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 from tqdm.auto import tqdm
 
+from topoclip.data.datasets import drop_unreadable
 from topoclip.devices import resolve_device
 
 # Below this many items a progress bar is noise in test logs and CLI output.
@@ -52,7 +53,10 @@ def _as_loader(dataset_or_loader: Dataset | DataLoader, batch_size: int, num_wor
         return dataset_or_loader
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    return DataLoader(dataset_or_loader, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    # drop_unreadable: a classification item whose file cannot be decoded is left out with its
+    # label (retrieval sets check their files when built, so they never drop one here).
+    return DataLoader(dataset_or_loader, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                      collate_fn=drop_unreadable)
 
 
 def _split_batch(batch) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -79,6 +83,8 @@ def _embed_batches(model, loader: DataLoader, device: torch.device, progress: bo
     with eval_mode(model), torch.no_grad():
         bar = tqdm(loader, desc=desc, leave=False, disable=not _show_progress(progress, total))
         for batch in bar:
+            if batch is None:  # every item of this batch was unreadable
+                continue
             images, batch_labels = _split_batch(batch)
             points.append(model.encode_image(images.to(device, non_blocking=True)).float())
             if batch_labels is not None:

@@ -89,8 +89,8 @@ class CsvClassification(ClassificationSet, LazyImageFiles):
         return len(self._paths)
 
     def __getitem__(self, index: int):
-        j, image = self._load_first_readable(index)
-        return image, int(self.labels[j])
+        # An evaluation item: dropped, not replaced, when unreadable (``drop_unreadable``).
+        return self._load_or_drop(index), int(self.labels[index])
 
 
 def resolve_suite_paths(suite: SuiteConfig, base: str | os.PathLike) -> SuiteConfig:

@@ -437,10 +437,9 @@ class _ResizeCropTransform(ImageTransform):
     def __call__(self, image):
         import torchvision.transforms.functional as TF
 
-        from ..data.transforms import normalize_uint8
+        from ..data.transforms import normalize_uint8, to_rgb
 
-        if image.mode != "RGB":
-            image = image.convert("RGB")
+        image = to_rgb(image)
         image = TF.resize(image, self.resize, interpolation=self.interpolation, antialias=True)
         image = TF.center_crop(image, [self.image_size, self.image_size])
         return normalize_uint8(TF.pil_to_tensor(image), self.mean, self.std)

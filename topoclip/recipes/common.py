@@ -3,75 +3,174 @@ contrastive loss from the config, and hand the engine its training settings."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
 import torch
 
 from topoclip.config import RunSettings, read_config_file, save_config
-from topoclip.dataclass_io import config_differences, to_dict
-from topoclip.devices import resolve_device
+from topoclip.dataclass_io import to_dict
+from topoclip.devices import check_device_available, resolve_device
 from topoclip.engine.distributed import DistInfo, broadcast_object
 from topoclip.engine.settings import TrainingSettings
 from topoclip.engine.trainer import BestRule, Trainer
 from topoclip.eval import flat_metrics, run_evaluation
 from topoclip.eval.validation import validation_loss
 from topoclip.losses import ContrastiveLoss, SigmoidLoss
-from topoclip.runs import CONFIG_FILE, RESULTS_FILE, latest_checkpoint, write_run_info
+from topoclip.runs import CONFIG_FILE, RESULTS_FILE, RUN_INFO_FILE, latest_checkpoint, write_run_info
+from topoclip.runs.lock import LOCK_FILE, RunLock, RunLockedError
+from topoclip.runs.resume_rules import resume_changes
 
-__all__ = ["prepare_run_dir", "record_run", "start_run", "build_loss", "make_trainer", "periodic_evaluator",
-           "finished_results"]
+__all__ = ["prepare_run_dir", "record_run", "check_machine", "start_run", "build_loss", "make_trainer", "periodic_evaluator",
+           "finished_results", "record_skips"]
 
 
-def prepare_run_dir(config: RunSettings, run_dir: str | os.PathLike | None = None) -> tuple[Path, bool]:
-    """``(run_dir, resume)``: where the run lives and whether it continues a checkpoint.
+def prepare_run_dir(config: RunSettings, run_dir: str | os.PathLike | None = None) -> tuple[Path, bool, RunLock]:
+    """``(run_dir, resume, lock)``: where the run lives, whether it continues a checkpoint, and
+    the lock that keeps every other process out of it until the run ends.
 
-    A fresh run never writes into a non-empty directory: ``runs/default`` becomes
-    ``runs/default-1`` and so on.
+    A fresh run never writes into a non-empty directory or one another process holds:
+    ``runs/default`` becomes ``runs/default-1`` and so on (two runs started at once with one
+    name get one directory each). A resume locks its directory or fails at once, naming the
+    process that writes there. Errors name the path and come before anything is written.
     """
     if run_dir is not None:
         run_dir = Path(run_dir)
-        return run_dir, latest_checkpoint(run_dir) is not None
+        return run_dir, latest_checkpoint(run_dir) is not None, _lock(run_dir)
     base = Path(config.output.dir) / (config.output.name or "run")
+    _check_output_parent(base)
     if config.train.resume:
-        return base, latest_checkpoint(base) is not None
-    candidate, i = base, 0
-    while candidate.exists() and any(candidate.iterdir()):
-        i += 1
-        candidate = base.with_name(f"{base.name}-{i}")
-    return candidate, False
+        if base.exists() and not base.is_dir():
+            raise ValueError(f"output.name: {base} is a file, not a run directory")
+        if _holds_files(base) and not (base / CONFIG_FILE).is_file():
+            raise ValueError(f"resume: {base} is not a run directory (no {CONFIG_FILE}); "
+                             f"it is left as it is (choose another output.name)")
+        _make_dir(base)
+        return base, latest_checkpoint(base) is not None, _lock(base)
+    for i in range(10_000):
+        candidate = base if i == 0 else base.with_name(f"{base.name}-{i}")
+        if candidate.exists() and (not candidate.is_dir() or _holds_files(candidate)):
+            continue
+        _make_dir(candidate)
+        lock = RunLock(candidate)
+        try:
+            lock.acquire()
+        except RunLockedError:
+            continue  # another run started with the same name a moment ago
+        if _holds_files(candidate):
+            lock.release()  # filled by another run between our look and our lock
+            continue
+        return candidate, False, lock
+    raise ValueError(f"output.name: {base} and 10,000 numbered siblings are all taken")
 
 
-def record_run(run_dir: Path, resume: bool, config: RunSettings, kind: str) -> None:
-    """A fresh run saves its config and its kind; a resumed one keeps the saved config and
-    warns about every field the new one changes."""
+def _holds_files(path: Path) -> bool:
+    """Whether a directory holds anything but a lock (a stale one is taken over)."""
+    return path.is_dir() and any(p.name != LOCK_FILE for p in path.iterdir())
+
+
+def _lock(run_dir: Path) -> RunLock:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"run directory: {run_dir} is a file, not a directory")
+    _make_dir(run_dir)
+    return RunLock(run_dir).acquire()
+
+
+def _check_output_parent(base: Path) -> None:
+    """The run's parent must be (or become) a writable directory: say so now, in one line,
+    rather than as a traceback after the data is made."""
+    for parent in [base.parent, *base.parent.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"output.dir: {parent} is a file, not a directory")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ValueError(f"output.dir: {parent} is not writable")
+            return
+
+
+def _make_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ValueError(f"output: {path} is a file, not a directory") from None
+    except OSError as err:
+        raise ValueError(f"output: cannot create {path} ({err.strerror or err})") from None
+
+
+def record_run(run_dir: Path, resume: bool, config: RunSettings, kind: str, say=print) -> None:
+    """A fresh run saves its config and its kind. A run directory that has a config already
+    (a resume, with or without a checkpoint) keeps it: only the changes ``resume_changes``
+    allows are taken (announced, and recorded in ``config.yaml``); any other is refused."""
     saved_config = run_dir / CONFIG_FILE
-    if resume and saved_config.is_file():
-        changed = config_differences(read_config_file(saved_config), to_dict(config), ignore=("train.resume",))
-        if changed:
-            print(f"warning: resuming with a config that differs from the run's in: {', '.join(changed)}")
+    if saved_config.is_file():
+        saved = read_config_file(saved_config)
+        if not saved:
+            raise ValueError(f"{saved_config}: empty or unreadable; the run's config cannot be recovered from it")
+        changes = resume_changes(saved, to_dict(config), where="resume")
+        if changes:
+            say(f"resume: taking the new {'; '.join(changes)}")
+            save_config(config, saved_config)
+        if not (run_dir / RUN_INFO_FILE).is_file():
+            write_run_info(run_dir, kind)
+        return
+    if resume:
+        raise ValueError(f"resume: {run_dir} has checkpoints but no {CONFIG_FILE}; it cannot be resumed safely")
+    # The config first, atomically: a kill before it leaves a directory with nothing in it (a
+    # fresh start of the same command takes it); a kill after it leaves a run whose kind is
+    # read off its config (``read_run_info``) until run.json is written.
+    save_config(config, saved_config)
+    write_run_info(run_dir, kind)
+
+
+def check_machine(config: RunSettings, info: DistInfo) -> torch.device:
+    """The device the run will use, after the checks that need no data: a device this machine
+    has, a precision it supports, a batch the processes can share. One line each, before any
+    directory is made."""
+    tc = config.train
+    if info.distributed:
+        device = info.device
     else:
-        save_config(config, saved_config)
-        write_run_info(run_dir, kind)
+        device = resolve_device(tc.device)
+        check_device_available(device)
+    if tc.precision == "fp16" and device.type != "cuda":
+        raise ValueError(f"train.precision: fp16 needs a CUDA GPU (loss scaling); on {device.type} use bf16 or fp32")
+    if tc.batch_size % info.world_size:
+        raise ValueError(f"train.batch_size: {tc.batch_size} is not divisible by the {info.world_size} processes")
+    return device
 
 
-def start_run(config: RunSettings, run_dir: str | os.PathLike | None, info: DistInfo, kind: str):
+def start_run(config: RunSettings, run_dir: str | os.PathLike | None, info: DistInfo, kind: str,
+              exit_stack: contextlib.ExitStack):
     """What every process of a run does first: threads, device, and the run directory.
 
-    Rank 0 picks and prepares the directory (a fresh run's "-1" suffix must not be decided by
-    each rank after another one has already written into it) and records the run
-    (``record_run``); the others receive the choice. Returns ``(run_dir, resume, device, say)``,
-    where ``say`` prints on rank 0 only.
+    Rank 0 picks, locks and prepares the directory (a fresh run's "-1" suffix must not be
+    decided by each rank after another one has already written into it) and records the run
+    (``record_run``); the others receive the choice, or rank 0's error. The lock is released
+    when ``exit_stack`` closes (the run's end, or its crash). Returns
+    ``(run_dir, resume, device, say)``, where ``say`` prints on rank 0 only.
     """
     if config.train.threads is not None:
         torch.set_num_threads(config.train.threads)
-    device = info.device if info.distributed else resolve_device(config.train.device)
-    if info.is_main:
-        run_dir, resume = prepare_run_dir(config, run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        record_run(run_dir, resume, config, kind)
-    run_dir, resume = broadcast_object((run_dir, resume) if info.is_main else None, info)
     say = print if info.is_main else (lambda *args, **kwargs: None)
+    device = check_machine(config, info)
+    choice: tuple = (None, False, None)
+    if info.is_main:
+        try:
+            run_dir, resume, lock = prepare_run_dir(config, run_dir)
+            exit_stack.callback(lock.release)
+            if lock.took_over:
+                say(f"note: took over the lock of {run_dir} left by process {lock.took_over.get('pid', '?')}, "
+                    "which is no longer running")
+            record_run(run_dir, resume, config, kind, say)
+            choice = (run_dir, resume, None)
+        except ValueError as err:
+            choice = (None, False, str(err))
+            if not info.distributed:
+                raise
+    run_dir, resume, error = broadcast_object(choice if info.is_main else None, info)
+    if error is not None:
+        raise ValueError(error)
     return run_dir, resume, device, say
 
 
@@ -140,3 +239,13 @@ def periodic_evaluator(model, tokenizer, entries, val_pairs, collate, config: Ru
         return metrics
 
     return evaluate
+
+
+def record_skips(results: dict, *datasets, say=print) -> None:
+    """``results["skipped"]``: every sample the run's data left out (``{source: {reason:
+    count}}``, empty when none), also said in one line per source at the end of the run."""
+    from topoclip.data.datasets import skip_totals
+
+    results["skipped"] = skip_totals(*datasets)
+    for source, counts in results["skipped"].items():
+        say(f"skipped in {source}: " + ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in sorted(counts.items())))

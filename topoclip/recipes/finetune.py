@@ -30,6 +30,7 @@ rendered at the source model's image size and normalisation.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -55,7 +56,7 @@ from topoclip.losses.mixup import M3MixLoss
 from topoclip.models import interpolate_weights
 from topoclip.runs import PLOTS_DIR, RECORDS_FILE, RESULTS_FILE, LoadedRun, load_finetune_source
 
-from .common import build_loss, finished_results, make_trainer, periodic_evaluator, start_run
+from .common import build_loss, finished_results, make_trainer, periodic_evaluator, record_skips, start_run
 from .evaluate import eval_entries, evaluate_entries, shapes_eval_sets, suite_entries, write_records
 
 __all__ = ["WISE_DIR", "LP_DIR", "run_finetune", "lp_ft_configs", "format_finetune_table", "model_label", "load_finetune_config"]
@@ -190,13 +191,14 @@ def run_finetune(config: FinetuneConfig, run_dir: str | os.PathLike | None = Non
     contrastive term gathers the whole batch; mixup terms use each process's own pairs), and
     rank 0 evaluates and writes the results.
     """
-    with process_group(config.train.device) as info:
-        return _run_finetune(config, run_dir, info)
+    with process_group(config.train.device) as info, contextlib.ExitStack() as held:
+        return _run_finetune(config, run_dir, info, held)
 
 
-def _run_finetune(config: FinetuneConfig, run_dir: str | os.PathLike | None, info: DistInfo) -> dict[str, Any]:
+def _run_finetune(config: FinetuneConfig, run_dir: str | os.PathLike | None, info: DistInfo,
+                  held: contextlib.ExitStack) -> dict[str, Any]:
     started = time.perf_counter()
-    run_dir, resume, device, say = start_run(config, run_dir, info, "finetune")
+    run_dir, resume, device, say = start_run(config, run_dir, info, "finetune", held)
 
     seed_everything(config.train.seed)
     loaded = load_finetune_source(config, device)
@@ -257,6 +259,7 @@ def _run_finetune(config: FinetuneConfig, run_dir: str | os.PathLike | None, inf
             _save_weights_atomic(wise, run_dir / WISE_DIR / "model.safetensors")
             results["wise_alpha"] = config.finetune.wise_alpha
             results["models"]["wise_ft"] = _evaluate_both(wise, loaded, distributions, config, device, plots / "wise_ft")
+    record_skips(results, train_set, *(e for entries in distributions.values() for e in entries), say=say)
     results["total_seconds"] = time.perf_counter() - started
     atomic_write_json(run_dir / RESULTS_FILE, results)
     print(format_finetune_table({method: results}))

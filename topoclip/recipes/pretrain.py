@@ -5,6 +5,7 @@ The run directory's layout is ``topoclip.runs.layout``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -25,7 +26,7 @@ from topoclip.eval import EvalEntry
 from topoclip.models import build_model
 from topoclip.runs import PLOTS_DIR, RECORDS_FILE, RESULTS_FILE, TOKENIZER_DIR
 
-from .common import build_loss, finished_results, make_trainer, periodic_evaluator, start_run
+from .common import build_loss, finished_results, make_trainer, periodic_evaluator, record_skips, start_run
 from .evaluate import eval_entries, evaluate_entries, format_summary, shapes_eval_sets, suite_entries, write_records
 
 __all__ = ["run", "RunData", "open_data", "build_components"]
@@ -38,8 +39,8 @@ def run(config: ExperimentConfig, run_dir: str | os.PathLike | None = None) -> d
     its share of each batch, and rank 0 evaluates and writes the results (the other ranks
     return the training summary only).
     """
-    with process_group(config.train.device) as info:
-        return _run(config, run_dir, info)
+    with process_group(config.train.device) as info, contextlib.ExitStack() as held:
+        return _run(config, run_dir, info, held)
 
 
 @dataclass
@@ -56,7 +57,8 @@ class RunData:
         if config.data.source == "shards":
             from topoclip.data.shards import shard_captions
 
-            return shard_captions(config.data.shards.urls, limit=config.data.shards.tokenizer_captions)
+            shards = config.data.shards
+            return shard_captions(shards.urls, limit=shards.tokenizer_captions, encoding=shards.encoding, strict=shards.strict)
         return self.source.captions if self.source is not None else self.shapes.captions("train")
 
     def val_pairs(self, config: ExperimentConfig):
@@ -139,12 +141,14 @@ def _shard_stream(config: ExperimentConfig, info: DistInfo):
         rank=info.rank,
         world=info.world_size,
         strict=sc.strict,
+        encoding=sc.encoding,
     )
 
 
-def _run(config: ExperimentConfig, run_dir: str | os.PathLike | None, info: DistInfo) -> dict[str, Any]:
+def _run(config: ExperimentConfig, run_dir: str | os.PathLike | None, info: DistInfo,
+         held: contextlib.ExitStack) -> dict[str, Any]:
     started = time.perf_counter()
-    run_dir, resume, device, say = start_run(config, run_dir, info, "pretrain")
+    run_dir, resume, device, say = start_run(config, run_dir, info, "pretrain", held)
 
     # Rank 0 builds first and saves the tokenizer; the others then load that one (training a
     # WordPiece twice need not give the same vocabulary).
@@ -180,6 +184,7 @@ def _run(config: ExperimentConfig, run_dir: str | os.PathLike | None, info: Dist
         results["eval"], records = evaluate_entries(model, tokenizer, entries, config.eval.batch_size, device, run_dir / PLOTS_DIR)
         results["eval"]["seconds"] = time.perf_counter() - start
         write_records(run_dir / RECORDS_FILE, records, model, str(run_dir))
+    record_skips(results, train_set, data.source and data.source.held_out, *entries, say=say)
     results["total_seconds"] = time.perf_counter() - started  # data + model + training + evaluation
     atomic_write_json(run_dir / RESULTS_FILE, results)
     print(format_summary(results))

@@ -25,10 +25,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from topoclip.atomic import fsync_dir
+from topoclip.atomic import TMP_PREFIX, atomic_write_dir
 
 __all__ = [
     "CHECKPOINTS_DIR",
@@ -39,6 +40,8 @@ __all__ = [
     "latest_checkpoint",
     "resolve_checkpoint",
     "load_weights",
+    "CorruptCheckpointError",
+    "CheckpointWriteError",
     "load_training_state",
     "read_checkpoint_config",
     "capture_rng_state",
@@ -52,12 +55,6 @@ WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-_TMP_PREFIX = ".tmp-"
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -109,7 +106,7 @@ def remove_stale_temporaries(root: str | os.PathLike) -> None:
     root = Path(root)
     if root.is_dir():
         for path in root.iterdir():
-            if path.name.startswith(_TMP_PREFIX) and path.is_dir():
+            if path.name.startswith(TMP_PREFIX) and path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
 
 
@@ -140,28 +137,19 @@ def save_checkpoint(
 
 def _write_checkpoint_dir(root: Path, final: Path, model: nn.Module, state: dict[str, Any], config: dict[str, Any]) -> None:
     """Write the three files into a hidden temporary directory, fsync, rename into place."""
-    tmp = root / f"{_TMP_PREFIX}{final.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
+
+    def write(tmp: Path) -> None:
         save_model(model, str(tmp / WEIGHTS_FILE))
         torch.save(state, tmp / STATE_FILE)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        for name in (WEIGHTS_FILE, STATE_FILE, CONFIG_FILE):
-            _fsync_file(tmp / name)
-        fsync_dir(tmp)
-        if final.exists():  # an incomplete leftover, or the previous best: moved aside first
-            aside = root / f"{_TMP_PREFIX}old-{final.name}-{os.getpid()}"
-            os.replace(final, aside)
-            os.replace(tmp, final)
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        fsync_dir(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    try:
+        atomic_write_dir(final, write)
+    # A full disk is an OSError from the file writes, a RuntimeError from torch.save's zip
+    # writer and a SafetensorError from safetensors.
+    except (OSError, RuntimeError, SafetensorError) as err:
+        raise CheckpointWriteError(f"cannot write checkpoint {final}: {_reason(err)} "
+                                   f"({_free_space(root)} free on its disk)") from None
 
 
 def save_best(root: str | os.PathLike, model: nn.Module, best: dict[str, Any], config: dict[str, Any]) -> Path:
@@ -191,8 +179,46 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     return latest
 
 
+class CheckpointWriteError(ValueError):
+    """A checkpoint could not be written (full disk, read-only directory); nothing half-written
+    is left and the previous checkpoints are untouched."""
+
+
+def _reason(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
+def _free_space(path: Path) -> str:
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError:
+        return "unknown space"
+    return f"{free / 2**20:.1f} MiB"
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint file exists but cannot be read (cut short, zero bytes, not the format)."""
+
+
+# What a cut-short or foreign file raises inside torch.load / safetensors: zip and pickle
+# errors, a short read, a bad header. SafetensorError derives from Exception only.
+def _unreadable(path: Path, err: BaseException) -> CorruptCheckpointError:
+    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return CorruptCheckpointError(f"checkpoint file {path} cannot be read ({type(err).__name__}: {reason})")
+
+
 def load_weights(model: nn.Module, checkpoint_dir: str | os.PathLike, strict: bool = True) -> None:
-    missing, unexpected = load_model(model, str(Path(checkpoint_dir) / WEIGHTS_FILE), strict=False)
+    path = Path(checkpoint_dir) / WEIGHTS_FILE
+    try:
+        missing, unexpected = load_model(model, str(path), strict=False)
+    except FileNotFoundError:
+        raise CorruptCheckpointError(f"checkpoint file {path} is missing") from None
+    except Exception as err:  # noqa: BLE001 - any failure to parse the file is reported with its path
+        if isinstance(err, RuntimeError) and "size mismatch" in str(err):
+            raise ValueError(f"checkpoint {checkpoint_dir}: weights do not match the model ({str(err).splitlines()[0]})") from None
+        raise _unreadable(path, err) from None
     if strict and (missing or unexpected):
         raise ValueError(
             f"checkpoint {checkpoint_dir}: weights do not match the model "
@@ -201,8 +227,17 @@ def load_weights(model: nn.Module, checkpoint_dir: str | os.PathLike, strict: bo
 
 
 def load_training_state(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
-    # weights_only: a checkpoint from elsewhere cannot run code when it is loaded.
-    return torch.load(Path(checkpoint_dir) / STATE_FILE, map_location="cpu", weights_only=True)
+    path = Path(checkpoint_dir) / STATE_FILE
+    try:
+        # weights_only: a checkpoint from elsewhere cannot run code when it is loaded.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CorruptCheckpointError(f"checkpoint file {path} is missing") from None
+    except Exception as err:  # noqa: BLE001 - EOFError, zip/pickle errors, bad magic: all "cannot be read"
+        raise _unreadable(path, err) from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise CorruptCheckpointError(f"checkpoint file {path} holds no training state")
+    return state
 
 
 def read_checkpoint_config(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:

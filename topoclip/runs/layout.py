@@ -137,9 +137,13 @@ def read_run_config(run_dir: str | os.PathLike) -> tuple[dict[str, Any], RunInfo
 
     path = run_config_path(run_dir)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: not valid YAML ({err})") from None
+    # Never the defaults: an empty file (a full disk or a crash of an older topoclip) would
+    # otherwise resume as the default run and save that over the run's own config.
+    if data is None:
+        raise ValueError(f"{path}: empty; the run's config is lost, so it cannot be resumed")
     if not isinstance(data, dict):
         raise ValueError(f"{path}: must hold a mapping of config sections")
     info = read_run_info(run_dir, config=data)

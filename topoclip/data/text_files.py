@@ -1,0 +1,49 @@
+"""Text in a declared encoding, with errors that say where: file and line (a CSV) or shard
+and key (a webdataset sample), never a bare ``'utf-8' codec can't decode byte 0xe9``."""
+
+from __future__ import annotations
+
+import codecs
+import os
+
+__all__ = ["check_encoding", "decode_caption", "read_lines"]
+
+
+def check_encoding(encoding: str, field: str) -> None:
+    """A ValueError naming ``field`` unless Python knows ``encoding``."""
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise ValueError(f"{field}: unknown text encoding {encoding!r} (e.g. utf-8, latin-1, cp1252)") from None
+
+
+def _explain(err: UnicodeDecodeError, encoding: str) -> str:
+    byte = err.object[err.start:err.start + 1].hex()
+    return f"not valid {encoding} (byte 0x{byte} at column {err.start + 1}); give the file's encoding"
+
+
+def decode_caption(raw: bytes, where: str, encoding: str = "utf-8") -> str:
+    """``raw`` decoded; ValueError naming ``where`` when it is not in ``encoding``."""
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{where}: caption {_explain(err, encoding)}") from None
+
+
+def read_lines(path: str | os.PathLike, encoding: str = "utf-8") -> tuple[list[str], dict[int, str]]:
+    """The lines of a text file (line ends kept, for ``csv``) and ``{line number: problem}`` for
+    the lines that are not in ``encoding``; those come back decoded with replacement characters,
+    so that line numbers stay right and the caller decides to skip them or to fail.
+
+    Decoding line by line is safe for every ASCII-compatible encoding (utf-8, latin-1, cp1252):
+    a newline byte never occurs inside another character.
+    """
+    lines, bad = [], {}
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                lines.append(raw.decode(encoding))
+            except UnicodeDecodeError as err:
+                bad[number] = _explain(err, encoding)
+                lines.append(raw.decode(encoding, errors="replace"))
+    return lines, bad
