@@ -103,3 +103,12 @@ def test_a_latin1_caption_in_a_shard_is_skipped_for_the_tokenizer_and_in_trainin
     stats = ShardStats()
     pairs = list(shard_pairs(str(shard), image_size=8, shuffle_buffer=0, stats=stats))
     assert [c for _, c in pairs] == ["a red circle", "a blue square"] and stats.skipped == 1
+
+
+def test_a_karpathy_json_or_classnames_file_not_in_utf8_names_file_and_line(tmp_path):
+    from topoclip.data import KarpathyRetrieval
+
+    split = tmp_path / "dataset.json"
+    split.write_bytes(b'{"images": [\n{"filename": "caf\xe9.jpg"}]}')
+    with pytest.raises(ValueError, match=rf"{split}:2: not valid utf-8 \(byte 0xe9 at column 18\)"):
+        KarpathyRetrieval(split, tmp_path)

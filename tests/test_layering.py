@@ -57,3 +57,15 @@ def test_the_check_sees_relative_imports_and_imports_inside_functions():
     source = "def f():\n    from ..engine import trainer\n    from topoclip.recipes.pretrain import run\n    from .. import cli\n"
     found = imported_modules(source, ["topoclip", "models"])
     assert {"topoclip.engine.trainer", "topoclip.recipes.pretrain", "topoclip.cli"} <= found
+
+
+def test_the_config_schema_imports_no_heavy_library():
+    # Reading and checking a config (what a typo in a key costs) needs none of them; the
+    # command line answers config mistakes in a tenth of a second because of it.
+    import subprocess
+    import sys
+
+    code = ("import sys, topoclip.config, topoclip.data.shapes_config, topoclip.losses.settings, topoclip.topology_names; "
+            "print(sorted(m for m in ('torch', 'numpy', 'timm', 'transformers', 'torchvision', 'PIL') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr

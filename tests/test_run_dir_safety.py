@@ -94,8 +94,32 @@ def test_two_fresh_runs_with_one_name_get_one_directory_each(tmp_path):
 def test_the_lock_is_released_when_a_run_ends_and_when_it_fails(tmp_path):
     assert main(["train", *_tiny(tmp_path, "ok"), "train.steps=1"]) == 0
     assert not (tmp_path / "ok" / LOCK_FILE).exists()
-    assert main(["train", *_tiny(tmp_path, "bad"), "train.steps=1", "train.batch_size=64"]) == 1  # batch > data
-    assert not (tmp_path / "bad" / LOCK_FILE).exists()
+    assert main(["train", "--resume", str(tmp_path / "ok"), "train.steps=2", "optim.lr=1"]) == 1  # refused
+    assert not (tmp_path / "ok" / LOCK_FILE).exists()
+    assert (tmp_path / "ok" / "results.json").is_file()  # a failed resume removes nothing
+
+
+def test_a_batch_larger_than_the_shapes_is_a_config_error(tmp_path, capsys):
+    assert main(["train", *_tiny(tmp_path, "r"), "train.batch_size=64"]) == 2
+    assert "train.batch_size: 64 is larger than the training set (data.shapes.num_train=48)" in capsys.readouterr().err
+    assert not tmp_path.joinpath("r").exists()
+
+
+def test_a_fresh_run_whose_set_up_fails_leaves_no_directory_and_the_next_takes_its_name(tmp_path, capsys):
+    pairs = tmp_path / "pairs.tsv"
+    from PIL import Image
+
+    for i in range(3):
+        Image.new("RGB", (8, 8), (10 * i, 0, 0)).save(tmp_path / f"{i}.png")
+    pairs.write_text("filepath\ttitle\n" + "".join(f"{i}.png\tcaption {i}\n" for i in range(3)))
+    # Three pairs, one held out: a batch of 8 is larger than the data, found once it is read.
+    csv = ["data.source=csv", f"data.csv.path={pairs}", "data.csv.holdout=0.3"]
+    assert main(["train", *_tiny(tmp_path, "r"), *csv, "train.steps=1"]) == 1
+    assert "is larger than the training set (2 pairs)" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+    assert not (tmp_path / "r").exists()
+    assert main(["train", *_tiny(tmp_path, "r"), *csv, "train.steps=1", "train.batch_size=2"]) == 0
+    assert (tmp_path / "r" / "results.json").is_file() and not (tmp_path / "r-1").exists()
 
 
 # ------------------------------------------------------------------------------ resume rules
@@ -217,6 +241,13 @@ def test_machine_mistakes_are_one_line_before_any_directory(tmp_path, capsys, ar
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_run_name_that_is_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "x").write_text("mine")
+    assert main(["train", *_tiny(tmp_path, "x")]) == 1
+    assert f"output.name: {tmp_path / 'x'} is a file" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]
 
 
 def test_an_output_dir_that_is_a_file_or_read_only_is_one_line(tmp_path, capsys):

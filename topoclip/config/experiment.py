@@ -191,6 +191,9 @@ class ExperimentConfig(RunSettings):
             self.model.logit_bias = SIGLIP_INIT["bias"]  # the sigmoid loss needs its bias
         elif self.loss.kind == "softmax" and self.model.logit_bias is not None:
             raise ValueError("model.logit_bias: only the sigmoid loss has a logit bias (set loss.kind=sigmoid or null it)")
+        if self.data.source == "shapes" and self.train.batch_size > self.data.shapes.num_train:
+            raise ValueError(f"train.batch_size: {self.train.batch_size} is larger than the training set "
+                             f"(data.shapes.num_train={self.data.shapes.num_train})")
         shards = self.data.shards
         if self.data.source == "shards" and shards.epoch_length < self.train.batch_size:
             raise ValueError(

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from topoclip.data.datasets import ClassificationSet, LazyImageFiles, SkipStats
+from topoclip.data.text_files import read_text
 from topoclip.data.transforms import CLIP_MEAN, CLIP_STD, ImageTransform
 
 logger = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ def _read_classnames(classnames, folders: list[str], root: str) -> list[str]:
         file = Path(classnames)
         if not file.is_file():
             raise ValueError(f"classnames file {os.fspath(file)!r} does not exist")
-        names = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        names = [line.strip() for line in read_text(file).splitlines() if line.strip()]
         what = f"classnames file {os.fspath(file)!r}"
     else:
         names = [str(n) for n in classnames]

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from topoclip.data.datasets import RetrievalSet, SkipStats
+from topoclip.data.text_files import read_text
 from topoclip.data.transforms import CLIP_MEAN, CLIP_STD, ImageTransform, load_image
 
 
@@ -66,7 +67,7 @@ class KarpathyRetrieval(RetrievalSet):
         if not root.is_dir():
             raise ValueError(f"image_root {os.fspath(root)!r} is not a directory")
         try:
-            data = json.loads(json_path.read_text(encoding="utf-8"))
+            data = json.loads(read_text(json_path))
         except json.JSONDecodeError as err:
             raise ValueError(f"{source!r} is not valid JSON: {err}") from err
         entries = data.get("images") if isinstance(data, dict) else None

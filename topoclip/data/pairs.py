@@ -85,6 +85,8 @@ class CsvPairs(FilePairs):
         encoding: str = "utf-8",
     ) -> None:
         path = Path(path)
+        if path.is_dir():
+            raise ValueError(f"pairs file {os.fspath(path)!r} is a directory; give the CSV/TSV file inside it")
         if not path.is_file():
             raise ValueError(f"pairs file {os.fspath(path)!r} does not exist")
         if not isinstance(sep, str) or len(sep) != 1:

@@ -27,6 +27,7 @@ from topoclip.data.datasets import ClassificationSet, RetrievalSet
 from topoclip.data.folder import DEFAULT_TEMPLATES, ImageFolderClassification
 from topoclip.data.karpathy import KarpathyRetrieval
 from topoclip.data.pairs import CsvPairs, FilePairs, holdout_split
+from topoclip.data.text_files import read_text
 
 __all__ = [
     "TrainingSource",
@@ -60,7 +61,7 @@ def _read_list(path: str | os.PathLike, what: str, key: str | None = None) -> li
     file = Path(path)
     if not file.is_file():
         raise ValueError(f"{what} file {os.fspath(file)!r} does not exist")
-    text = file.read_text(encoding="utf-8")
+    text = read_text(file)
     if file.suffix.lower() == ".json":
         try:
             data: Any = json.loads(text)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import codecs
 import os
 
-__all__ = ["check_encoding", "decode_caption", "read_lines"]
+__all__ = ["check_encoding", "decode_caption", "read_lines", "read_text"]
 
 
 def check_encoding(encoding: str, field: str) -> None:
@@ -47,3 +47,16 @@ def read_lines(path: str | os.PathLike, encoding: str = "utf-8") -> tuple[list[s
                 bad[number] = _explain(err, encoding)
                 lines.append(raw.decode(encoding, errors="replace"))
     return lines, bad
+
+
+def read_text(path: str | os.PathLike, encoding: str = "utf-8") -> str:
+    """A whole text file (a JSON split, a class-names list); a ValueError naming the file and
+    the line of the first byte that is not in ``encoding``."""
+    raw = open(path, "rb").read()
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        byte = raw[err.start:err.start + 1].hex()
+        raise ValueError(f"{os.fspath(path)}:{line}: not valid {encoding} (byte 0x{byte} at column {column})") from None

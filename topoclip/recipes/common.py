@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from pathlib import Path
 
 import torch
 
+from topoclip.atomic import TMP_PREFIX
 from topoclip.config import RunSettings, read_config_file, save_config
 from topoclip.dataclass_io import to_dict
 from topoclip.devices import check_device_available, resolve_device
@@ -18,7 +20,7 @@ from topoclip.engine.trainer import BestRule, Trainer
 from topoclip.eval import flat_metrics, run_evaluation
 from topoclip.eval.validation import validation_loss
 from topoclip.losses import ContrastiveLoss, SigmoidLoss
-from topoclip.runs import CONFIG_FILE, RESULTS_FILE, RUN_INFO_FILE, latest_checkpoint, write_run_info
+from topoclip.runs import CONFIG_FILE, RESULTS_FILE, RUN_INFO_FILE, latest_checkpoint, list_checkpoints, write_run_info
 from topoclip.runs.lock import LOCK_FILE, RunLock, RunLockedError
 from topoclip.runs.resume_rules import resume_changes
 
@@ -48,6 +50,8 @@ def prepare_run_dir(config: RunSettings, run_dir: str | os.PathLike | None = Non
                              f"it is left as it is (choose another output.name)")
         _make_dir(base)
         return base, latest_checkpoint(base) is not None, _lock(base)
+    if base.exists() and not base.is_dir():
+        raise ValueError(f"output.name: {base} is a file, not a run directory")
     for i in range(10_000):
         candidate = base if i == 0 else base.with_name(f"{base.name}-{i}")
         if candidate.exists() and (not candidate.is_dir() or _holds_files(candidate)):
@@ -65,9 +69,27 @@ def prepare_run_dir(config: RunSettings, run_dir: str | os.PathLike | None = Non
     raise ValueError(f"output.name: {base} and 10,000 numbered siblings are all taken")
 
 
+def _is_leftover(entry: Path) -> bool:
+    """A lock, or a temporary file or directory of an atomic write that a kill cut short."""
+    return entry.name == LOCK_FILE or entry.name.startswith(TMP_PREFIX) or (
+        entry.name.startswith(".") and ".tmp-" in entry.name)
+
+
 def _holds_files(path: Path) -> bool:
-    """Whether a directory holds anything but a lock (a stale one is taken over)."""
-    return path.is_dir() and any(p.name != LOCK_FILE for p in path.iterdir())
+    """Whether a directory holds anything but leftovers (a stale lock is taken over, a
+    killed writer's temporaries are removed)."""
+    return path.is_dir() and any(not _is_leftover(p) for p in path.iterdir())
+
+
+def _remove_temporaries(run_dir: Path) -> None:
+    """The temporaries a killed start-up left (config, tokenizer): safe to remove once this
+    process holds the lock, as no other writer is inside."""
+    for entry in run_dir.iterdir():
+        if entry.name != LOCK_FILE and _is_leftover(entry):
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
 
 
 def _lock(run_dir: Path) -> RunLock:
@@ -140,6 +162,24 @@ def check_machine(config: RunSettings, info: DistInfo) -> torch.device:
     return device
 
 
+class _FreshRunGuard:
+    """Removes a fresh run's directory when its set-up fails (batch larger than the data, a
+    bad file found while opening it): the error then leaves nothing behind, and the next run
+    gets the same name instead of "-1". Disarmed once training starts; never armed on a
+    resume (a resumed directory is never removed)."""
+
+    def __init__(self, run_dir: Path, armed: bool):
+        self.run_dir, self.armed = run_dir, armed
+
+    def disarm(self) -> None:
+        self.armed = False
+
+    def __call__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None and self.armed and not list_checkpoints(self.run_dir):
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+        return False  # the error goes on
+
+
 def start_run(config: RunSettings, run_dir: str | os.PathLike | None, info: DistInfo, kind: str,
               exit_stack: contextlib.ExitStack):
     """What every process of a run does first: threads, device, and the run directory.
@@ -148,17 +188,25 @@ def start_run(config: RunSettings, run_dir: str | os.PathLike | None, info: Dist
     decided by each rank after another one has already written into it) and records the run
     (``record_run``); the others receive the choice, or rank 0's error. The lock is released
     when ``exit_stack`` closes (the run's end, or its crash). Returns
-    ``(run_dir, resume, device, say)``, where ``say`` prints on rank 0 only.
+    ``(run_dir, resume, device, say, training_starts)``: ``say`` prints on rank 0 only, and
+    ``training_starts()`` is called once set-up is done (until then a fresh run that fails
+    leaves no directory behind).
     """
     if config.train.threads is not None:
         torch.set_num_threads(config.train.threads)
     say = print if info.is_main else (lambda *args, **kwargs: None)
     device = check_machine(config, info)
     choice: tuple = (None, False, None)
+    guard = None
     if info.is_main:
         try:
+            given = run_dir is not None
             run_dir, resume, lock = prepare_run_dir(config, run_dir)
             exit_stack.callback(lock.release)
+            _remove_temporaries(run_dir)
+            fresh = not resume and not given and not (run_dir / CONFIG_FILE).is_file()
+            guard = _FreshRunGuard(run_dir, armed=fresh)
+            exit_stack.push(guard)  # runs before the lock is released (last in, first out)
             if lock.took_over:
                 say(f"note: took over the lock of {run_dir} left by process {lock.took_over.get('pid', '?')}, "
                     "which is no longer running")
@@ -171,7 +219,7 @@ def start_run(config: RunSettings, run_dir: str | os.PathLike | None, info: Dist
     run_dir, resume, error = broadcast_object(choice if info.is_main else None, info)
     if error is not None:
         raise ValueError(error)
-    return run_dir, resume, device, say
+    return run_dir, resume, device, say, (guard.disarm if info.is_main else (lambda: None))
 
 
 def build_loss(config: RunSettings, topology) -> torch.nn.Module:

@@ -198,7 +198,7 @@ def run_finetune(config: FinetuneConfig, run_dir: str | os.PathLike | None = Non
 def _run_finetune(config: FinetuneConfig, run_dir: str | os.PathLike | None, info: DistInfo,
                   held: contextlib.ExitStack) -> dict[str, Any]:
     started = time.perf_counter()
-    run_dir, resume, device, say = start_run(config, run_dir, info, "finetune", held)
+    run_dir, resume, device, say, training_starts = start_run(config, run_dir, info, "finetune", held)
 
     seed_everything(config.train.seed)
     loaded = load_finetune_source(config, device)
@@ -213,6 +213,7 @@ def _run_finetune(config: FinetuneConfig, run_dir: str | os.PathLike | None, inf
     plots = run_dir / PLOTS_DIR
     processes = f", {info.world_size} processes" if info.distributed else ""
     say(f"finetune {run_dir}: {method} from {loaded.description} on {model.topology.name}, device {device}{processes}")
+    training_starts()  # the source, data and evaluation sets are open: from here on the directory stays
 
     results: dict[str, Any] = {"run_dir": str(run_dir), "method": method, "source": loaded.description, "models": {},
                                # the target is your suites: the summary adds a table per dataset

@@ -148,7 +148,7 @@ def _shard_stream(config: ExperimentConfig, info: DistInfo):
 def _run(config: ExperimentConfig, run_dir: str | os.PathLike | None, info: DistInfo,
          held: contextlib.ExitStack) -> dict[str, Any]:
     started = time.perf_counter()
-    run_dir, resume, device, say = start_run(config, run_dir, info, "pretrain", held)
+    run_dir, resume, device, say, training_starts = start_run(config, run_dir, info, "pretrain", held)
 
     # Rank 0 builds first and saves the tokenizer; the others then load that one (training a
     # WordPiece twice need not give the same vocabulary).
@@ -164,6 +164,7 @@ def _run(config: ExperimentConfig, run_dir: str | os.PathLike | None, info: Dist
     collate = make_collate(tokenizer, trim_padding=True)  # topoclip's text tower masks padding
     evaluator = periodic_evaluator(model, tokenizer, entries, data.val_pairs(config), collate, config, device)
     trainer = make_trainer(task, train_set, collate, config, run_dir, device, info, evaluator)
+    training_starts()  # data, tokenizer, model and trainer are set up: from here on the directory stays
     if resume:
         trainer.resume()
         finished = finished_results(trainer, run_dir, say)
