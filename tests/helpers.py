@@ -17,6 +17,26 @@ TINY_TOWERS = [
 QUIET_RUN = ["logging.progress=false", "logging.tensorboard=false"]
 
 
+def tiny_run_yaml(steps: int, checkpoint_every: int, warmup_steps: int) -> str:
+    """A config file for subprocess runs: the default config with 1-layer width-32 towers on
+    96 training pairs in batches of 16, every checkpoint kept, no evaluation."""
+    from pathlib import Path
+
+    default = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+    return f"""
+base: {default}
+data:
+  shapes: {{num_train: 96, num_val: 8, num_test: 24}}
+model:
+  image: {{patch_size: 8, depth: 1, width: 32, heads: 2}}
+  text: {{depth: 1, width: 32, heads: 2}}
+train: {{steps: {steps}, batch_size: 16, checkpoint_every: {checkpoint_every}, keep_last: 20}}
+optim: {{warmup_steps: {warmup_steps}}}
+eval: {{enabled: false}}
+logging: {{progress: false, tensorboard: false}}
+"""
+
+
 class FakeTokenizer:
     """Characters -> ids, padded to a fixed length: each distinct caption gets its own point."""
 

@@ -6,30 +6,18 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.helpers import tiny_run_yaml
 from topoclip.data import build_tokenizer, make_shapes
 from topoclip.runs.checkpoint import latest_checkpoint, list_checkpoints
 
-REPO = Path(__file__).resolve().parent.parent
 STEPS = 30
 
-TINY_YAML = f"""
-base: {REPO / 'configs' / 'default.yaml'}
-data:
-  shapes: {{num_train: 96, num_val: 8, num_test: 24}}
-model:
-  image: {{patch_size: 8, depth: 1, width: 32, heads: 2}}
-  text: {{depth: 1, width: 32, heads: 2}}
-train: {{steps: {STEPS}, batch_size: 16, checkpoint_every: 5, keep_last: 20}}
-optim: {{warmup_steps: 5}}
-eval: {{enabled: false}}
-logging: {{progress: false, tensorboard: false}}
-"""
+TINY_YAML = tiny_run_yaml(STEPS, checkpoint_every=5, warmup_steps=5)
 
 
 def _train(*args):

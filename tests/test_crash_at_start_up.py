@@ -13,24 +13,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.helpers import tiny_run_yaml
 from topoclip.data import build_tokenizer, make_shapes
 from topoclip.runs.checkpoint import list_checkpoints
 
-REPO = Path(__file__).resolve().parent.parent
 STEPS = 12
 
-TINY_YAML = f"""
-base: {REPO / 'configs' / 'default.yaml'}
-data:
-  shapes: {{num_train: 96, num_val: 8, num_test: 24}}
-model:
-  image: {{patch_size: 8, depth: 1, width: 32, heads: 2}}
-  text: {{depth: 1, width: 32, heads: 2}}
-train: {{steps: {STEPS}, batch_size: 16, checkpoint_every: 4, keep_last: 20}}
-optim: {{warmup_steps: 3}}
-eval: {{enabled: false}}
-logging: {{progress: false, tensorboard: false}}
-"""
+TINY_YAML = tiny_run_yaml(STEPS, checkpoint_every=4, warmup_steps=3)
 
 # Run `topoclip train` with one function wrapped so that the process kills itself (SIGKILL:
 # no clean-up, no finally) at the chosen point. The wrappers touch nothing else.

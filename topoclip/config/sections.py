@@ -137,7 +137,8 @@ class TrainConfig:
     # full-batch step in the memory of one chunk); null: encode the whole batch at once.
     grad_cache_chunk: Optional[int] = None
     # Autocast dtype of the towers: fp32 (off), bf16 or fp16 (fp16: CUDA only, with loss
-    # scaling). The geometry and the loss always compute in fp32.
+    # scaling); auto: bf16 where the hardware multiplies bf16 natively (CUDA GPUs with bf16,
+    # CPUs with AMX or AVX512-BF16), else fp32. The geometry and the loss always compute in fp32.
     precision: str = "fp32"
     # Multi-process runs: each rank scores only its own rows against all gathered columns
     # (b x B logits instead of B x B); the same gradients, less memory and compute per rank.
@@ -173,8 +174,8 @@ class TrainConfig:
             raise ValueError(f"train.num_workers: must be >= 0, got {self.num_workers}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"train.threads: must be >= 1, got {self.threads}")
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"train.precision: must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.precision not in ("fp32", "bf16", "fp16", "auto"):
+            raise ValueError(f"train.precision: must be fp32, bf16, fp16 or auto, got {self.precision!r}")
         if self.grad_cache_chunk is not None and self.grad_cache_chunk < 1:
             raise ValueError(f"train.grad_cache_chunk: must be >= 1 or null, got {self.grad_cache_chunk}")
         if self.checkpoint_every < 0:

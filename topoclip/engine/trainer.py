@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
 from topoclip.dataclass_io import to_dict
+from topoclip.devices import resolve_precision
 from topoclip.runs.checkpoint import (
     CHECKPOINTS_DIR,
     CheckpointWriteError,
@@ -237,10 +238,22 @@ class Trainer:
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.dist = dist_info if dist_info is not None else current_info(self.device)
         self.task = task.to(self.device)
-        precision = config.train.precision
+        self.precision = precision = resolve_precision(config.train.precision, self.device)
         if precision == "fp16" and self.device.type != "cuda":
             raise ValueError("train.precision: fp16 needs a CUDA device (use bf16 on the CPU)")
         self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        # The fused attention kernel is slow in bf16 on the CPU (towers.py says by how much):
+        # the towers attend eagerly while the trainer encodes, and as before anywhere else (an
+        # evaluation gives the same numbers as a later `topoclip eval`). With gradient
+        # checkpointing the backward recomputes the forward outside the trainer's encode, so
+        # there it stays eager throughout.
+        self._eager_attention = []
+        if precision == "bf16" and self.device.type == "cpu":
+            self._eager_attention = [m for m in model.modules() if callable(getattr(m, "set_eager_attention", None))]
+            if config.train.grad_checkpointing:
+                for module in self._eager_attention:
+                    module.set_eager_attention(True)
+                self._eager_attention = []
         # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
         self.grad_scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
         self.train_set = train_set
@@ -562,8 +575,14 @@ class Trainer:
         precision in fp32), so the loss never sees bf16/fp16."""
         if self.autocast_dtype is None:
             return self._forward(batch)
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype):
-            outputs = self._forward(batch)
+        for module in self._eager_attention:
+            module.set_eager_attention(True)
+        try:
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype):
+                outputs = self._forward(batch)
+        finally:
+            for module in self._eager_attention:
+                module.set_eager_attention(False)
         return tuple(t.float() if t.is_floating_point() else t for t in outputs)
 
     # ------------------------------------------------------------------ eval

@@ -128,6 +128,15 @@ class ImageTower(nn.Module):
             raise ValueError(f"gradient checkpointing: the timm model {type(self.model).__name__} does not support it")
         setter(enable)
 
+    def set_eager_attention(self, enable: bool = True) -> None:
+        """Attention as explicit matmuls + softmax instead of the fused SDPA kernel. On the CPU
+        under bf16 autocast the fused kernel's backward is ~12x slower than fp32 (measured on
+        AMX cores: 20 ms against 1.7 ms per call at 17 tokens), while bf16 matmuls run 5-8x
+        faster than fp32; softmax stays in fp32 under autocast either way."""
+        for module in self.model.modules():
+            if hasattr(module, "fused_attn"):
+                module.fused_attn = not enable
+
     def forward(self, images: Tensor) -> Tensor:
         if self.is_vit:
             return self.model.forward_features(images)[:, : self.num_tokens]
@@ -180,6 +189,10 @@ class TextTower(nn.Module):
             self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             self.model.activation_checkpointing_disable()
+
+    def set_eager_attention(self, enable: bool = True) -> None:
+        """transformers' eager attention instead of SDPA (see ``ImageTower.set_eager_attention``)."""
+        self.model.config._attn_implementation = "eager" if enable else "sdpa"
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         if input_ids.ndim != 2:

@@ -175,7 +175,8 @@ def _run(config: ExperimentConfig, run_dir: str | os.PathLike | None, info: Dist
     processes = f", {info.world_size} processes" if info.distributed else ""
     say(
         f"run {run_dir}: {config.topology.name} (d={model.topology.dim}, k={config.model.num_tokens}), "
-        f"{num_params / 1e6:.2f}M parameters, {trainer.num_items} training pairs per epoch, device {device}{processes}"
+        f"{num_params / 1e6:.2f}M parameters, {trainer.num_items} training pairs per epoch, device {device}"
+        f"{'' if trainer.precision == 'fp32' else f' ({trainer.precision} autocast)'}{processes}"
     )
     results: dict[str, Any] = {"run_dir": str(run_dir), "train": trainer.fit().summary()}
     if not info.is_main:
