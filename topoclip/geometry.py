@@ -78,7 +78,9 @@ def _theta_over_sin_of_cos(cos: Tensor, out: Tensor) -> Tensor:
     cheaper on the CPU than 1 / sinc, which PyTorch does not vectorise.
     """
     torch.arccos(cos, out=out)
-    sin_sq = cos.mul_(cos).neg_().add_(1.0).clamp_min_(_SIN_FLOOR * _SIN_FLOOR)
+    # 1 - c^2 in one pass (a fused multiply-add) rather than three
+    one = torch.ones((), dtype=cos.dtype, device=cos.device)
+    sin_sq = torch.addcmul(one, cos, cos, value=-1.0, out=cos).clamp_min_(_SIN_FLOOR * _SIN_FLOOR)
     return out.mul_(sin_sq.rsqrt_()).clamp_min_(1.0)
 
 
@@ -200,24 +202,27 @@ class EuclideanKernel:
         torch.add(nu[rows].unsqueeze(1), nv.unsqueeze(0), out=out)
         out.addmm_(u[rows], v.T, alpha=-2.0).clamp_min_(0.0).sqrt_().mul_(-scale)
 
-    def grad_buffers(self, state) -> tuple[Tensor, Tensor]:
-        return torch.empty_like(state[0]), torch.zeros_like(state[1])
+    def grad_buffers(self, state) -> tuple[Tensor, Tensor, Tensor]:
+        v = state[1]
+        return torch.empty_like(state[0]), torch.zeros_like(v), torch.zeros(v.shape[0], dtype=v.dtype, device=v.device)
 
     def backward_block(self, state, rows: slice, logits: Tensor, scale: Tensor, grad_logits: Tensor,
-                       grads: tuple[Tensor, Tensor]) -> None:
+                       grads: tuple[Tensor, Tensor, Tensor]) -> None:
         # dS_ij/du_i = (v_j - u_i) / D_ij: with W = scale grad / D (0 where D = 0, the cone's
-        # zero subgradient), grad_u = W v - u rowsum(W), grad_v += W^T u - v colsum(W).
+        # zero subgradient), grad_u = W v - u rowsum(W), grad_v += W^T u - v colsum(W); the
+        # column sums are gathered over the blocks and applied once in ``gradients``.
         u, v = state[0], state[1]
-        grad_u, grad_v = grads
+        grad_u, grad_v, column_sums = grads
         w = _scale_over_distance(grad_logits, logits, scale)
         ub = u[rows]
         torch.mm(w, v, out=grad_u[rows])
         grad_u[rows].addcmul_(ub, w.sum(1, keepdim=True), value=-1.0)
         grad_v.addmm_(w.T, ub)
-        grad_v.addcmul_(v, w.sum(0).unsqueeze(1), value=-1.0)
+        column_sums += w.sum(0)
 
-    def gradients(self, state, grads: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        return grads
+    def gradients(self, state, grads: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        grad_u, grad_v, column_sums = grads
+        return grad_u, grad_v.addcmul_(state[1], column_sums.unsqueeze(1), value=-1.0)
 
 
 class GeodesicKernel:
@@ -227,6 +232,7 @@ class GeodesicKernel:
 
     def __init__(self, num_blocks: int):
         self.m = num_blocks
+        self._scratch = _Scratch()
 
     def inputs(self, like: Tensor) -> tuple[Tensor, ...]:
         return ()
@@ -239,7 +245,7 @@ class GeodesicKernel:
 
     def logits_block(self, state, rows: slice, scale: Tensor, out: Tensor) -> None:
         ub, vb = state
-        cos = torch.empty_like(out)
+        cos = self._scratch.get("cos", out)
         for k in range(self.m):
             torch.mm(ub[k, rows], vb[k].T, out=cos)
             theta = cos.clamp_(-1.0, 1.0).arccos_()
@@ -259,7 +265,7 @@ class GeodesicKernel:
         ub, vb = state
         grad_u, grad_v = grads
         w = _scale_over_distance(grad_logits, logits, scale)
-        cos, g = torch.empty_like(w), torch.empty_like(w)
+        cos, g = self._scratch.get("cos", w), self._scratch.get("g", w)
         for k in range(self.m):
             torch.mm(ub[k, rows], vb[k].T, out=cos)
             _theta_over_sin_of_cos(cos.clamp_(-1.0, 1.0), out=g).mul_(w)
@@ -331,8 +337,24 @@ class LorentzKernel:
 def _scale_over_distance(grad_logits: Tensor, logits: Tensor, scale: Tensor) -> Tensor:
     """scale * grad / D in place, from logits = -scale D: -scale^2 grad / logits, with 0 where
     D = 0 (coincident points: the distance's zero subgradient, as in the similarity functions
-    above)."""
-    return grad_logits.div_(logits).mul_(-scale * scale).masked_fill_(logits == 0, 0.0)
+    above). The division by 0 gives ±inf or NaN exactly there; they are zeroed in place
+    (a mask of logits == 0 would be one more block-sized temporary)."""
+    return grad_logits.div_(logits).mul_(-scale * scale).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+class _Scratch:
+    """Block-sized work tensors a kernel reuses across its blocks (and calls): a fresh
+    multi-MiB tensor per block page-faults on first touch, which costs more than the
+    arithmetic on it (see losses.contrastive._BlockBuffers)."""
+
+    def __init__(self):
+        self.buffers: dict[str, Tensor] = {}
+
+    def get(self, name: str, like: Tensor) -> Tensor:
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.dtype != like.dtype or buffer.device != like.device or buffer.numel() < like.numel():
+            buffer = self.buffers[name] = torch.empty(like.numel(), dtype=like.dtype, device=like.device)
+        return buffer[: like.numel()].view(like.shape)
 
 
 def _broadcast_t(t: Tensor | float, like: Tensor, batch_ndim: int) -> Tensor:
