@@ -74,9 +74,12 @@ def _row_and_column_lse(logits: Tensor, fill=None) -> tuple[Tensor, Tensor]:
             e = torch.sub(blk, shift, out=work.get(0, j - i)).exp_()
             lse_rows[i:j] = e.sum(dim=1).log_().add_(shift)
             blk_col_max, blk_col_sum = shift.expand(cols), e.sum(dim=0)
-        else:
-            lse_rows[i:j] = torch.logsumexp(blk, dim=1)
-            blk_col_sum = torch.exp(blk - blk_col_max).sum(dim=0)
+        else:  # two passes, each shifted by its own maxima, into the reused buffer
+            e = work.get(0, j - i)
+            row_shift = torch.where(torch.isinf(row_max), 0.0, row_max)
+            lse_rows[i:j] = torch.sub(blk, row_shift.unsqueeze(1), out=e).exp_().sum(dim=1).log_().add_(row_shift)
+            col_shift = torch.where(torch.isinf(blk_col_max), 0.0, blk_col_max)
+            blk_col_sum = torch.sub(blk, col_shift, out=e).exp_().sum(dim=0)
         # Merge the block's column sums (shifted by blk_col_max) into the running ones.
         new_max = torch.maximum(col_max, blk_col_max)
         # exp(-inf - -inf) would be NaN on the first block; col_sum is 0 there anyway.
