@@ -103,6 +103,12 @@ def test_a_latin1_caption_in_a_shard_is_skipped_for_the_tokenizer_and_in_trainin
     stats = ShardStats()
     pairs = list(shard_pairs(str(shard), image_size=8, shuffle_buffer=0, stats=stats))
     assert [c for _, c in pairs] == ["a red circle", "a blue square"] and stats.skipped == 1
+    from topoclip.data import skip_totals
+    from topoclip.data.shards import ShardStream
+
+    stream = ShardStream(str(shard), epoch_length=2, batch_size=2, image_size=8, shuffle_buffer=0)
+    assert len(list(stream)) == 2
+    assert skip_totals(stream) == {str(shard): {"unreadable": 1}}  # what the run reports at its end
 
 
 def test_a_karpathy_json_or_classnames_file_not_in_utf8_names_file_and_line(tmp_path):
@@ -112,3 +118,19 @@ def test_a_karpathy_json_or_classnames_file_not_in_utf8_names_file_and_line(tmp_
     split.write_bytes(b'{"images": [\n{"filename": "caf\xe9.jpg"}]}')
     with pytest.raises(ValueError, match=rf"{split}:2: not valid utf-8 \(byte 0xe9 at column 18\)"):
         KarpathyRetrieval(split, tmp_path)
+
+
+def test_an_evaluation_csv_not_in_utf8_skips_or_names_the_row(tmp_path):
+    from topoclip.data.transforms import ImageTransform
+    from topoclip.eval.suites import CsvClassification
+
+    for i in range(3):
+        _png(tmp_path / f"{i}.png")
+    labels = tmp_path / "labels.tsv"
+    labels.write_bytes("filepath\tlabel\n0.png\tcat\n1.png\tcaf\u00e9\n2.png\tdog\n".encode("latin-1"))
+    kwargs = dict(name="t", image_root=tmp_path)
+    ds = CsvClassification(labels, ImageTransform(8), **kwargs)
+    assert ds.classnames == ["cat", "dog"] and skip_totals(ds) == {str(labels): {"bad_encoding": 1}}
+    with pytest.raises(ValueError, match=rf"{labels}:3: not valid utf-8"):
+        CsvClassification(labels, ImageTransform(8), strict=True, **kwargs)
+    assert CsvClassification(labels, ImageTransform(8), encoding="latin-1", **kwargs).classnames == ["caf\u00e9", "cat", "dog"]

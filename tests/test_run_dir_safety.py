@@ -299,3 +299,20 @@ def test_a_read_only_disk_is_one_line_before_anything_is_made(small_disk, capsys
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"output.dir: {small_disk} is not writable" in err, err
     assert not (small_disk / "runs").exists()
+
+
+def test_a_batch_the_processes_cannot_share_is_found_before_any_directory(tmp_path):
+    from topoclip.config import load_config
+    from topoclip.engine.distributed import DistInfo
+    from topoclip.recipes.common import check_machine
+
+    config = load_config(overrides=["train.batch_size=10", "train.device=cpu"])
+    with pytest.raises(ValueError, match="train.batch_size: 10 is not divisible by the 3 processes"):
+        check_machine(config, DistInfo(rank=0, world_size=3, device=__import__("torch").device("cpu")))
+    assert str(check_machine(config, DistInfo(rank=0, world_size=2, device=__import__("torch").device("cpu")))) == "cpu"
+
+
+def test_data_convert_from_a_directory_says_so(tmp_path, capsys):
+    assert main(["data", "convert", "--csv", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    assert f"pairs file '{tmp_path}' is a directory" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

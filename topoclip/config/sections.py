@@ -188,9 +188,10 @@ class TrainConfig:
 
 # What each suite task reads from its ``data`` mapping (one of the first group names the data).
 SUITE_DATA_KEYS = {
-    "zeroshot": ({"folder", "csv"}, {"classnames", "templates", "image_root", "image_key", "label_key", "sep", "verify", "strict"}),
+    "zeroshot": ({"folder", "csv"}, {"classnames", "templates", "image_root", "image_key", "label_key", "sep", "verify", "strict",
+                                     "encoding"}),
     "retrieval": ({"karpathy", "csv"}, {"image_root", "split", "image_key", "caption_key", "sep", "verify", "strict",
-                                        "label_key", "class_level"}),
+                                        "label_key", "class_level", "encoding"}),
     "linear_probe": ({"train"}, {"test", "classnames", "verify", "strict"}),
 }
 

@@ -365,5 +365,10 @@ def skip_totals(*datasets) -> dict[str, dict[str, int]]:
                 merged = totals.setdefault(stats.source, {})
                 for reason, n in stats.counts.items():
                     merged[reason] = merged.get(reason, 0) + n
+        streamed = getattr(item, "stats", None)  # a shard stream's ShardStats (duck-typed: no import)
+        if streamed is not None and id(streamed) not in seen and getattr(streamed, "skipped", 0):
+            seen.add(id(streamed))
+            source = " ".join(getattr(item, "urls", [])[:1]) + (" ..." if len(getattr(item, "urls", [])) > 1 else "")
+            totals.setdefault(source or "shards", {})["unreadable"] = int(streamed.skipped)
         stack.extend(getattr(item, name, None) for name in ("dataset", "base", "pairs", "train_dataset"))
     return totals

@@ -12,7 +12,6 @@ When each problem is caught (the WHY of the split):
 
 from __future__ import annotations
 
-import csv
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 
 from topoclip.data.datasets import LazyImageFiles, PairDataset, RetrievalSet, SkipStats
-from topoclip.data.text_files import check_encoding, read_lines
+from topoclip.data.text_files import csv_rows
 from topoclip.data.transforms import CLIP_MEAN, CLIP_STD, CorruptImageError, ImageTransform, load_image
 
 
@@ -98,22 +97,12 @@ class CsvPairs(FilePairs):
         stats = SkipStats(source)
         paths: list[str] = []
         captions: list[str] = []
-        check_encoding(encoding, "encoding")
-        lines, undecodable = read_lines(path, encoding)
-        if 1 in undecodable:
-            raise ValueError(f"{source}:1: the header is {undecodable[1]}")
-        reader = csv.DictReader(lines, delimiter=sep)
-        columns = reader.fieldnames or []
+        columns, rows = csv_rows(path, sep, encoding)
         for key, field in ((image_key, "image_key"), (caption_key, "caption_key")):
             if key not in columns:
                 raise ValueError(f"{source}: no column {key!r} ({field}); columns are {columns}{separator_hint(columns, sep)}")
-        first_line = 2
-        for row in reader:
-            # The physical lines this row spans (a quoted caption may hold line breaks).
-            spanned = range(first_line, reader.line_num + 1)
-            first_line = reader.line_num + 1
-            where = f"{source}:{reader.line_num}"
-            problem = next((f"{source}:{n}: {undecodable[n]}" for n in spanned if n in undecodable), None)
+        for line, row, problem in rows:
+            where = f"{source}:{line}"
             if problem is not None:
                 if strict:
                     raise ValueError(problem)

@@ -4,9 +4,11 @@ and key (a webdataset sample), never a bare ``'utf-8' codec can't decode byte 0x
 from __future__ import annotations
 
 import codecs
+import csv
 import os
+from collections.abc import Iterator
 
-__all__ = ["check_encoding", "decode_caption", "read_lines", "read_text"]
+__all__ = ["check_encoding", "csv_rows", "decode_caption", "read_lines", "read_text"]
 
 
 def check_encoding(encoding: str, field: str) -> None:
@@ -60,3 +62,28 @@ def read_text(path: str | os.PathLike, encoding: str = "utf-8") -> str:
         column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
         byte = raw[err.start:err.start + 1].hex()
         raise ValueError(f"{os.fspath(path)}:{line}: not valid {encoding} (byte 0x{byte} at column {column})") from None
+
+
+def csv_rows(path: str | os.PathLike, sep: str, encoding: str = "utf-8") -> tuple[list[str], Iterator[tuple[int, dict, str | None]]]:
+    """``(columns, rows)`` of a CSV/TSV with a header row: each row as ``(line, fields,
+    problem)``, ``line`` its last physical line (a quoted field may span several) and
+    ``problem`` None, or ``"FILE:LINE: not valid utf-8 (...)"`` when one of its lines is not in
+    ``encoding`` (its fields then hold replacement characters: the caller skips the row or
+    fails). A header that does not decode is a ValueError."""
+    check_encoding(encoding, "encoding")
+    source = os.fspath(path)
+    lines, undecodable = read_lines(path, encoding)
+    if 1 in undecodable:
+        raise ValueError(f"{source}:1: the header is {undecodable[1]}")
+    reader = csv.DictReader(lines, delimiter=sep)
+    columns = list(reader.fieldnames or [])
+
+    def rows() -> Iterator[tuple[int, dict, str | None]]:
+        first_line = 2
+        for row in reader:
+            spanned = range(first_line, reader.line_num + 1)
+            first_line = reader.line_num + 1
+            problem = next((f"{source}:{n}: {undecodable[n]}" for n in spanned if n in undecodable), None)
+            yield reader.line_num, row, problem
+
+    return columns, rows()

@@ -8,7 +8,6 @@ file, or ``topoclip eval --suite FILE``) become ``EvalEntry`` objects on real da
 
 from __future__ import annotations
 
-import csv
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,6 +22,7 @@ from topoclip.data.folder import DEFAULT_TEMPLATES, ImageFolderClassification
 from topoclip.data.karpathy import KarpathyRetrieval
 from topoclip.data.pairs import CsvPairs, PairsRetrieval, separator_hint
 from topoclip.data.sources import read_classnames, read_templates
+from topoclip.data.text_files import csv_rows
 from topoclip.dataclass_io import from_dict
 
 from .evaluation import EvalEntry
@@ -42,7 +42,8 @@ class CsvClassification(ClassificationSet, LazyImageFiles):
 
     def __init__(self, path, transform: Callable, *, name: str, classnames: Sequence[str] | None = None,
                  templates: Sequence[str] | None = None, image_root=None, image_key: str = "filepath",
-                 label_key: str = "label", sep: str = "\t", verify: bool = True, strict: bool = False):
+                 label_key: str = "label", sep: str = "\t", verify: bool = True, strict: bool = False,
+                 encoding: str = "utf-8"):
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"{name}: labels file {os.fspath(path)!r} does not exist")
@@ -50,23 +51,27 @@ class CsvClassification(ClassificationSet, LazyImageFiles):
         source = os.fspath(path)
         stats = SkipStats(source)
         rows: list[tuple[str, str]] = []
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f, delimiter=sep)
-            for key, what in ((image_key, "image_key"), (label_key, "label_key")):
-                if key not in (reader.fieldnames or []):
-                    raise ValueError(f"{source}: no column {key!r} ({what}); columns are {reader.fieldnames} (separator "
-                                     f"{sep!r}){separator_hint(reader.fieldnames or [], sep)}")
-            for row in reader:
-                where = f"{source}:{reader.line_num}"
-                file = os.fspath(root / (row[image_key] or "").strip())
-                label = (row[label_key] or "").strip()
-                if not label:
-                    if strict:
-                        raise ValueError(f"{where}: empty label")
-                    stats.skip("empty_label", where)
-                    continue
-                if stats.accept_image(file, where, strict=strict, verify=verify):
-                    rows.append((file, label))
+        columns, records = csv_rows(path, sep, encoding)
+        for key, what in ((image_key, "image_key"), (label_key, "label_key")):
+            if key not in columns:
+                raise ValueError(f"{source}: no column {key!r} ({what}); columns are {columns} (separator "
+                                 f"{sep!r}){separator_hint(columns, sep)}")
+        for line, row, problem in records:
+            where = f"{source}:{line}"
+            if problem is not None:
+                if strict:
+                    raise ValueError(problem)
+                stats.skip("bad_encoding", where, problem)
+                continue
+            file = os.fspath(root / (row[image_key] or "").strip())
+            label = (row[label_key] or "").strip()
+            if not label:
+                if strict:
+                    raise ValueError(f"{where}: empty label")
+                stats.skip("empty_label", where)
+                continue
+            if stats.accept_image(file, where, strict=strict, verify=verify):
+                rows.append((file, label))
         stats.summarize(len(rows), "images")
         if not rows:
             raise ValueError(f"{source}: no usable (image, label) rows (skipped: {stats.as_dict()})")
@@ -130,11 +135,11 @@ def _class_pairs(data: dict, dataset: PairsRetrieval) -> torch.Tensor:
     every image whose row has the caption's label."""
     root = Path(data.get("image_root") or Path(data["csv"]).parent)
     label_of: dict[str, str] = {}
-    with open(data["csv"], newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f, delimiter=data.get("sep", "\t"))
-        if data["label_key"] not in (reader.fieldnames or []):
-            raise ValueError(f"{data['csv']}: no column {data['label_key']!r} (label_key); columns are {reader.fieldnames}")
-        for row in reader:
+    columns, records = csv_rows(data["csv"], data.get("sep", "\t"), data.get("encoding", "utf-8"))
+    if data["label_key"] not in columns:
+        raise ValueError(f"{data['csv']}: no column {data['label_key']!r} (label_key); columns are {columns}")
+    for _, row, problem in records:
+        if problem is None:  # a row the pairs skipped for its encoding is not among them either
             label_of[os.fspath(root / (row[data.get("image_key", "filepath")] or "").strip())] = (row[data["label_key"]] or "").strip()
     image_paths = [dataset.pairs.image_paths[r] for r in dataset._rows]
     image_labels = [label_of[p] for p in image_paths]
@@ -162,7 +167,8 @@ def _entry(suite: SuiteConfig, transform: Callable) -> EvalEntry:
         else:
             dataset = CsvClassification(d["csv"], transform, name=suite.name, image_root=d.get("image_root"),
                                         image_key=d.get("image_key", "filepath"), label_key=d.get("label_key", "label"),
-                                        sep=d.get("sep", "\t"), **_class_lists(d), **check)
+                                        sep=d.get("sep", "\t"), encoding=d.get("encoding", "utf-8"), **_class_lists(d),
+                                        **check)
         return EvalEntry(dataset, ("zeroshot",), suite.name)
     if suite.task == "retrieval":
         if "karpathy" in d:
@@ -170,7 +176,8 @@ def _entry(suite: SuiteConfig, transform: Callable) -> EvalEntry:
                                         name=suite.name, **check)
         else:
             pairs = CsvPairs(d["csv"], d.get("image_root"), transform, sep=d.get("sep", "\t"),
-                             image_key=d.get("image_key", "filepath"), caption_key=d.get("caption_key", "title"), **check)
+                             image_key=d.get("image_key", "filepath"), caption_key=d.get("caption_key", "title"),
+                             encoding=d.get("encoding", "utf-8"), **check)
             dataset = PairsRetrieval(pairs, range(len(pairs)), name=suite.name)
             if d.get("class_level"):
                 dataset.positive_pairs = _class_pairs(d, dataset)
