@@ -100,3 +100,12 @@ def assert_tiled_losses_equal_plain(topo, u, v, scale: float = 3.0, bias: float 
     a = SigmoidLoss(topo, tile_threshold=None)(u, v, scale, bias)
     b = SigmoidLoss(topo, tile_threshold=0, tile_size=tile)(u, v, scale, bias)
     assert a.item() == pytest.approx(b.item(), rel=1e-6)
+
+
+def shared_tokenizer(directory, num_train: int = 96) -> None:
+    """Save one tokenizer for several subprocess runs to share (``data.tokenizer=DIR``):
+    training a WordPiece twice need not give the same vocabulary, and bit-identical runs need one."""
+    from topoclip.data import build_tokenizer, make_shapes
+
+    data = make_shapes(num_train=num_train, num_val=8, num_test=24)
+    build_tokenizer(data.captions("train"), 1000, 24).save(directory)

@@ -11,8 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import tiny_run_yaml
-from topoclip.data import build_tokenizer, make_shapes
+from tests.helpers import shared_tokenizer, tiny_run_yaml
 from topoclip.runs.checkpoint import latest_checkpoint, list_checkpoints
 
 STEPS = 30
@@ -26,10 +25,8 @@ def _train(*args):
 
 @pytest.mark.slow  # three training processes (~30 s): runs in CI's second, `-m slow` step
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
-    # One tokenizer for both runs: training a WordPiece twice need not give the same vocab.
     tokenizer_dir = tmp_path / "tokenizer"
-    data = make_shapes(num_train=96, num_val=8, num_test=24)
-    build_tokenizer(data.captions("train"), 1000, 24).save(tokenizer_dir)
+    shared_tokenizer(tokenizer_dir)  # one tokenizer for every run
     config = tmp_path / "tiny.yaml"
     config.write_text(TINY_YAML)
     common = ["--config", str(config), f"output.dir={tmp_path / 'runs'}", f"data.tokenizer={tokenizer_dir}"]

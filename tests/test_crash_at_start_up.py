@@ -13,8 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import tiny_run_yaml
-from topoclip.data import build_tokenizer, make_shapes
+from tests.helpers import shared_tokenizer, tiny_run_yaml
 from topoclip.runs.checkpoint import list_checkpoints
 
 STEPS = 12
@@ -72,10 +71,8 @@ sys.exit(main(["train", *sys.argv[2:]]))
 @pytest.fixture(scope="module")
 def setting(tmp_path_factory):
     root = tmp_path_factory.mktemp("crash")
-    # One tokenizer for every run: training a WordPiece twice need not give the same vocab.
     tokenizer_dir = root / "tokenizer"
-    data = make_shapes(num_train=96, num_val=8, num_test=24)
-    build_tokenizer(data.captions("train"), 1000, 24).save(tokenizer_dir)
+    shared_tokenizer(tokenizer_dir)  # one tokenizer for every run
     config = root / "tiny.yaml"
     config.write_text(TINY_YAML)
     common = ["--config", str(config), f"output.dir={root / 'runs'}", f"data.tokenizer={tokenizer_dir}"]

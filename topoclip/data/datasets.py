@@ -227,6 +227,16 @@ class SkipStats:
         self.counts[reason] += 1
         logger.debug("%s: skipped %s (%s)%s", self.source, item, reason, f": {detail}" if detail else "")
 
+    def accept_text(self, problem: str | None, where: str, *, strict: bool) -> bool:
+        """True when a row's text decoded (``problem`` None); else the row is counted as
+        "bad_encoding" and False returned, or, with ``strict``, ``problem`` is the error."""
+        if problem is None:
+            return True
+        if strict:
+            raise ValueError(problem)
+        self.skip("bad_encoding", where, problem)
+        return False
+
     def accept_image(self, file: str, where: str = "", *, strict: bool, verify: bool, must_exist: bool = True) -> bool:
         """True when ``file`` can be used: it exists and, with ``verify``, PIL can decode it.
 

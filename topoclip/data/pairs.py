@@ -103,10 +103,7 @@ class CsvPairs(FilePairs):
                 raise ValueError(f"{source}: no column {key!r} ({field}); columns are {columns}{separator_hint(columns, sep)}")
         for line, row, problem in rows:
             where = f"{source}:{line}"
-            if problem is not None:
-                if strict:
-                    raise ValueError(problem)
-                stats.skip("bad_encoding", where, problem)
+            if not stats.accept_text(problem, where, strict=strict):
                 continue
             caption = (row.get(caption_key) or "").strip()
             rel = (row.get(image_key) or "").strip()

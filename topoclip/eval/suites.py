@@ -58,10 +58,7 @@ class CsvClassification(ClassificationSet, LazyImageFiles):
                                  f"{sep!r}){separator_hint(columns, sep)}")
         for line, row, problem in records:
             where = f"{source}:{line}"
-            if problem is not None:
-                if strict:
-                    raise ValueError(problem)
-                stats.skip("bad_encoding", where, problem)
+            if not stats.accept_text(problem, where, strict=strict):
                 continue
             file = os.fspath(root / (row[image_key] or "").strip())
             label = (row[label_key] or "").strip()
