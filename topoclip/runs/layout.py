@@ -10,6 +10,7 @@
     results.json       the evaluation after training
     results.jsonl      the same as CLIP_benchmark records (one per dataset and task)
     plots/             reliability diagrams and the mixup-hardness histogram
+    .lock              while a process writes the run: its pid and host (lock.py)
 
 Runs written by topoclip 0.1.0 have no ``run.json``: they are format 1, and their kind is read
 off their config (a fine-tuning config names its ``source``). Their configs are upgraded when
