@@ -300,22 +300,29 @@ class LazyImageFiles:
         self.skip_stats = skip_stats
         self._bad: set[int] = set()
 
+    def _unreadable(self, index: int, err: Exception, note: str) -> None:
+        """Count the image at ``index`` as skipped (once; the first one logged with ``note``),
+        or, with ``strict``, raise a ValueError naming it."""
+        path = self._paths[index]
+        if self.strict:
+            raise ValueError(f"{self._source}: unreadable image {path!r}: {err}") from err
+        if index in self._bad:
+            return
+        reason = "missing" if isinstance(err, FileNotFoundError) else "corrupt"
+        if not self._bad:
+            logger.warning("%s: unreadable image %s (%s); %s (counts in .skip_stats)", self._source, path, reason, note)
+        self._bad.add(index)
+        self.skip_stats.skip(reason, os.fspath(path), str(err))
+
     def _load_or_drop(self, index: int) -> torch.Tensor | None:
         """The image at ``index``, or None when it cannot be read (counted; ``strict`` raises).
 
         For evaluation sets: a substitute image would be scored twice and the bad one's label
         not at all, so the item is dropped instead (``drop_unreadable`` collates without it)."""
-        path = self._paths[index]
         try:
-            return self.transform(load_image(path))
+            return self.transform(load_image(self._paths[index]))
         except (CorruptImageError, FileNotFoundError) as err:
-            if self.strict:
-                raise ValueError(f"{self._source}: unreadable image {path!r}: {err}") from err
-            if index not in self._bad:
-                self._bad.add(index)
-                reason = "missing" if isinstance(err, FileNotFoundError) else "corrupt"
-                logger.warning("%s: unreadable image %s (%s); left out of the evaluation", self._source, path, reason)
-                self.skip_stats.skip(reason, os.fspath(path), str(err))
+            self._unreadable(index, err, "leaving it and any further ones out of the evaluation")
             return None
 
     def _load_first_readable(self, index: int) -> tuple[int, torch.Tensor]:
@@ -327,20 +334,10 @@ class LazyImageFiles:
             j = (index + step) % n
             if j in self._bad:
                 continue
-            path = self._paths[j]
             try:
-                image = load_image(path)
+                image = load_image(self._paths[j])
             except (CorruptImageError, FileNotFoundError) as err:
-                if self.strict:
-                    raise ValueError(f"{self._source}: unreadable image {path!r}: {err}") from err
-                reason = "missing" if isinstance(err, FileNotFoundError) else "corrupt"
-                if not self._bad:
-                    logger.warning(
-                        "%s: unreadable image %s (%s); skipping it and any further ones (counts in .skip_stats)",
-                        self._source, path, reason,
-                    )
-                self._bad.add(j)
-                self.skip_stats.skip(reason, os.fspath(path), str(err))
+                self._unreadable(j, err, "skipping it and any further ones")
                 continue
             return j, self.transform(image)
         raise RuntimeError(f"{self._source}: none of the {n} images is readable")

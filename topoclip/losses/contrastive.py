@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..geometry import Topology
+from ..geometry import BlockScratch, Topology
 
 __all__ = ["ContrastiveLoss", "symmetric_cross_entropy", "gather_features", "exact_positives"]
 
@@ -63,7 +63,7 @@ def _row_and_column_lse(logits: Tensor, fill=None) -> tuple[Tensor, Tensor]:
     lse_rows = torch.empty(rows, dtype=logits.dtype, device=logits.device)
     col_max = torch.full((cols,), -torch.inf, dtype=logits.dtype, device=logits.device)
     col_sum = torch.zeros(cols, dtype=logits.dtype, device=logits.device)
-    work = _BlockBuffers(logits)
+    work = BlockScratch()
     for i, j in _row_blocks(rows, cols):
         blk = logits[i:j]
         if fill is not None:
@@ -71,11 +71,11 @@ def _row_and_column_lse(logits: Tensor, fill=None) -> tuple[Tensor, Tensor]:
         row_max, blk_col_max = blk.amax(dim=1), blk.amax(dim=0)
         shift = row_max.max()
         if bool((shift - torch.minimum(row_max.min(), blk_col_max.min())) <= margin):
-            e = torch.sub(blk, shift, out=work.get(0, j - i)).exp_()
+            e = torch.sub(blk, shift, out=work.get("e", blk)).exp_()
             lse_rows[i:j] = e.sum(dim=1).log_().add_(shift)
             blk_col_max, blk_col_sum = shift.expand(cols), e.sum(dim=0)
         else:  # two passes, each shifted by its own maxima, into the reused buffer
-            e = work.get(0, j - i)
+            e = work.get("e", blk)
             row_shift = torch.where(torch.isinf(row_max), 0.0, row_max)
             lse_rows[i:j] = torch.sub(blk, row_shift.unsqueeze(1), out=e).exp_().sum(dim=1).log_().add_(row_shift)
             col_shift = torch.where(torch.isinf(blk_col_max), 0.0, blk_col_max)
@@ -89,26 +89,8 @@ def _row_and_column_lse(logits: Tensor, fill=None) -> tuple[Tensor, Tensor]:
     return lse_rows, col_sum.log_().add_(col_max)
 
 
-class _BlockBuffers:
-    """Block-sized scratch tensors, allocated once per pass over a b x b matrix and reused by
-    every block. A fresh multi-MiB tensor per block costs more than the arithmetic on it: the
-    allocator returns it to the OS, and each new one page-faults on first touch (measured at
-    b = 8,192: 4.8 ms per 128 x 8,192 product against 0.3 ms into a reused buffer)."""
-
-    def __init__(self, like: Tensor):
-        self.like = like
-        self.step = max(1, _BLOCK_ELEMENTS // max(like.shape[1], 1))
-        self.buffers: dict[int, Tensor] = {}
-
-    def get(self, index: int, rows: int) -> Tensor:
-        if index not in self.buffers:
-            self.buffers[index] = torch.empty(min(self.step, self.like.shape[0]), self.like.shape[1],
-                                              dtype=self.like.dtype, device=self.like.device)
-        return self.buffers[index][:rows]
-
-
 def _softmax_sum_block(logits_blk: Tensor, lse_rows_blk: Tensor, lse_cols: Tensor, first_row: int,
-                       work: _BlockBuffers | None = None, out: Tensor | None = None) -> Tensor:
+                       work: BlockScratch | None = None, out: Tensor | None = None) -> Tensor:
     """softmax_rows + softmax_cols - 2 I for a block of rows: the loss gradient times 2b.
 
     Every logit lies at or below its row's log-sum-exp, so with shift = the block's largest
@@ -117,18 +99,17 @@ def _softmax_sum_block(logits_blk: Tensor, lse_rows_blk: Tensor, lse_cols: Tenso
     whenever no row or column lse lies more than ``_shift_margin`` below the shift (otherwise
     the two-pass form).
     """
-    rows = logits_blk.shape[0]
-    work = work if work is not None else _BlockBuffers(logits_blk)
-    out = out if out is not None else work.get(1, rows)
+    work = work if work is not None else BlockScratch()
+    out = out if out is not None else work.get("p", logits_blk)
     shift = lse_rows_blk.max()
     lowest = torch.minimum(lse_rows_blk.min(), lse_cols.min())
     if bool(shift - lowest <= _shift_margin(logits_blk.dtype)):
-        e = torch.sub(logits_blk, shift, out=work.get(0, rows)).exp_()
+        e = torch.sub(logits_blk, shift, out=work.get("e", logits_blk)).exp_()
         p = torch.mul(e, torch.sub(shift, lse_rows_blk).exp_().unsqueeze(1), out=out)
         p.addcmul_(e, torch.sub(shift, lse_cols).exp_().unsqueeze(0))
     else:
         p = torch.sub(logits_blk, lse_rows_blk.unsqueeze(1), out=out).exp_()
-        p.add_(torch.sub(logits_blk, lse_cols.unsqueeze(0), out=work.get(0, rows)).exp_())
+        p.add_(torch.sub(logits_blk, lse_cols.unsqueeze(0), out=work.get("e", logits_blk)).exp_())
     p[:, first_row:first_row + p.shape[0]].diagonal().sub_(2.0)
     return p
 
@@ -155,7 +136,7 @@ class _SymmetricCrossEntropy(torch.autograd.Function):
         logits, lse_rows, lse_cols = ctx.saved_tensors
         coef = grad_loss / (2 * logits.shape[0])
         grad = torch.empty_like(logits)
-        work = _BlockBuffers(logits)
+        work = BlockScratch()
         for i, j in _row_blocks(*logits.shape):
             _softmax_sum_block(logits[i:j], lse_rows[i:j], lse_cols, i, work, out=grad[i:j]).mul_(coef)
         return grad
@@ -190,7 +171,7 @@ class _InnerProductInfoNCE(torch.autograd.Function):
         coef = grad_loss / (2 * logits.shape[0])
         grad_u = torch.empty_like(u)
         grad_v = torch.zeros_like(v)
-        work = _BlockBuffers(logits)
+        work = BlockScratch()
         for i, j in _row_blocks(*logits.shape):
             p = _softmax_sum_block(logits[i:j], lse_rows[i:j], lse_cols, i, work)
             torch.mm(p, v, out=grad_u[i:j])
@@ -242,7 +223,7 @@ class _BlockedSimilarityInfoNCE(torch.autograd.Function):
         grads = kernel.grad_buffers(state)
         grad_positives = torch.empty(logits.shape[0], dtype=logits.dtype, device=logits.device)
         grad_scale = torch.zeros((), dtype=logits.dtype, device=logits.device)
-        work = _BlockBuffers(logits)
+        work = BlockScratch()
         for i, j in _row_blocks(*logits.shape):
             blk = logits[i:j]
             p = _softmax_sum_block(blk, lse_rows[i:j], lse_cols, i, work)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..geometry import Topology
+from ..geometry import BlockScratch, Topology
 from .contrastive import _world, gather_features
 from .settings import SIGLIP_INIT  # re-exported
 
@@ -108,17 +108,17 @@ class _BlockedSoftplusSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        from .contrastive import _BlockBuffers, _row_blocks
+        from .contrastive import _row_blocks
 
         scale, bias, logits, *state = ctx.saved_tensors
         kernel = ctx.kernel
         grads = kernel.grad_buffers(state)
         grad_scale = torch.zeros((), dtype=logits.dtype, device=logits.device)
         grad_bias = torch.zeros((), dtype=logits.dtype, device=logits.device)
-        work = _BlockBuffers(logits)  # one reused block, not a fresh page-faulting one per block
+        work = BlockScratch()  # one reused block, not a fresh page-faulting one per block
         for i, j in _row_blocks(*logits.shape):
             blk = logits[i:j]
-            g = torch.add(blk, bias, out=work.get(0, j - i)).sigmoid_().mul_(grad)  # d softplus(x)/dx = sigmoid(x)
+            g = torch.add(blk, bias, out=work.get("g", blk)).sigmoid_().mul_(grad)  # d softplus(x)/dx = sigmoid(x)
             grad_bias += g.sum()
             grad_scale += torch.vdot(g.reshape(-1), blk.reshape(-1))  # sum g S, S = logits / scale
             kernel.backward_block(state, slice(i, j), blk, scale, g, grads)

@@ -42,16 +42,14 @@ def prepare_run_dir(config: RunSettings, run_dir: str | os.PathLike | None = Non
         return run_dir, latest_checkpoint(run_dir) is not None, _lock(run_dir)
     base = Path(config.output.dir) / (config.output.name or "run")
     _check_output_parent(base)
+    if base.exists() and not base.is_dir():
+        raise ValueError(f"output.name: {base} is a file, not a run directory")
     if config.train.resume:
-        if base.exists() and not base.is_dir():
-            raise ValueError(f"output.name: {base} is a file, not a run directory")
         if _holds_files(base) and not (base / CONFIG_FILE).is_file():
             raise ValueError(f"resume: {base} is not a run directory (no {CONFIG_FILE}); "
                              f"it is left as it is (choose another output.name)")
         _make_dir(base)
         return base, latest_checkpoint(base) is not None, _lock(base)
-    if base.exists() and not base.is_dir():
-        raise ValueError(f"output.name: {base} is a file, not a run directory")
     for i in range(10_000):
         candidate = base if i == 0 else base.with_name(f"{base.name}-{i}")
         if candidate.exists() and (not candidate.is_dir() or _holds_files(candidate)):
@@ -71,8 +69,8 @@ def prepare_run_dir(config: RunSettings, run_dir: str | os.PathLike | None = Non
 
 def _is_leftover(entry: Path) -> bool:
     """A lock, or a temporary file or directory of an atomic write that a kill cut short."""
-    return entry.name == LOCK_FILE or entry.name.startswith(TMP_PREFIX) or (
-        entry.name.startswith(".") and ".tmp-" in entry.name)
+    # TMP_PREFIX starts a temporary directory (".tmp-tokenizer-PID"), ".NAME.tmp-PID" a file.
+    return entry.name == LOCK_FILE or (entry.name.startswith(".") and TMP_PREFIX in entry.name)
 
 
 def _holds_files(path: Path) -> bool:
