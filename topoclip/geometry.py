@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
+from topoclip import fused_cpu
 from topoclip.topology_names import add_topology_name, available_topologies, is_blockwise  # re-exported
 
 __all__ = [
@@ -246,14 +248,20 @@ class GeodesicKernel:
     def logits_block(self, state, rows: slice, scale: Tensor, out: Tensor) -> None:
         ub, vb = state
         cos = self._scratch.get("cos", out)
+        fused = fused_cpu.usable(cos, out)
         for k in range(self.m):
             torch.mm(ub[k, rows], vb[k].T, out=cos)
+            if fused:  # the chain below in one pass
+                mode = fused_cpu.LAST if k == self.m - 1 else fused_cpu.FIRST if k == 0 else fused_cpu.ADD
+                fused_cpu.theta_squared(cos, out, mode, float(scale))
+                continue
             theta = cos.clamp_(-1.0, 1.0).arccos_()
             if k == 0:
                 torch.mul(theta, theta, out=out)
             else:
                 out.addcmul_(theta, theta)
-        out.sqrt_().mul_(-scale)
+        if not fused:
+            out.sqrt_().mul_(-scale)
 
     def grad_buffers(self, state) -> tuple[Tensor, Tensor]:
         return torch.empty_like(state[0]), torch.zeros_like(state[1])
@@ -266,9 +274,13 @@ class GeodesicKernel:
         grad_u, grad_v = grads
         w = _scale_over_distance(grad_logits, logits, scale)
         cos, g = self._scratch.get("cos", w), self._scratch.get("g", w)
+        fused = fused_cpu.usable(cos, w, g)
         for k in range(self.m):
             torch.mm(ub[k, rows], vb[k].T, out=cos)
-            _theta_over_sin_of_cos(cos.clamp_(-1.0, 1.0), out=g).mul_(w)
+            if fused:
+                fused_cpu.weighted_theta_over_sin(cos, w, g, _SIN_FLOOR)
+            else:
+                _theta_over_sin_of_cos(cos.clamp_(-1.0, 1.0), out=g).mul_(w)
             torch.mm(g, vb[k], out=grad_u[k, rows])
             grad_v[k].addmm_(g.T, ub[k, rows])
 
@@ -348,15 +360,17 @@ class BlockScratch:
     first touch, which costs more than the arithmetic on it (profiled inside the loss at
     b = 8,192: 4.8 ms per 128 x 8,192 product into fresh tensors, 0.6 ms per 256 x 8,192 one
     into a reused buffer). ``get(name, like)``
-    is a tensor of ``like``'s shape, grown when a larger one is asked for."""
+    is a tensor of ``like``'s shape, grown when a larger one is asked for. Each thread has its
+    own buffers: a kernel (and so its scratch) is shared by every caller of its topology."""
 
     def __init__(self):
-        self.buffers: dict[str, Tensor] = {}
+        self._local = threading.local()
 
     def get(self, name: str, like: Tensor) -> Tensor:
-        buffer = self.buffers.get(name)
+        buffers = self._local.__dict__.setdefault("buffers", {})
+        buffer = buffers.get(name)
         if buffer is None or buffer.dtype != like.dtype or buffer.device != like.device or buffer.numel() < like.numel():
-            buffer = self.buffers[name] = torch.empty(like.numel(), dtype=like.dtype, device=like.device)
+            buffer = buffers[name] = torch.empty(like.numel(), dtype=like.dtype, device=like.device)
         return buffer[: like.numel()].view(like.shape)
 
 
