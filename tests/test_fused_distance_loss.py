@@ -147,3 +147,25 @@ def test_the_fused_sigmoid_loss_gradchecks_with_a_learned_curvature():
             torch.tensor(-1.0, dtype=torch.float64, requires_grad=True), torch.tensor(0.3, dtype=torch.float64, requires_grad=True))
     assert torch.autograd.gradcheck(
         lambda u, v, s, b, c: sigmoid_loss(Lorentz(4, curvature=lambda: c.exp()), u, v, s.exp(), b), args)
+
+
+@pytest.mark.parametrize("name, options", TOPOLOGIES)
+def test_the_fused_sigmoid_loss_without_gradients_and_backward_twice(monkeypatch, name, options):
+    # With gradients wanted, the sweep forms them with the sum; without, only the sum.
+    from topoclip.losses.sigmoid import sigmoid_loss
+
+    monkeypatch.setattr(contrastive, "_BLOCK_ELEMENTS", 5 * 37)
+    topo = topoclip.topology(name, dim=16, **options)
+    u, v = _hard_points(topo, 37, torch.float64)
+    scale, bias = torch.tensor(3.0, dtype=torch.float64), torch.tensor(-2.0, dtype=torch.float64, requires_grad=True)
+    with torch.no_grad():
+        value = sigmoid_loss(topo, u, v, scale, bias)
+    loss = sigmoid_loss(topo, u, v, scale, bias)
+    assert float(loss) == pytest.approx(float(value), rel=1e-14)
+    (3.0 * loss).backward(retain_graph=True)
+    once = [u.grad.clone(), v.grad.clone(), bias.grad.clone()]
+    loss.backward()  # the saved gradients, scaled by the incoming one, accumulate
+    for a, b in zip((u.grad, v.grad, bias.grad), once):
+        torch.testing.assert_close(a, b * (4.0 / 3.0), rtol=1e-12, atol=1e-12)
+    only_bias = sigmoid_loss(topo, u.detach(), v.detach(), scale, bias)
+    assert torch.autograd.grad(only_bias, bias)[0] == pytest.approx(float(once[2]) / 3.0, rel=1e-12)

@@ -28,7 +28,8 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-__all__ = ["usable", "set_enabled", "theta_squared", "weighted_theta_over_sin"]
+__all__ = ["usable", "set_enabled", "disabled", "theta_squared", "weighted_theta_over_sin", "euclidean_logits",
+           "distance_weights", "lorentz_logits", "lorentz_weights"]
 
 _enabled = os.environ.get("TOPOCLIP_FUSED_CPU", "1") != "0"
 # Numba's default thread pool aborts the process when two Python threads launch parallel
@@ -62,7 +63,7 @@ def usable(*tensors: Tensor) -> bool:
     first = tensors[0]
     return all(
         t.device.type == "cpu" and t.dtype == first.dtype and t.dtype in (torch.float32, torch.float64)
-        and t.ndim == 2 and t.is_contiguous()
+        and t.ndim <= 2 and t.is_contiguous()
         for t in tensors
     )
 
@@ -70,25 +71,46 @@ def usable(*tensors: Tensor) -> bool:
 def theta_squared(cos: Tensor, acc: Tensor, mode: int, scale: float = 0.0) -> None:
     """With theta = arccos(clamp(cos, -1, 1)): acc = theta^2 (FIRST), acc += theta^2 (ADD), or
     acc = -scale * sqrt(acc + theta^2) (LAST), in one pass. ``cos`` is left as it is."""
-    kernels = _kernels()
-    with _launch:
-        _match_threads(kernels.numba)
-        kernels.theta_squared(_array(cos), _array(acc), mode, _array(cos).dtype.type(scale))
+    _run("theta_squared", cos, acc, mode, scale)
 
 
 def weighted_theta_over_sin(cos: Tensor, weight: Tensor, out: Tensor, sin_floor: float) -> None:
     """out = weight * max(theta / max(sin(theta), sin_floor), 1), theta = arccos(clamp(cos)),
     in one pass: the derivative of the geodesic through arccos (see geometry's
     ``_theta_over_sin_of_cos``, the eager form with the same floor)."""
+    _run("weighted_theta_over_sin", cos, weight, out, sin_floor * sin_floor)
+
+
+def euclidean_logits(gram: Tensor, norms_u: Tensor, norms_v: Tensor, scale: float) -> None:
+    """In place: the Gram block u v^T becomes -scale * sqrt(max(|u|^2 + |v|^2 - 2 u.v, 0))."""
+    _run("euclidean_logits", gram, norms_u, norms_v, scale)
+
+
+def distance_weights(grad: Tensor, logits: Tensor, factor: float, row_sums: Tensor) -> None:
+    """In place: grad becomes factor * grad / logits (0 where logits = 0 or the result is not
+    finite), and row_sums its row sums."""
+    _run("distance_weights", grad, logits, factor, row_sums)
+
+
+def lorentz_logits(gram: Tensor, t_u: Tensor, t_v: Tensor, c: float, factor: float) -> None:
+    """In place: the Gram block becomes factor * acosh(max(c t_u t_v - c u.v, 1))."""
+    _run("lorentz_logits", gram, t_u, t_v, c, factor)
+
+
+def lorentz_weights(grad: Tensor, logits: Tensor, theta_per_logit: float, factor: float) -> tuple[float, float]:
+    """In place: grad becomes factor * grad / sinh(theta), theta = theta_per_logit * logits (0 at
+    theta = 0); returns (sum grad * logits, sum of the new grad times cosh(theta))."""
+    return _run("lorentz_weights", grad, logits, theta_per_logit, factor)
+
+
+def _run(name: str, *args):
     kernels = _kernels()
+    dtype = next(a for a in args if isinstance(a, Tensor)).dtype
+    scalar = (torch.empty((), dtype=dtype).numpy()).dtype.type
+    converted = [a.detach().numpy() if isinstance(a, Tensor) else scalar(a) if isinstance(a, float) else a for a in args]
     with _launch:
         _match_threads(kernels.numba)
-        kernels.weighted_theta_over_sin(_array(cos), _array(weight), _array(out),
-                                        _array(cos).dtype.type(sin_floor * sin_floor))
-
-
-def _array(t: Tensor):
-    return t.detach().numpy()
+        return getattr(kernels, name)(*converted)
 
 
 def _match_threads(numba) -> None:

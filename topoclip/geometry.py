@@ -188,7 +188,13 @@ class EuclideanKernel:
     logits at hand: the distance is -logits / scale, so nothing b x b is kept or recomputed
     for it). ``scale`` is a positive 0-dim tensor. ``inputs(u)``: tensors the similarity
     depends on besides the points (a learned curvature), passed to ``prepare`` and given
-    gradients by ``gradients`` after the points'.
+    gradients by ``gradients`` after the points'. ``keep=True`` asks ``logits_block`` to keep
+    what it formed for this block so that the next ``backward_block(..., reuse=True)``, for
+    the same rows, need not form it again (the geodesic's cosines; the others recompute
+    nothing anyway). ``gram(state, out)``, where a kernel has it, writes the whole u v^T into
+    the b_u x b_v ``out`` in one GEMM when its ``logits_block(..., gram_ready=True)`` can
+    finish each block from it (returns whether it did): one large GEMM runs faster than its
+    row blocks (measured at b = 8,192, d = 512 on 2 cores: 0.47 s against 0.60 s).
     """
 
     def inputs(self, like: Tensor) -> tuple[Tensor, ...]:
@@ -197,8 +203,21 @@ class EuclideanKernel:
     def prepare(self, u: Tensor, v: Tensor) -> tuple[Tensor, ...]:
         return u, v, (u * u).sum(-1), (v * v).sum(-1)
 
-    def logits_block(self, state, rows: slice, scale: Tensor, out: Tensor) -> None:
+    def gram(self, state, out: Tensor) -> bool:
         u, v, nu, nv = state
+        if not fused_cpu.usable(out, u, v, nu, nv):
+            return False
+        torch.mm(u, v.T, out=out)
+        return True
+
+    def logits_block(self, state, rows: slice, scale: Tensor, out: Tensor, keep: bool = False,
+                     gram_ready: bool = False) -> None:
+        u, v, nu, nv = state
+        if gram_ready or fused_cpu.usable(out, u, v, nu, nv):  # the GEMM, then the rest in one pass
+            if not gram_ready:
+                torch.mm(u[rows], v.T, out=out)
+            fused_cpu.euclidean_logits(out, nu[rows], nv, float(scale))
+            return
         # ||u||^2 + ||v||^2 first, then -2 u.v: the order of the unfused similarity, so both
         # round a coincident pair's distance alike
         torch.add(nu[rows].unsqueeze(1), nv.unsqueeze(0), out=out)
@@ -209,16 +228,21 @@ class EuclideanKernel:
         return torch.empty_like(state[0]), torch.zeros_like(v), torch.zeros(v.shape[0], dtype=v.dtype, device=v.device)
 
     def backward_block(self, state, rows: slice, logits: Tensor, scale: Tensor, grad_logits: Tensor,
-                       grads: tuple[Tensor, Tensor, Tensor]) -> None:
+                       grads: tuple[Tensor, Tensor, Tensor], reuse: bool = False) -> None:
         # dS_ij/du_i = (v_j - u_i) / D_ij: with W = scale grad / D (0 where D = 0, the cone's
         # zero subgradient), grad_u = W v - u rowsum(W), grad_v += W^T u - v colsum(W); the
         # column sums are gathered over the blocks and applied once in ``gradients``.
         u, v = state[0], state[1]
         grad_u, grad_v, column_sums = grads
-        w = _scale_over_distance(grad_logits, logits, scale)
+        if fused_cpu.usable(grad_logits, logits):
+            w, row_sums = grad_logits, torch.empty(logits.shape[0], dtype=logits.dtype)
+            fused_cpu.distance_weights(w, logits, -float(scale) ** 2, row_sums)
+        else:
+            w = _scale_over_distance(grad_logits, logits, scale)
+            row_sums = w.sum(1)
         ub = u[rows]
         torch.mm(w, v, out=grad_u[rows])
-        grad_u[rows].addcmul_(ub, w.sum(1, keepdim=True), value=-1.0)
+        grad_u[rows].addcmul_(ub, row_sums.unsqueeze(1), value=-1.0)
         grad_v.addmm_(w.T, ub)
         column_sums += w.sum(0)
 
@@ -245,17 +269,21 @@ class GeodesicKernel:
     def prepare(self, u: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         return self._block_major(u), self._block_major(v)
 
-    def logits_block(self, state, rows: slice, scale: Tensor, out: Tensor) -> None:
+    def logits_block(self, state, rows: slice, scale: Tensor, out: Tensor, keep: bool = False) -> None:
         ub, vb = state
+        # keep: every sphere's cosines of the block stay (m blocks of scratch) for the backward
+        kept = self._scratch.get("kept", out, (self.m, *out.shape)) if keep else None
         cos = self._scratch.get("cos", out)
         fused = fused_cpu.usable(cos, out)
         for k in range(self.m):
+            if kept is not None:
+                cos = kept[k]
             torch.mm(ub[k, rows], vb[k].T, out=cos)
-            if fused:  # the chain below in one pass
+            if fused:  # the chain below in one pass, the cosines left as they are
                 mode = fused_cpu.LAST if k == self.m - 1 else fused_cpu.FIRST if k == 0 else fused_cpu.ADD
                 fused_cpu.theta_squared(cos, out, mode, float(scale))
                 continue
-            theta = cos.clamp_(-1.0, 1.0).arccos_()
+            theta = torch.clamp(cos, -1.0, 1.0, out=self._scratch.get("theta", out)).arccos_()
             if k == 0:
                 torch.mul(theta, theta, out=out)
             else:
@@ -267,16 +295,24 @@ class GeodesicKernel:
         return torch.empty_like(state[0]), torch.zeros_like(state[1])
 
     def backward_block(self, state, rows: slice, logits: Tensor, scale: Tensor, grad_logits: Tensor,
-                       grads: tuple[Tensor, Tensor]) -> None:
+                       grads: tuple[Tensor, Tensor], reuse: bool = False) -> None:
         # dS/dc_k = theta_k / (sin(theta_k) D): W = scale grad / D (0 at D = 0), then per
         # sphere g = W theta / sin(theta), grad_u_k = g v_k, grad_v_k += g^T u_k.
         ub, vb = state
         grad_u, grad_v = grads
-        w = _scale_over_distance(grad_logits, logits, scale)
-        cos, g = self._scratch.get("cos", w), self._scratch.get("g", w)
-        fused = fused_cpu.usable(cos, w, g)
+        cos, g = self._scratch.get("cos", grad_logits), self._scratch.get("g", grad_logits)
+        kept = self._scratch.get("kept", grad_logits, (self.m, *grad_logits.shape)) if reuse else None
+        fused = fused_cpu.usable(cos, grad_logits, logits, g)
+        if fused:
+            w = grad_logits
+            fused_cpu.distance_weights(w, logits, -float(scale) ** 2, self._scratch.get("row_sums", w, w.shape[:1]))
+        else:
+            w = _scale_over_distance(grad_logits, logits, scale)
         for k in range(self.m):
-            torch.mm(ub[k, rows], vb[k].T, out=cos)
+            if kept is not None:  # the cosines the forward of this block kept
+                cos = kept[k]
+            else:
+                torch.mm(ub[k, rows], vb[k].T, out=cos)
             if fused:
                 fused_cpu.weighted_theta_over_sin(cos, w, g, _SIN_FLOOR)
             else:
@@ -308,8 +344,21 @@ class LorentzKernel:
         inverse = 1.0 / c
         return u, v, c, torch.sqrt(inverse + (u * u).sum(-1)), torch.sqrt(inverse + (v * v).sum(-1))
 
-    def logits_block(self, state, rows: slice, scale: Tensor, out: Tensor) -> None:
+    def gram(self, state, out: Tensor) -> bool:
         u, v, c, t_u, t_v = state
+        if not fused_cpu.usable(out, u, v, t_u, t_v):
+            return False
+        torch.mm(u, v.T, out=out)
+        return True
+
+    def logits_block(self, state, rows: slice, scale: Tensor, out: Tensor, keep: bool = False,
+                     gram_ready: bool = False) -> None:
+        u, v, c, t_u, t_v = state
+        if gram_ready or fused_cpu.usable(out, u, v, t_u, t_v):  # the GEMM, then the rest in one pass
+            if not gram_ready:
+                torch.mm(u[rows], v.T, out=out)
+            fused_cpu.lorentz_logits(out, t_u[rows], t_v, float(c), float(-scale / torch.sqrt(c)))
+            return
         # -c <u, v>_L = c t_u t_v - c u.v, floored at 1 (rounding may dip below), then acosh
         torch.outer(c * t_u[rows], t_v, out=out)
         out.addmm_(u[rows], v.T, alpha=-float(c)).clamp_min_(1.0).acosh_().mul_(-scale / torch.sqrt(c))
@@ -320,16 +369,22 @@ class LorentzKernel:
         return torch.empty_like(u), torch.zeros_like(v), torch.zeros(v.shape[0], dtype=v.dtype, device=v.device), zero
 
     def backward_block(self, state, rows: slice, logits: Tensor, scale: Tensor, grad_logits: Tensor,
-                       grads: tuple[Tensor, ...]) -> None:
+                       grads: tuple[Tensor, ...], reuse: bool = False) -> None:
         u, v, c, t_u, t_v = state
         grad_u, grad_v, column_sums, grad_c = grads
         root = torch.sqrt(c)
-        theta = logits * (-root / scale)
-        g = grad_logits.mul_(scale)  # d loss / d S (0 on the diagonal: the positives' own path)
-        grad_c -= torch.vdot(g.reshape(-1), logits.reshape(-1)) / (2.0 * c * scale)  # -S / (2c)
-        # A = d loss / d z, 0 where theta = 0 (coincident points: the zero subgradient)
-        a = g.div_(torch.sinh(theta)).mul_(-1.0 / root).masked_fill_(theta == 0, 0.0)
-        grad_c += torch.vdot(a.reshape(-1), theta.cosh_().reshape(-1)) / c
+        if fused_cpu.usable(grad_logits, logits):  # the element-wise part below in one pass
+            sum_g_logits, sum_a_cosh = fused_cpu.lorentz_weights(grad_logits, logits, float(-root / scale),
+                                                                 float(-scale / root))
+            a = grad_logits
+            grad_c += float(sum_a_cosh) / c - float(sum_g_logits) / (2.0 * c)
+        else:
+            theta = logits * (-root / scale)
+            g = grad_logits.mul_(scale)  # d loss / d S (0 on the diagonal: the positives' own path)
+            grad_c -= torch.vdot(g.reshape(-1), logits.reshape(-1)) / (2.0 * c * scale)  # -S / (2c)
+            # A = d loss / d z, 0 where theta = 0 (coincident points: the zero subgradient)
+            a = g.div_(torch.sinh(theta)).mul_(-1.0 / root).masked_fill_(theta == 0, 0.0)
+            grad_c += torch.vdot(a.reshape(-1), theta.cosh_().reshape(-1)) / c
         ub, tub = u[rows], t_u[rows]
         row_sums = a @ t_v  # sum_j A_ij t_vj
         column_sums.addmv_(a.T, tub)  # sum_i A_ij t_ui
@@ -366,12 +421,15 @@ class BlockScratch:
     def __init__(self):
         self._local = threading.local()
 
-    def get(self, name: str, like: Tensor) -> Tensor:
+    def get(self, name: str, like: Tensor, shape: Sequence[int] | None = None) -> Tensor:
+        """A tensor of ``like``'s dtype and device, of ``like``'s shape or ``shape``."""
+        shape = tuple(like.shape if shape is None else shape)
+        numel = math.prod(shape)
         buffers = self._local.__dict__.setdefault("buffers", {})
         buffer = buffers.get(name)
-        if buffer is None or buffer.dtype != like.dtype or buffer.device != like.device or buffer.numel() < like.numel():
-            buffer = buffers[name] = torch.empty(like.numel(), dtype=like.dtype, device=like.device)
-        return buffer[: like.numel()].view(like.shape)
+        if buffer is None or buffer.dtype != like.dtype or buffer.device != like.device or buffer.numel() < numel:
+            buffer = buffers[name] = torch.empty(numel, dtype=like.dtype, device=like.device)
+        return buffer[:numel].view(shape)
 
 
 def _broadcast_t(t: Tensor | float, like: Tensor, batch_ndim: int) -> Tensor:

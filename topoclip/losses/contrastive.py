@@ -200,9 +200,14 @@ class _BlockedSimilarityInfoNCE(torch.autograd.Function):
         state = kernel.prepare(u, v, *inputs)
         logits = torch.empty(u.shape[0], v.shape[0], dtype=u.dtype, device=u.device)
         scaled_positives = positives * scale
+        gram = getattr(kernel, "gram", None)
+        gram_ready = gram is not None and gram(state, logits)  # the whole u v^T in one GEMM
 
         def fill(i: int, j: int, block: Tensor) -> None:
-            kernel.logits_block(state, slice(i, j), scale, block)
+            if gram_ready:
+                kernel.logits_block(state, slice(i, j), scale, block, gram_ready=True)
+            else:
+                kernel.logits_block(state, slice(i, j), scale, block)
             block[:, i:j].diagonal().copy_(scaled_positives[i:j])
 
         lse_rows, lse_cols = _row_and_column_lse(logits, fill)

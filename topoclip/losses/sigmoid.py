@@ -85,46 +85,52 @@ class _TiledSoftplusSum(torch.autograd.Function):
 
 class _BlockedSoftplusSum(torch.autograd.Function):
     """sum_ij softplus(scale * S_ij + bias) for a topology with a blocked kernel (Euclidean, the
-    oblique geodesic, Lorentz): each block of rows of S is formed by the kernel and summed
-    while in cache, its scaled logits kept (one b_u x b_v matrix, as the softmax's fused path);
-    the backward forms d loss / d logits = sigmoid(logits + bias) a block at a time and hands it
-    to the kernel's GEMMs. The scale's and the bias's gradients are sums over the same blocks."""
+    oblique geodesic, Lorentz), one block of rows of S at a time, formed by the kernel and
+    summed while in cache.
+
+    d loss / d logits_ij = sigmoid(logits_ij + bias) depends on that logit alone (no row or
+    column normalisation, unlike the softmax), so when gradients will be wanted
+    (``with_grads``) each block's gradient is formed and handed to the kernel's GEMMs right
+    after its logits, in the same sweep: no b x b matrix is kept, and the geodesic's cosines
+    are reused instead of recomputed (the GEMMs of the three-GEMM floor, no more). The
+    backward then scales the gradients of the sum by the incoming gradient. Without
+    gradients only the sum is formed.
+    """
 
     @staticmethod
-    def forward(ctx, u: Tensor, v: Tensor, scale: Tensor, bias: Tensor, kernel, *inputs: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, u: Tensor, v: Tensor, scale: Tensor, bias: Tensor, kernel, with_grads: bool, *inputs: Tensor) -> Tensor:  # type: ignore[override]
         from .contrastive import _row_blocks
 
         state = kernel.prepare(u, v, *inputs)
-        logits = torch.empty(u.shape[0], v.shape[0], dtype=u.dtype, device=u.device)
         total = torch.zeros((), dtype=u.dtype, device=u.device)
-        work = torch.empty_like(logits[: next(_row_blocks(*logits.shape))[1]])
-        for i, j in _row_blocks(*logits.shape):
-            blk = logits[i:j]
-            kernel.logits_block(state, slice(i, j), scale, blk)
-            total += F.softplus(torch.add(blk, bias, out=work[: j - i])).sum()
-        ctx.kernel, ctx.input_shapes = kernel, [t.shape for t in inputs]
-        ctx.save_for_backward(scale, bias, logits, *state)
+        work = BlockScratch()
+        if with_grads:
+            grads = kernel.grad_buffers(state)
+            grad_scale = torch.zeros((), dtype=u.dtype, device=u.device)
+            grad_bias = torch.zeros((), dtype=u.dtype, device=u.device)
+        for i, j in _row_blocks(u.shape[0], v.shape[0]):
+            blk = work.get("logits", u, (j - i, v.shape[0]))
+            kernel.logits_block(state, slice(i, j), scale, blk, keep=with_grads)
+            z = torch.add(blk, bias, out=work.get("z", blk))
+            total += F.softplus(z).sum()
+            if with_grads:
+                g = z.sigmoid_()  # d softplus(x)/dx = sigmoid(x)
+                grad_bias += g.sum()
+                grad_scale += torch.vdot(g.reshape(-1), blk.reshape(-1))  # sum g S, S = logits / scale
+                kernel.backward_block(state, slice(i, j), blk, scale, g, grads, reuse=True)
+        ctx.input_shapes = [t.shape for t in inputs]
+        if with_grads:
+            grad_u, grad_v, *input_grads = kernel.gradients(state, grads)
+            ctx.save_for_backward(grad_u, grad_v, (grad_scale / scale).reshape(scale.shape), grad_bias.reshape(bias.shape),
+                                  *(g.reshape(shape) for g, shape in zip(input_grads, ctx.input_shapes)))
+        else:
+            ctx.mark_non_differentiable(total)
         return total
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        from .contrastive import _row_blocks
-
-        scale, bias, logits, *state = ctx.saved_tensors
-        kernel = ctx.kernel
-        grads = kernel.grad_buffers(state)
-        grad_scale = torch.zeros((), dtype=logits.dtype, device=logits.device)
-        grad_bias = torch.zeros((), dtype=logits.dtype, device=logits.device)
-        work = BlockScratch()  # one reused block, not a fresh page-faulting one per block
-        for i, j in _row_blocks(*logits.shape):
-            blk = logits[i:j]
-            g = torch.add(blk, bias, out=work.get("g", blk)).sigmoid_().mul_(grad)  # d softplus(x)/dx = sigmoid(x)
-            grad_bias += g.sum()
-            grad_scale += torch.vdot(g.reshape(-1), blk.reshape(-1))  # sum g S, S = logits / scale
-            kernel.backward_block(state, slice(i, j), blk, scale, g, grads)
-        grad_u, grad_v, *input_grads = kernel.gradients(state, grads)
-        return (grad_u, grad_v, (grad_scale / scale).reshape(scale.shape), grad_bias.reshape(bias.shape), None,
-                *(g.reshape(shape) for g, shape in zip(input_grads, ctx.input_shapes)))
+        grads = [g * grad for g in ctx.saved_tensors]
+        return (*grads[:4], None, None, *grads[4:])
 
 
 def sigmoid_loss(topology: Topology, u: Tensor, v: Tensor, scale: Tensor | float, bias: Tensor | float,
@@ -145,8 +151,10 @@ def sigmoid_loss(topology: Topology, u: Tensor, v: Tensor, scale: Tensor | float
     kernel = topology.blocked_kernel
     if tile is None and kernel is not None and bool(scale > 0):
         u_flat, keys_flat = topology.pair_2d(u, keys)
-        negatives = _BlockedSoftplusSum.apply(u_flat, keys_flat, scale.to(u_flat.dtype), bias.to(u_flat.dtype), kernel,
-                                              *kernel.inputs(u_flat)).to(dtype)
+        inputs = kernel.inputs(u_flat)
+        scale_, bias_ = scale.to(u_flat.dtype), bias.to(u_flat.dtype)
+        with_grads = torch.is_grad_enabled() and any(t.requires_grad for t in (u_flat, keys_flat, scale_, bias_, *inputs))
+        negatives = _BlockedSoftplusSum.apply(u_flat, keys_flat, scale_, bias_, kernel, with_grads, *inputs).to(dtype)
     elif tile is None:
         logits = topology.scaled_similarity(u, keys, scale).to(dtype) + bias.to(dtype)
         negatives = F.softplus(logits).sum()
