@@ -12,7 +12,7 @@ from topoclip.losses import SIGLIP_INIT, SigmoidLoss, sigmoid_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TOPOLOGIES = [("sphere", {}), ("euclidean", {}), ("oblique-inner", {"m": 4}), ("oblique-geodesic", {"m": 4})]
+TOPOLOGIES = [("sphere", {}), ("euclidean", {}), ("oblique-inner", {"m": 4}), ("oblique-geodesic", {"m": 4}), ("lorentz", {})]
 
 
 def _topo(name, options, dim=16):
@@ -74,7 +74,7 @@ def test_tiled_equals_plain_in_loss_and_gradients(name, options):
         torch.testing.assert_close(x.grad, y.grad, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name, options", [TOPOLOGIES[0], TOPOLOGIES[3]])
+@pytest.mark.parametrize("name, options", [TOPOLOGIES[0], TOPOLOGIES[1], TOPOLOGIES[3], TOPOLOGIES[4]])
 def test_tiled_gradcheck_in_float64(name, options):
     topo = _topo(name, options, dim=8)
     u, v = _points(topo, 5, 6, torch.float64).requires_grad_(), _points(topo, 5, 7, torch.float64).requires_grad_()

@@ -13,6 +13,7 @@ SPECS = {
     "euclidean": dict(dim=12),
     "oblique-inner": dict(n=4, m=3),
     "oblique-geodesic": dict(n=4, m=3),
+    "lorentz": dict(dim=12),
 }
 
 
@@ -55,7 +56,7 @@ def test_tiled_multi_token_layout(name):
         torch.testing.assert_close(t, p)
 
 
-@pytest.mark.parametrize("name", ["oblique-geodesic", "sphere", "oblique-inner"])
+@pytest.mark.parametrize("name", ["oblique-geodesic", "sphere", "oblique-inner", "euclidean", "lorentz"])
 def test_tiled_gradcheck(name):
     """Through the topology's autograd (geodesic) and the written-out GEMM path of the
     inner-product topologies, scale included, in float64; 7 rows in tiles of 3."""
@@ -166,3 +167,48 @@ def test_one_exp_and_two_pass_tiles_both_equal_plain(monkeypatch, name, log_scal
     for p, t in zip(plain, tiled_run):
         torch.testing.assert_close(t, p, atol=1e-10, rtol=1e-10)
     assert calls["one"] > 0 and (calls["two"] > 0) == (log_scale > 5)
+
+
+@pytest.mark.parametrize("name", ["euclidean", "oblique-geodesic", "lorentz"])
+@pytest.mark.parametrize("columns", [True, False])
+def test_tiled_kernel_path_equals_autograd_path(name, columns):
+    """The tiles formed by the topology's blocked kernel (and its fused CPU passes) and by its
+    autograd give the same three means and gradients, with positives off the diagonal,
+    duplicate points and a coincident positive. (A negative that coincides with an image has
+    a distance of rounding noise from a GEMM, its direction noise in any implementation:
+    test_fused_distance_loss checks it stays finite.)"""
+    from topoclip.losses.tiled import _TiledKernelLogSumExp, _TiledLogSumExp
+
+    topo = topoclip.topology(name, **SPECS[name])
+    g = torch.Generator().manual_seed(6)
+    u = topo.project(0.5 * torch.randn(6, 12, generator=g, dtype=torch.float64))
+    v = topo.project(0.5 * torch.randn(11, 12, generator=g, dtype=torch.float64))
+    u[1] = u[0]          # duplicate images
+    v[4] = u[2]          # row 2's positive (label 4) coincides with it
+    labels = torch.tensor([2, 3, 4, 5, 6, 7])
+    weights = torch.tensor([0.7, -0.4, 1.3], dtype=torch.float64)
+    kernel = topo.blocked_kernel
+    results = []
+    for fn in (_TiledKernelLogSumExp, _TiledLogSumExp):
+        a, b = u.clone().requires_grad_(), v.clone().requires_grad_()
+        s = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
+        if fn is _TiledKernelLogSumExp:
+            out = fn.apply(a, b, s, labels, topo.paired_similarity(a, b[labels]), 4, columns, kernel, *kernel.inputs(a))
+        else:
+            out = fn.apply(a, b, s, labels, topo, 4, columns)
+        (out * weights).sum().backward()
+        results.append((out.detach(), a.grad, b.grad, s.grad))
+    for fused, generic in zip(*results):
+        assert torch.isfinite(fused).all()
+        torch.testing.assert_close(fused, generic, atol=1e-10, rtol=1e-10)
+
+
+def test_tiled_kernel_path_gradchecks_with_a_learned_curvature():
+    from topoclip.geometry import Lorentz
+
+    g = torch.Generator().manual_seed(7)
+    u = Lorentz(4).project(0.5 * torch.randn(7, 4, generator=g, dtype=torch.float64)).requires_grad_()
+    v = Lorentz(4).project(0.5 * torch.randn(7, 4, generator=g, dtype=torch.float64)).requires_grad_()
+    args = (u, v, torch.tensor(0.5, dtype=torch.float64, requires_grad=True), torch.tensor(0.3, dtype=torch.float64, requires_grad=True))
+    assert torch.autograd.gradcheck(
+        lambda u, v, s, c: tiled_contrastive_loss(Lorentz(4, curvature=lambda: c.exp()), u, v, s.exp(), tile=3), args)

@@ -98,31 +98,42 @@ class _BlockedSoftplusSum(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, u: Tensor, v: Tensor, scale: Tensor, bias: Tensor, kernel, with_grads: bool, *inputs: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, u: Tensor, v: Tensor, scale: Tensor, bias: Tensor, kernel, with_grads: bool, column_tile: int | None,
+                *inputs: Tensor) -> Tensor:  # type: ignore[override]
         from .contrastive import _row_blocks
 
         state = kernel.prepare(u, v, *inputs)
         total = torch.zeros((), dtype=u.dtype, device=u.device)
         work = BlockScratch()
         if with_grads:
-            grads = kernel.grad_buffers(state)
+            grad_u, grad_v = torch.zeros_like(u), torch.zeros_like(v)
+            input_grads = [torch.zeros_like(t) for t in inputs]
             grad_scale = torch.zeros((), dtype=u.dtype, device=u.device)
             grad_bias = torch.zeros((), dtype=u.dtype, device=u.device)
-        for i, j in _row_blocks(u.shape[0], v.shape[0]):
-            blk = work.get("logits", u, (j - i, v.shape[0]))
-            kernel.logits_block(state, slice(i, j), scale, blk, keep=with_grads)
-            z = torch.add(blk, bias, out=work.get("z", blk))
-            total += F.softplus(z).sum()
+        # column tiles (the tiled loss): each with the kernel's state and gradient buffers of its
+        # columns alone; the whole matrix is one tile otherwise
+        for j0, j1 in _tiles(v.shape[0], column_tile or v.shape[0]):
+            columns = state if (j0, j1) == (0, v.shape[0]) else kernel.columns(state, slice(j0, j1))
+            grads = kernel.grad_buffers(columns) if with_grads else None
+            for i, j in _row_blocks(u.shape[0], j1 - j0):
+                blk = work.get("logits", u, (j - i, j1 - j0))
+                kernel.logits_block(columns, slice(i, j), scale, blk, keep=with_grads)
+                z = torch.add(blk, bias, out=work.get("z", blk))
+                total += F.softplus(z).sum()
+                if with_grads:
+                    g = z.sigmoid_()  # d softplus(x)/dx = sigmoid(x)
+                    grad_bias += g.sum()
+                    grad_scale += torch.vdot(g.reshape(-1), blk.reshape(-1))  # sum g S, S = logits / scale
+                    kernel.backward_block(columns, slice(i, j), blk, scale, g, grads, reuse=True)
             if with_grads:
-                g = z.sigmoid_()  # d softplus(x)/dx = sigmoid(x)
-                grad_bias += g.sum()
-                grad_scale += torch.vdot(g.reshape(-1), blk.reshape(-1))  # sum g S, S = logits / scale
-                kernel.backward_block(state, slice(i, j), blk, scale, g, grads, reuse=True)
-        ctx.input_shapes = [t.shape for t in inputs]
+                gu, gv, *gi = kernel.gradients(columns, grads)
+                grad_u += gu
+                grad_v[j0:j1] += gv
+                for acc, part in zip(input_grads, gi):
+                    acc += part.reshape(acc.shape)
         if with_grads:
-            grad_u, grad_v, *input_grads = kernel.gradients(state, grads)
             ctx.save_for_backward(grad_u, grad_v, (grad_scale / scale).reshape(scale.shape), grad_bias.reshape(bias.shape),
-                                  *(g.reshape(shape) for g, shape in zip(input_grads, ctx.input_shapes)))
+                                  *input_grads)
         else:
             ctx.mark_non_differentiable(total)
         return total
@@ -130,7 +141,7 @@ class _BlockedSoftplusSum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         grads = [g * grad for g in ctx.saved_tensors]
-        return (*grads[:4], None, None, *grads[4:])
+        return (*grads[:4], None, None, None, *grads[4:])
 
 
 def sigmoid_loss(topology: Topology, u: Tensor, v: Tensor, scale: Tensor | float, bias: Tensor | float,
@@ -149,12 +160,12 @@ def sigmoid_loss(topology: Topology, u: Tensor, v: Tensor, scale: Tensor | float
     keys = v if v_all is None else v_all
     dtype = _sum_dtype(u)
     kernel = topology.blocked_kernel
-    if tile is None and kernel is not None and bool(scale > 0):
+    if kernel is not None and (tile is None or hasattr(kernel, "columns")) and bool(scale > 0):
         u_flat, keys_flat = topology.pair_2d(u, keys)
         inputs = kernel.inputs(u_flat)
         scale_, bias_ = scale.to(u_flat.dtype), bias.to(u_flat.dtype)
         with_grads = torch.is_grad_enabled() and any(t.requires_grad for t in (u_flat, keys_flat, scale_, bias_, *inputs))
-        negatives = _BlockedSoftplusSum.apply(u_flat, keys_flat, scale_, bias_, kernel, with_grads, *inputs).to(dtype)
+        negatives = _BlockedSoftplusSum.apply(u_flat, keys_flat, scale_, bias_, kernel, with_grads, tile, *inputs).to(dtype)
     elif tile is None:
         logits = topology.scaled_similarity(u, keys, scale).to(dtype) + bias.to(dtype)
         negatives = F.softplus(logits).sum()

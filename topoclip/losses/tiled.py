@@ -258,6 +258,92 @@ class _TiledInnerProductLogSumExp(torch.autograd.Function):
         return grad_u, grad_v, grad_scale.reshape(scale.shape), None, None, None, None
 
 
+def _place_positives(logits: Tensor, labels: Tensor, i0: int, i1: int, j0: int, j1: int, positives: Tensor):
+    """Write the exact positive logits that fall in the tile (rows i0:i1, columns j0:j1) into it;
+    returns (rows, cols) of those positives in the tile, or None."""
+    hit = (labels[i0:i1] >= j0) & (labels[i0:i1] < j1)
+    if not bool(hit.any()):
+        return None
+    rows = hit.nonzero().squeeze(1)
+    cols = labels[i0:i1][rows] - j0
+    logits[rows, cols] = positives[i0:i1][rows]
+    return rows, cols
+
+
+class _TiledKernelLogSumExp(torch.autograd.Function):
+    """The same three means for a topology with a blocked kernel (Euclidean, the oblique
+    geodesic, Lorentz): each tile's logits come from the kernel (its GEMMs and fused
+    element-wise passes) instead of autograd, and so does its gradient.
+
+    The backward sweeps column tile by column tile, each with its own gradient buffers (one
+    more b x d buffer for the points of u), recomputes each tile with the kernel keeping what it
+    formed (the geodesic's cosines: no third recompute) and hands the tile's gradient to the
+    kernel. The positives' logits come from the exact paired form, ``positives`` =
+    paired_similarity(u_r, v_labels[r]), an input (differentiable, so that autograd takes its
+    gradient to the points and to a learned curvature): the tiles' gradient at the positives
+    is collected for it instead of going through the kernel.
+    """
+
+    @staticmethod
+    def forward(ctx, u: Tensor, v: Tensor, scale: Tensor, labels: Tensor, positives: Tensor, tile: int, columns: bool, kernel, *inputs: Tensor) -> Tensor:  # type: ignore[override]
+        nu, nv = u.shape[0], v.shape[0]
+        kw = dict(dtype=u.dtype, device=u.device)
+        state = kernel.prepare(u, v, *inputs)
+        positives = positives * scale
+        buffer = torch.empty(min(tile, nu) * min(tile, nv), **kw)
+        column_states = {}
+
+        def tile_logits(i0, i1, j0, j1):
+            if j0 not in column_states:
+                column_states[j0] = kernel.columns(state, slice(j0, j1))
+            out = _view(buffer, i1 - i0, j1 - j0)
+            kernel.logits_block(column_states[j0], slice(i0, i1), scale, out)
+            _place_positives(out, labels, i0, i1, j0, j1, positives)
+            return out
+
+        lse_rows, lse_cols = _sweep_lse(nu, nv, tile, columns, tile_logits, kw)
+        ctx.tile, ctx.columns, ctx.kernel = tile, columns, kernel
+        ctx.save_for_backward(u, v, scale, labels, positives, lse_rows, lse_cols, *inputs)
+        return _outputs(lse_rows, lse_cols, columns, positives.sum() / nu)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        u, v, scale, labels, positives, lse_rows, lse_cols, *inputs = ctx.saved_tensors
+        tile, columns, kernel = ctx.tile, ctx.columns, ctx.kernel
+        nu, nv = u.shape[0], v.shape[0]
+        g_rows, g_cols, g_pos = grad[0] / nu, grad[1] / nv, grad[2] / nu
+        state = kernel.prepare(u, v, *inputs)
+        grad_u, grad_v = torch.zeros_like(u), torch.zeros_like(v)
+        grad_inputs = [torch.zeros_like(t) for t in inputs]
+        grad_scale = torch.zeros((), dtype=u.dtype, device=u.device)
+        grad_positives = torch.zeros(nu, dtype=u.dtype, device=u.device)  # d loss / d positive logit
+        logits_buf = torch.empty(min(tile, nu) * min(tile, nv), dtype=u.dtype, device=u.device)
+        grad_buf = torch.empty_like(logits_buf)
+        for j0, j1 in _tiles(nv, tile):
+            column_state = kernel.columns(state, slice(j0, j1))
+            grads = kernel.grad_buffers(column_state)
+            for i0, i1 in _tiles(nu, tile):
+                rows = slice(i0, i1)
+                logits = _view(logits_buf, i1 - i0, j1 - j0)
+                kernel.logits_block(column_state, rows, scale, logits, keep=True)
+                hits = _place_positives(logits, labels, i0, i1, j0, j1, positives)
+                g = _softmax_gradient(logits, lse_rows[rows], lse_cols[j0:j1] if columns else None,
+                                      g_rows, g_cols, _view(grad_buf, i1 - i0, j1 - j0), logits_scratch=False)
+                _add_positives(g, labels[rows], j0, j1, g_pos)
+                grad_scale += torch.vdot(g.reshape(-1), logits.reshape(-1))  # sum g S, S = logits / scale
+                if hits is not None:  # the positives' gradient goes through the paired form
+                    grad_positives[i0:i1].index_add_(0, hits[0], g[hits])
+                    g[hits] = 0.0
+                kernel.backward_block(column_state, rows, logits, scale, g, grads, reuse=True)
+            gu, gv, *gi = kernel.gradients(column_state, grads)
+            grad_u += gu
+            grad_v[j0:j1] += gv
+            for total, part in zip(grad_inputs, gi):
+                total += part.reshape(total.shape)
+        return (grad_u, grad_v, (grad_scale / scale).reshape(scale.shape), None, grad_positives * scale, None, None,
+                None, *grad_inputs)
+
+
 def _outputs(lse_rows: Tensor, lse_cols: Tensor, columns: bool, mean_positive: Tensor) -> Tensor:
     mean_cols = lse_cols.mean() if columns else lse_rows.new_zeros(())
     return torch.stack([lse_rows.mean(), mean_cols, mean_positive])
@@ -274,8 +360,14 @@ def tiled_logsumexp(
         raise ValueError(f"tile must be >= 1, got {tile}")
     u, v = topology.pair_2d(u, v)
     scale = torch.as_tensor(scale, dtype=u.dtype, device=u.device)
-    fn = _TiledInnerProductLogSumExp if topology.inner_product else _TiledLogSumExp
-    return fn.apply(u, v, scale.to(u.dtype), labels, topology, tile, columns)
+    if topology.inner_product:
+        return _TiledInnerProductLogSumExp.apply(u, v, scale.to(u.dtype), labels, topology, tile, columns)
+    kernel = topology.blocked_kernel
+    if kernel is not None and hasattr(kernel, "columns") and bool(scale > 0):
+        positives = torch.cat([topology.paired_similarity(u[i0:i1], v[labels[i0:i1]]) for i0, i1 in _tiles(u.shape[0], tile)])
+        return _TiledKernelLogSumExp.apply(u, v, scale.to(u.dtype), labels, positives.to(u.dtype), tile, columns, kernel,
+                                           *kernel.inputs(u))
+    return _TiledLogSumExp.apply(u, v, scale.to(u.dtype), labels, topology, tile, columns)
 
 
 def tiled_contrastive_loss(topology: Topology, u: Tensor, v: Tensor, scale: Tensor, tile: int = 1024) -> Tensor:
