@@ -8,8 +8,10 @@ import pytest
 import torch
 
 import topoclip
+import topoclip.geometry as geometry
+import topoclip.losses.contrastive as contrastive
 from topoclip import fused_cpu
-from topoclip.geometry import _SIN_FLOOR, _theta_over_sin_of_cos
+from topoclip.geometry import _SIN_FLOOR, GeodesicKernel, _theta_over_sin_of_cos
 from topoclip.losses import SigmoidLoss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -70,7 +72,11 @@ def test_the_weighted_theta_over_sin_matches_the_eager_formula(dtype, tol):
 
 @pytest.mark.parametrize("sigmoid", [False, True])
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
-def test_the_geodesic_losses_are_the_same_with_the_kernels_on_and_off(sigmoid, dtype, tol):
+def test_the_geodesic_losses_are_the_same_with_the_kernels_on_and_off(monkeypatch, sigmoid, dtype, tol):
+    # several row blocks and column chunks, ragged ones last
+    monkeypatch.setattr(contrastive, "_BLOCK_ELEMENTS", 4 * 29)
+    monkeypatch.setattr(GeodesicKernel, "block_elements", 4 * 29)
+    monkeypatch.setattr(geometry, "_GEODESIC_COLUMNS", 8)
     topo = topoclip.topology("oblique-geodesic", dim=24, m=3)
     g = torch.Generator().manual_seed(2)
     u = topo.project(torch.randn(29, 24, generator=g, dtype=dtype))

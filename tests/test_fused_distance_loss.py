@@ -7,7 +7,9 @@ import pytest
 import torch
 
 import topoclip
+import topoclip.geometry as geometry
 import topoclip.losses.contrastive as contrastive
+from topoclip.geometry import GeodesicKernel
 from topoclip.losses.contrastive import exact_positives, symmetric_cross_entropy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -38,6 +40,8 @@ def test_the_fused_loss_equals_the_unfused_one_with_its_gradients(monkeypatch, n
     topo = topoclip.topology(name, dim=16, **options)
     assert topo.blocked_kernel is not None
     monkeypatch.setattr(contrastive, "_BLOCK_ELEMENTS", 5 * 37)  # many blocks, a ragged last one
+    monkeypatch.setattr(GeodesicKernel, "block_elements", 5 * 37)
+    monkeypatch.setattr(geometry, "_GEODESIC_COLUMNS", 16)  # and the geodesic's column chunks, a ragged last one
     u, v = _hard_points(topo, 37, dtype)
     log_scale = torch.tensor(2.3, dtype=dtype, requires_grad=True)
     fused = topoclip.ContrastiveLoss(topo)(u, v, log_scale.exp())
@@ -123,6 +127,7 @@ def test_the_fused_sigmoid_loss_equals_its_formula_with_gradients(monkeypatch, n
     from topoclip.losses.sigmoid import sigmoid_loss
 
     monkeypatch.setattr(contrastive, "_BLOCK_ELEMENTS", 5 * 37)
+    monkeypatch.setattr(geometry, "_GEODESIC_COLUMNS", 16)
     topo = topoclip.topology(name, dim=16, **options)
     u, v = _hard_points(topo, 37, dtype)
     log_scale = torch.tensor(1.2, dtype=dtype, requires_grad=True)
@@ -155,6 +160,7 @@ def test_the_fused_sigmoid_loss_without_gradients_and_backward_twice(monkeypatch
     from topoclip.losses.sigmoid import sigmoid_loss
 
     monkeypatch.setattr(contrastive, "_BLOCK_ELEMENTS", 5 * 37)
+    monkeypatch.setattr(geometry, "_GEODESIC_COLUMNS", 16)
     topo = topoclip.topology(name, dim=16, **options)
     u, v = _hard_points(topo, 37, torch.float64)
     scale, bias = torch.tensor(3.0, dtype=torch.float64), torch.tensor(-2.0, dtype=torch.float64, requires_grad=True)

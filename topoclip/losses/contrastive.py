@@ -34,8 +34,8 @@ __all__ = ["ContrastiveLoss", "symmetric_cross_entropy", "gather_features", "exa
 _BLOCK_ELEMENTS = 1 << 21
 
 
-def _row_blocks(rows: int, cols: int):
-    step = max(1, _BLOCK_ELEMENTS // max(cols, 1))
+def _row_blocks(rows: int, cols: int, elements: int | None = None):
+    step = max(1, (elements or _BLOCK_ELEMENTS) // max(cols, 1))
     for start in range(0, rows, step):
         yield start, min(rows, start + step)
 
@@ -48,7 +48,7 @@ def _shift_margin(dtype: torch.dtype) -> float:
     return -0.5 * math.log(torch.finfo(dtype).tiny)
 
 
-def _row_and_column_lse(logits: Tensor, fill=None) -> tuple[Tensor, Tensor]:
+def _row_and_column_lse(logits: Tensor, fill=None, block_elements: int | None = None) -> tuple[Tensor, Tensor]:
     """Row-wise and column-wise log-sum-exp in one blocked pass (running max for columns).
 
     Each block is normally exponentiated once, shifted by its largest logit, and both its row
@@ -64,7 +64,7 @@ def _row_and_column_lse(logits: Tensor, fill=None) -> tuple[Tensor, Tensor]:
     col_max = torch.full((cols,), -torch.inf, dtype=logits.dtype, device=logits.device)
     col_sum = torch.zeros(cols, dtype=logits.dtype, device=logits.device)
     work = BlockScratch()
-    for i, j in _row_blocks(rows, cols):
+    for i, j in _row_blocks(rows, cols, block_elements):
         blk = logits[i:j]
         if fill is not None:
             fill(i, j, blk)
@@ -210,7 +210,9 @@ class _BlockedSimilarityInfoNCE(torch.autograd.Function):
                 kernel.logits_block(state, slice(i, j), scale, block)
             block[:, i:j].diagonal().copy_(scaled_positives[i:j])
 
-        lse_rows, lse_cols = _row_and_column_lse(logits, fill)
+        # a kernel may ask for larger blocks than the element-wise passes alone would want
+        block_elements = getattr(kernel, "block_elements", None)
+        lse_rows, lse_cols = _row_and_column_lse(logits, fill, block_elements)
         ctx.kernel = kernel
         ctx.input_shapes = [t.shape for t in inputs]
         ctx.save_for_backward(scale, logits, lse_rows, lse_cols, *state)
@@ -229,7 +231,7 @@ class _BlockedSimilarityInfoNCE(torch.autograd.Function):
         grad_positives = torch.empty(logits.shape[0], dtype=logits.dtype, device=logits.device)
         grad_scale = torch.zeros((), dtype=logits.dtype, device=logits.device)
         work = BlockScratch()
-        for i, j in _row_blocks(*logits.shape):
+        for i, j in _row_blocks(*logits.shape, getattr(kernel, "block_elements", None)):
             blk = logits[i:j]
             p = _softmax_sum_block(blk, lse_rows[i:j], lse_cols, i, work)
             # d loss / d scale = coef * sum(P * S), S = logits / scale (the positives included)

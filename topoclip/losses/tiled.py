@@ -11,7 +11,9 @@ through the topology's own similarity, so any topology (including user-registere
 works and gets its own exact gradient. Inner-product topologies (sphere, oblique-inner) skip
 autograd: their tiles are GEMMs written into two reused buffers and consumed at once by the
 gradient GEMMs. Cost: the forward similarity once more in the backward, about 8 b^2 d FLOPs
-for inner-product topologies (4/3 of the three-GEMM floor).
+for inner-product topologies (4/3 of the three-GEMM floor). Topologies with a blocked kernel
+(Euclidean, the oblique geodesic, Lorentz) skip autograd as well: the kernel forms each tile
+and its gradient (geometry's kernels, with their fused CPU passes).
 """
 
 from __future__ import annotations
