@@ -179,6 +179,16 @@ class _SafeSqrt(torch.autograd.Function):
 # gradients of the points, without any b x b matrix but the one the loss keeps.
 
 
+def _fused_gram(out: Tensor, u: Tensor, v: Tensor, rows: slice, ready: bool, *others: Tensor) -> bool:
+    """For a kernel whose block is a function of the Gram block u[rows] v^T: whether the fused
+    CPU pass will finish ``out`` (the Gram block then in it: formed here unless ``ready``)."""
+    if not (ready or fused_cpu.usable(out, u, v, *others)):
+        return False
+    if not ready:
+        torch.mm(u[rows], v.T, out=out)
+    return True
+
+
 class EuclideanKernel:
     """S = -||u_i - v_j|| from ||u||^2 + ||v||^2 - 2 u.v, one GEMM per block.
 
@@ -209,18 +219,12 @@ class EuclideanKernel:
         return u, v[cols], nu, nv[cols]
 
     def gram(self, state, out: Tensor) -> bool:
-        u, v, nu, nv = state
-        if not fused_cpu.usable(out, u, v, nu, nv):
-            return False
-        torch.mm(u, v.T, out=out)
-        return True
+        return _fused_gram(out, state[0], state[1], slice(None), False, *state[2:])
 
     def logits_block(self, state, rows: slice, scale: Tensor, out: Tensor, keep: bool = False,
                      gram_ready: bool = False) -> None:
         u, v, nu, nv = state
-        if gram_ready or fused_cpu.usable(out, u, v, nu, nv):  # the GEMM, then the rest in one pass
-            if not gram_ready:
-                torch.mm(u[rows], v.T, out=out)
+        if _fused_gram(out, u, v, rows, gram_ready, nu, nv):  # the GEMM, then the rest in one pass
             fused_cpu.euclidean_logits(out, nu[rows], nv, float(scale))
             return
         # ||u||^2 + ||v||^2 first, then -2 u.v: the order of the unfused similarity, so both
@@ -382,17 +386,12 @@ class LorentzKernel:
 
     def gram(self, state, out: Tensor) -> bool:
         u, v, c, t_u, t_v = state
-        if not fused_cpu.usable(out, u, v, t_u, t_v):
-            return False
-        torch.mm(u, v.T, out=out)
-        return True
+        return _fused_gram(out, u, v, slice(None), False, t_u, t_v)
 
     def logits_block(self, state, rows: slice, scale: Tensor, out: Tensor, keep: bool = False,
                      gram_ready: bool = False) -> None:
         u, v, c, t_u, t_v = state
-        if gram_ready or fused_cpu.usable(out, u, v, t_u, t_v):  # the GEMM, then the rest in one pass
-            if not gram_ready:
-                torch.mm(u[rows], v.T, out=out)
+        if _fused_gram(out, u, v, rows, gram_ready, t_u, t_v):  # the GEMM, then the rest in one pass
             fused_cpu.lorentz_logits(out, t_u[rows], t_v, float(c), float(-scale / torch.sqrt(c)))
             return
         # -c <u, v>_L = c t_u t_v - c u.v, floored at 1 (rounding may dip below), then acosh
