@@ -304,7 +304,7 @@ class GeodesicKernel:
             if keep:
                 cos = kept[k]
             torch.mm(ub[k], vb[k].T, out=cos)
-            if fused and cos.is_contiguous():  # the chain below in one pass, the cosines left as they are
+            if fused:  # the chain below in one pass, the cosines left as they are
                 mode = fused_cpu.LAST if k == self.m - 1 else fused_cpu.FIRST if k == 0 else fused_cpu.ADD
                 fused_cpu.theta_squared(cos, acc, mode, float(scale))
                 continue
@@ -349,7 +349,7 @@ class GeodesicKernel:
                     cos = self._kept(w, c0, c1)[k]
                 else:
                     torch.mm(ub[k, rows], vb[k, c0:c1].T, out=cos)
-                if fused and cos.is_contiguous():
+                if fused:
                     fused_cpu.weighted_theta_over_sin(cos, w_chunk, g, _SIN_FLOOR)
                 else:
                     _theta_over_sin_of_cos(torch.clamp(cos, -1.0, 1.0, out=self._scratch.get("theta", g)), out=g).mul_(w_chunk)
