@@ -214,17 +214,21 @@ def _logits_with_spread(spread: float, dtype) -> torch.Tensor:
     return (offsets + 3.0 * torch.randn(11, 11, generator=g, dtype=torch.float64)).to(dtype)
 
 
+@pytest.mark.parametrize("chunk_elements", [1 << 18, 3 * 4], ids=["one-chunk", "chunks-of-4-columns"])
 @pytest.mark.parametrize("spread", [5.0, 500.0], ids=["one-shift", "two-pass"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
-def test_blocked_lse_and_softmax_sum_both_branches(monkeypatch, spread, dtype, tol):
+def test_blocked_lse_and_softmax_sum_both_branches(monkeypatch, spread, dtype, tol, chunk_elements):
     """The one-exp branch (a shared shift per block) and the two-pass branch it falls back to
     when a row or column lies far below the block's largest logit both equal logsumexp and
     softmax computed row by row and column by column; in fp64 a 500 spread is still one-shift
-    (its margin is 354), so the two-pass branch is also forced through a tiny margin."""
+    (its margin is 354), so the two-pass branch is also forced through a tiny margin. The
+    softmax block is finished a chunk of columns at a time: chunks of 4 columns (the last one
+    shorter) give the same block as one chunk."""
     from topoclip.losses import contrastive
 
     L = _logits_with_spread(spread, dtype)
     monkeypatch.setattr(contrastive, "_BLOCK_ELEMENTS", 3 * 11)  # blocks of 3 rows
+    monkeypatch.setattr(contrastive, "_CHUNK_ELEMENTS", chunk_elements)
     if spread > 100:
         monkeypatch.setattr(contrastive, "_shift_margin", lambda dtype: 20.0)
     lse_rows, lse_cols = contrastive._row_and_column_lse(L)

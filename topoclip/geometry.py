@@ -262,14 +262,20 @@ class EuclideanKernel:
 
 class GeodesicKernel:
     """S = -sqrt(sum_k arccos^2(u_k . v_k)) on Ob(n, m): m GEMMs per block, the cosines
-    recomputed in backward (never m b x b matrices). Points are held block-major, [m, b, n],
-    so that each sphere's cosines are one contiguous GEMM."""
+    recomputed in backward (never m b x b matrices). The points and their gradients are read
+    and written in place as [b, m, n] views: sphere k is the strided matrix x[:, k] (row
+    stride d), which BLAS multiplies and accumulates into directly, so the kernel holds no
+    block-major copy of the points or of the gradients (2 x 2 x b x d floats less)."""
 
     # Row blocks of the softmax loss: 2**23 logits (1,024 rows at b = 8,192), whose column
     # chunks are 1,024 x 1,024 GEMMs of K = n; 256 rows (2**21) ran 10-15% slower (median of
     # 4 alternating rounds each, b = 8,192, 2 cores). The sigmoid loss, which keeps m cosine
     # blocks per block, stays at the default size.
     block_elements = 1 << 23
+    # The backward's row blocks (each holds one block of the softmax beside the kernel's
+    # chunks): 2**21 (256 rows at b = 8,192) ran as fast as 2**23 (ratio 0.96 [0.79, 1.28] over
+    # 5 alternating rounds, 2 cores) with a quarter of its memory; 2**20 ran 14% slower.
+    backward_block_elements = 1 << 21
 
     def __init__(self, num_blocks: int):
         self.m = num_blocks
@@ -278,19 +284,21 @@ class GeodesicKernel:
     def inputs(self, like: Tensor) -> tuple[Tensor, ...]:
         return ()
 
-    def _block_major(self, x: Tensor) -> Tensor:
-        return x.reshape(x.shape[0], self.m, -1).transpose(0, 1).contiguous()
+    def _spheres(self, x: Tensor) -> Tensor:
+        """``x`` [b, d] as [b, m, n] without a copy (a strided view of a dense row)."""
+        spheres = x.reshape(x.shape[0], self.m, -1)
+        return spheres if spheres.stride(-1) == 1 else spheres.contiguous()
 
     def prepare(self, u: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        return self._block_major(u), self._block_major(v)
+        return self._spheres(u), self._spheres(v)
 
     def columns(self, state, cols: slice) -> tuple[Tensor, Tensor]:
-        return state[0], state[1][:, cols]
+        return state[0], state[1][cols]
 
     def logits_block(self, state, rows: slice, scale: Tensor, out: Tensor, keep: bool = False) -> None:
         ub, vb = state
         for c0, c1 in _column_chunks(out.shape[1]):
-            self._logits_chunk(ub[:, rows], vb[:, c0:c1], scale, out, c0, c1, keep)
+            self._logits_chunk(ub[rows], vb[c0:c1], scale, out, c0, c1, keep)
 
     def _logits_chunk(self, ub: Tensor, vb: Tensor, scale: Tensor, out: Tensor, c0: int, c1: int, keep: bool) -> None:
         # The m cosine blocks of rows x (c1 - c0) are formed into a cache-sized buffer (or, with
@@ -303,7 +311,7 @@ class GeodesicKernel:
         for k in range(self.m):
             if keep:
                 cos = kept[k]
-            torch.mm(ub[k], vb[k].T, out=cos)
+            torch.mm(ub[:, k], vb[:, k].T, out=cos)
             if fused:  # the chain below in one pass, the cosines left as they are
                 mode = fused_cpu.LAST if k == self.m - 1 else fused_cpu.FIRST if k == 0 else fused_cpu.ADD
                 fused_cpu.theta_squared(cos, acc, mode, float(scale))
@@ -325,7 +333,8 @@ class GeodesicKernel:
         return flat[self.m * rows * c0: self.m * rows * c1].view(self.m, rows, c1 - c0)
 
     def grad_buffers(self, state) -> tuple[Tensor, Tensor]:
-        return torch.zeros_like(state[0]), torch.zeros_like(state[1])
+        return (torch.zeros(state[0].shape, dtype=state[0].dtype, device=state[0].device),
+                torch.zeros(state[1].shape, dtype=state[1].dtype, device=state[1].device))
 
     def backward_block(self, state, rows: slice, logits: Tensor, scale: Tensor, grad_logits: Tensor,
                        grads: tuple[Tensor, Tensor], reuse: bool = False) -> None:
@@ -348,16 +357,16 @@ class GeodesicKernel:
                 if reuse:  # the cosines the forward of this block kept
                     cos = self._kept(w, c0, c1)[k]
                 else:
-                    torch.mm(ub[k, rows], vb[k, c0:c1].T, out=cos)
+                    torch.mm(ub[rows, k], vb[c0:c1, k].T, out=cos)
                 if fused:
                     fused_cpu.weighted_theta_over_sin(cos, w_chunk, g, _SIN_FLOOR)
                 else:
                     _theta_over_sin_of_cos(torch.clamp(cos, -1.0, 1.0, out=self._scratch.get("theta", g)), out=g).mul_(w_chunk)
-                grad_u[k, rows].addmm_(g, vb[k, c0:c1])
-                grad_v[k, c0:c1].addmm_(g.T, ub[k, rows])
+                grad_u[rows, k].addmm_(g, vb[c0:c1, k])
+                grad_v[c0:c1, k].addmm_(g.T, ub[rows, k])
 
     def gradients(self, state, grads: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        return tuple(g.transpose(0, 1).reshape(g.shape[1], -1) for g in grads)
+        return tuple(g.view(g.shape[0], -1) for g in grads)
 
 
 class LorentzKernel:

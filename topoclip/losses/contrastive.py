@@ -97,21 +97,39 @@ def _softmax_sum_block(logits_blk: Tensor, lse_rows_blk: Tensor, lse_cols: Tenso
     row lse, exp(L - shift) never overflows and exp(L - lse_r) + exp(L - lse_c) =
     exp(L - shift) * (exp(shift - lse_r) + exp(shift - lse_c)): one exp pass instead of two,
     whenever no row or column lse lies more than ``_shift_margin`` below the shift (otherwise
-    the two-pass form).
+    the two-pass form). The second factor is formed a cache-sized chunk of columns at a time,
+    so that the only block-sized tensor is ``out``.
     """
     work = work if work is not None else BlockScratch()
     out = out if out is not None else work.get("p", logits_blk)
+    rows = logits_blk.shape[0]
     shift = lse_rows_blk.max()
     lowest = torch.minimum(lse_rows_blk.min(), lse_cols.min())
-    if bool(shift - lowest <= _shift_margin(logits_blk.dtype)):
-        e = torch.sub(logits_blk, shift, out=work.get("e", logits_blk)).exp_()
-        p = torch.mul(e, torch.sub(shift, lse_rows_blk).exp_().unsqueeze(1), out=out)
-        p.addcmul_(e, torch.sub(shift, lse_cols).exp_().unsqueeze(0))
+    one_exp = bool(shift - lowest <= _shift_margin(logits_blk.dtype))
+    if one_exp:
+        p = torch.sub(logits_blk, shift, out=out).exp_()
+        row_factor, col_factor = torch.sub(shift, lse_rows_blk).exp_().unsqueeze(1), torch.sub(shift, lse_cols).exp_()
     else:
         p = torch.sub(logits_blk, lse_rows_blk.unsqueeze(1), out=out).exp_()
-        p.add_(torch.sub(logits_blk, lse_cols.unsqueeze(0), out=work.get("e", logits_blk)).exp_())
-    p[:, first_row:first_row + p.shape[0]].diagonal().sub_(2.0)
+    for c0, c1 in _column_chunks(rows, logits_blk.shape[1]):
+        tmp = work.get("chunk", logits_blk, (rows, c1 - c0))
+        if one_exp:
+            p[:, c0:c1].mul_(torch.add(row_factor, col_factor[c0:c1], out=tmp))
+        else:
+            p[:, c0:c1].add_(torch.sub(logits_blk[:, c0:c1], lse_cols[c0:c1], out=tmp).exp_())
+    p[:, first_row:first_row + rows].diagonal().sub_(2.0)
     return p
+
+
+# Column chunks of a block's element-wise passes: about 2**18 elements (1 MiB in fp32), which
+# stay in a core's cache between the two operations on them.
+_CHUNK_ELEMENTS = 1 << 18
+
+
+def _column_chunks(rows: int, cols: int):
+    step = max(1, _CHUNK_ELEMENTS // max(rows, 1))
+    for start in range(0, cols, step):
+        yield start, min(cols, start + step)
 
 
 def _symmetric_loss(logits: Tensor, lse_rows: Tensor, lse_cols: Tensor) -> Tensor:
@@ -231,7 +249,10 @@ class _BlockedSimilarityInfoNCE(torch.autograd.Function):
         grad_positives = torch.empty(logits.shape[0], dtype=logits.dtype, device=logits.device)
         grad_scale = torch.zeros((), dtype=logits.dtype, device=logits.device)
         work = BlockScratch()
-        for i, j in _row_blocks(*logits.shape, getattr(kernel, "block_elements", None)):
+        # the backward's row blocks may be smaller than the forward's: each holds two block-sized
+        # work tensors (the softmax and its exponentials) beside the kernel's chunks
+        block_elements = getattr(kernel, "backward_block_elements", getattr(kernel, "block_elements", None))
+        for i, j in _row_blocks(*logits.shape, block_elements):
             blk = logits[i:j]
             p = _softmax_sum_block(blk, lse_rows[i:j], lse_cols, i, work)
             # d loss / d scale = coef * sum(P * S), S = logits / scale (the positives included)
