@@ -40,7 +40,7 @@ def arccos(x):  # pragma: no cover - replaced by the compiled overload below
     raise NotImplementedError
 
 
-@overload(arccos, fastmath=True)
+@overload(arccos, inline="always")
 def _arccos_impl(x):
     if x == types.float32:
         # Hastings' approximation (Abramowitz & Stegun 4.4.46): arccos(a) = sqrt(1 - a) P(a) on
@@ -56,7 +56,8 @@ def _arccos_impl(x):
             p = p * a - np.float32(0.2145988016)
             p = p * a + np.float32(1.5707963050)
             t = np.sqrt(np.float32(1.0) - a) * p
-            return t if x >= 0 else np.float32(np.pi) - t
+            negative = np.float32(x < 0)  # 1 or 0: no branch to inline
+            return t + negative * (np.float32(np.pi) - (t + t))
 
         return impl
     return lambda x: np.arccos(x)
@@ -66,7 +67,7 @@ def exp(x):  # pragma: no cover - replaced by the compiled overload below
     raise NotImplementedError
 
 
-@overload(exp, fastmath=_IEEE_FAST)
+@overload(exp, inline="always")
 def _exp_impl(x):
     if x == types.float32:
         # Cephes' expf: exp(x) = 2^n exp(r), |r| <= ln(2)/2, a degree-7 polynomial (relative
@@ -96,7 +97,7 @@ def log(x):  # pragma: no cover - replaced by the compiled overload below
     raise NotImplementedError
 
 
-@overload(log, fastmath=_ORDERED_FAST)
+@overload(log, inline="always")
 def _log_impl(x):
     if x == types.float32:
         # Cephes' logf for positive normal numbers (the only ones it is given: acosh's
@@ -106,9 +107,9 @@ def _log_impl(x):
             bits = _float32_bits(x)
             e = np.float32(((bits >> np.int32(23)) & np.int32(0xFF)) - np.int32(126))
             m = _bits_as_float32((bits & np.int32(0x7FFFFF)) | np.int32(0x3F000000))  # in [0.5, 1)
-            small = m < np.float32(0.70710678)
-            e = e - np.float32(1.0) if small else e
-            m = (m + m if small else m) - np.float32(1.0)
+            small = np.float32(m < np.float32(0.70710678))  # 1 or 0: no branch to inline
+            e = e - small
+            m = (m + m * small) - np.float32(1.0)  # 2m - 1 or m - 1, both exact
             z = m * m
             p = np.float32(7.0376836292e-2)
             p = p * m - np.float32(1.1514610310e-1)
@@ -130,7 +131,7 @@ def arccosh(z):  # pragma: no cover - replaced by the compiled overload below
     raise NotImplementedError
 
 
-@overload(arccosh, fastmath=_ORDERED_FAST)
+@overload(arccosh, inline="always")
 def _arccosh_impl(z):
     if z == types.float32:
         # z >= 1: log1p(d + sqrt(d (d + 2))), d = z - 1 (exact near z = 1, where the distance is
@@ -152,7 +153,7 @@ def sinh_cosh(theta):  # pragma: no cover - replaced by the compiled overload be
     raise NotImplementedError
 
 
-@overload(sinh_cosh, fastmath=_IEEE_FAST)
+@overload(sinh_cosh, inline="always")
 def _sinh_cosh_impl(theta):
     if theta == types.float32:
         # theta >= 0. Both from one exp; sinh by its series below 1/2, where e - 1/e would
@@ -171,7 +172,7 @@ def _sinh_cosh_impl(theta):
 
 # fastmath lets the loops vectorise (reassociation, no NaN/inf checks): every input is clamped
 # to [-1, 1] first, so nothing they skip can occur.
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
 def theta_squared(cos, acc, mode, scale):
     rows, cols = cos.shape
     one = cos.dtype.type(1.0)
@@ -193,7 +194,7 @@ def theta_squared(cos, acc, mode, scale):
                 acc[i, j] = -scale * np.sqrt(acc[i, j] + t * t)
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
 def weighted_theta_over_sin(cos, weight, out, sin_floor_sq):
     rows, cols = cos.shape
     one = cos.dtype.type(1.0)
@@ -205,7 +206,7 @@ def weighted_theta_over_sin(cos, weight, out, sin_floor_sq):
             out[i, j] = weight[i, j] * max(arccos(c) / np.sqrt(sin_sq), one)
 
 
-@njit(parallel=True, fastmath=_ORDERED_FAST, cache=True)
+@njit(parallel=True, fastmath=_ORDERED_FAST, cache=True, error_model="numpy")
 def euclidean_logits(gram, norms_u, norms_v, scale):
     """In place: G = u v^T becomes -scale * sqrt(max(|u|^2 + |v|^2 - 2 G, 0)), rounded in the
     order of the unfused similarity (the norms' sum first)."""
@@ -218,7 +219,7 @@ def euclidean_logits(gram, norms_u, norms_v, scale):
             row[j] = -scale * np.sqrt(max((nu + norms_v[j]) - two * row[j], zero))
 
 
-@njit(parallel=True, fastmath=_IEEE_FAST, cache=True)
+@njit(parallel=True, fastmath=_IEEE_FAST, cache=True, error_model="numpy")
 def distance_weights(grad, logits, factor, row_sums):
     """In place: grad becomes factor * grad / logits where logits < 0, else 0 (a distance of 0:
     the zero subgradient; non-finite results are 0 too, as eager nan_to_num); row sums kept."""
@@ -235,7 +236,7 @@ def distance_weights(grad, logits, factor, row_sums):
         row_sums[i] = total
 
 
-@njit(parallel=True, fastmath=_ORDERED_FAST, cache=True)
+@njit(parallel=True, fastmath=_ORDERED_FAST, cache=True, error_model="numpy")
 def lorentz_logits(gram, t_u, t_v, c, factor):
     """In place: G = u v^T becomes factor * acosh(max(c t_u t_v - c G, 1)) (factor =
     -scale / sqrt(c)), rounded as the unfused similarity (the time product first)."""
@@ -248,7 +249,7 @@ def lorentz_logits(gram, t_u, t_v, c, factor):
             row[j] = factor * arccosh(max(ct * t_v[j] - c * row[j], one))
 
 
-@njit(parallel=True, fastmath=_IEEE_FAST, cache=True)
+@njit(parallel=True, fastmath=_IEEE_FAST, cache=True, error_model="numpy")
 def lorentz_weights(grad, logits, theta_per_logit, factor):
     """The Lorentz backward's element-wise part, in place: with theta = theta_per_logit * logits
     (the distance times sqrt(c)), grad g becomes A = factor * g / sinh(theta) (0 at theta = 0);
