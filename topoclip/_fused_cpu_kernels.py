@@ -40,7 +40,7 @@ def arccos(x):  # pragma: no cover - replaced by the compiled overload below
     raise NotImplementedError
 
 
-@overload(arccos, inline="always")
+@overload(arccos, fastmath=True)
 def _arccos_impl(x):
     if x == types.float32:
         # Hastings' approximation (Abramowitz & Stegun 4.4.46): arccos(a) = sqrt(1 - a) P(a) on
@@ -56,8 +56,7 @@ def _arccos_impl(x):
             p = p * a - np.float32(0.2145988016)
             p = p * a + np.float32(1.5707963050)
             t = np.sqrt(np.float32(1.0) - a) * p
-            negative = np.float32(x < 0)  # 1 or 0: no branch to inline
-            return t + negative * (np.float32(np.pi) - (t + t))
+            return t if x >= 0 else np.float32(np.pi) - t
 
         return impl
     return lambda x: np.arccos(x)
@@ -67,7 +66,7 @@ def exp(x):  # pragma: no cover - replaced by the compiled overload below
     raise NotImplementedError
 
 
-@overload(exp, inline="always")
+@overload(exp, fastmath=_IEEE_FAST)
 def _exp_impl(x):
     if x == types.float32:
         # Cephes' expf: exp(x) = 2^n exp(r), |r| <= ln(2)/2, a degree-7 polynomial (relative
@@ -97,7 +96,7 @@ def log(x):  # pragma: no cover - replaced by the compiled overload below
     raise NotImplementedError
 
 
-@overload(log, inline="always")
+@overload(log, fastmath=_ORDERED_FAST)
 def _log_impl(x):
     if x == types.float32:
         # Cephes' logf for positive normal numbers (the only ones it is given: acosh's
@@ -107,9 +106,9 @@ def _log_impl(x):
             bits = _float32_bits(x)
             e = np.float32(((bits >> np.int32(23)) & np.int32(0xFF)) - np.int32(126))
             m = _bits_as_float32((bits & np.int32(0x7FFFFF)) | np.int32(0x3F000000))  # in [0.5, 1)
-            small = np.float32(m < np.float32(0.70710678))  # 1 or 0: no branch to inline
-            e = e - small
-            m = (m + m * small) - np.float32(1.0)  # 2m - 1 or m - 1, both exact
+            small = m < np.float32(0.70710678)
+            e = e - np.float32(1.0) if small else e
+            m = (m + m if small else m) - np.float32(1.0)
             z = m * m
             p = np.float32(7.0376836292e-2)
             p = p * m - np.float32(1.1514610310e-1)
@@ -131,6 +130,10 @@ def arccosh(z):  # pragma: no cover - replaced by the compiled overload below
     raise NotImplementedError
 
 
+# Helpers with a division are inlined at Numba's level: a separately compiled overload keeps
+# Python's zero-division check, which stops the calling loop from vectorising (acosh ran 7x
+# slower); inlined, they take the loop's own flags and error model (every loop below uses
+# NumPy's: a division by zero gives inf or NaN, which the loops mask).
 @overload(arccosh, inline="always")
 def _arccosh_impl(z):
     if z == types.float32:

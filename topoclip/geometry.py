@@ -273,9 +273,10 @@ class GeodesicKernel:
     # blocks per block, stays at the default size.
     block_elements = 1 << 23
     # The backward's row blocks (each holds one block of the softmax beside the kernel's
-    # chunks): 2**21 (256 rows at b = 8,192) ran as fast as 2**23 (ratio 0.96 [0.79, 1.28] over
-    # 5 alternating rounds, 2 cores) with a quarter of its memory; 2**20 ran 14% slower.
-    backward_block_elements = 1 << 21
+    # chunks): 2**22 (512 rows at b = 8,192) ran 14% faster than 2**21 (median ratio 0.86
+    # [0.73, 1.18] over 12 alternating rounds) and 8% faster than 2**23 (0.92 [0.72, 1.14], 10
+    # rounds; b = 8,192, 2 AMD EPYC cores), with half the latter's memory.
+    backward_block_elements = 1 << 22
 
     def __init__(self, num_blocks: int):
         self.m = num_blocks
