@@ -452,9 +452,11 @@ class LorentzKernel:
 _GEODESIC_COLUMNS = 1024
 
 
-def _column_chunks(cols: int):
-    for start in range(0, cols, _GEODESIC_COLUMNS):
-        yield start, min(cols, start + _GEODESIC_COLUMNS)
+def _column_chunks(cols: int, step: int | None = None):
+    """(start, stop) of consecutive column chunks of ``step`` columns (default: the geodesic's)."""
+    step = step or _GEODESIC_COLUMNS
+    for start in range(0, cols, step):
+        yield start, min(cols, start + step)
 
 
 def _scale_over_distance(grad_logits: Tensor, logits: Tensor, scale: Tensor) -> Tensor:

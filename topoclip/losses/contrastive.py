@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..geometry import BlockScratch, Topology
+from ..geometry import BlockScratch, Topology, _column_chunks
 
 __all__ = ["ContrastiveLoss", "symmetric_cross_entropy", "gather_features", "exact_positives"]
 
@@ -111,7 +111,7 @@ def _softmax_sum_block(logits_blk: Tensor, lse_rows_blk: Tensor, lse_cols: Tenso
         row_factor, col_factor = torch.sub(shift, lse_rows_blk).exp_().unsqueeze(1), torch.sub(shift, lse_cols).exp_()
     else:
         p = torch.sub(logits_blk, lse_rows_blk.unsqueeze(1), out=out).exp_()
-    for c0, c1 in _column_chunks(rows, logits_blk.shape[1]):
+    for c0, c1 in _chunks_of_columns(rows, logits_blk.shape[1]):
         tmp = work.get("chunk", logits_blk, (rows, c1 - c0))
         if one_exp:
             p[:, c0:c1].mul_(torch.add(row_factor, col_factor[c0:c1], out=tmp))
@@ -126,10 +126,9 @@ def _softmax_sum_block(logits_blk: Tensor, lse_rows_blk: Tensor, lse_cols: Tenso
 _CHUNK_ELEMENTS = 1 << 18
 
 
-def _column_chunks(rows: int, cols: int):
-    step = max(1, _CHUNK_ELEMENTS // max(rows, 1))
-    for start in range(0, cols, step):
-        yield start, min(cols, start + step)
+def _chunks_of_columns(rows: int, cols: int):
+    """Column chunks of about ``_CHUNK_ELEMENTS`` elements of a block of ``rows`` rows."""
+    return _column_chunks(cols, max(1, _CHUNK_ELEMENTS // max(rows, 1)))
 
 
 def _symmetric_loss(logits: Tensor, lse_rows: Tensor, lse_cols: Tensor) -> Tensor:
@@ -249,8 +248,8 @@ class _BlockedSimilarityInfoNCE(torch.autograd.Function):
         grad_positives = torch.empty(logits.shape[0], dtype=logits.dtype, device=logits.device)
         grad_scale = torch.zeros((), dtype=logits.dtype, device=logits.device)
         work = BlockScratch()
-        # the backward's row blocks may be smaller than the forward's: each holds two block-sized
-        # work tensors (the softmax and its exponentials) beside the kernel's chunks
+        # the backward's row blocks may be smaller than the forward's: each holds a block of the
+        # softmax beside the kernel's chunks
         block_elements = getattr(kernel, "backward_block_elements", getattr(kernel, "block_elements", None))
         for i, j in _row_blocks(*logits.shape, block_elements):
             blk = logits[i:j]
